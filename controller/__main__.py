@@ -1,0 +1,5 @@
+import sys
+
+from viommu.cli import main
+
+sys.exit(main())

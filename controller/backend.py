@@ -1,0 +1,352 @@
+"""The viommu backend process: a virtio-iommu served over vhost-user, plus its control server.
+
+One asyncio loop runs everything (vhost-user messages, queue kicks, control commands), so
+device state needs no locks. `Backend.start_in_thread()` runs the same loop inside the
+controller's process; `viommu backend` runs it as its own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from viommu import __version__
+from viommu._dataplane import RingError, VirtQueue
+from viommu.control import Arg, Command, CommandError, ControlServer
+from viommu.device import DeviceConfig, VirtioIommuDevice
+from viommu.relay import EventRelay
+from viommu.smmuv3 import EventClass, EventId, EventRecord
+from viommu.spec import VHOST_USER_F_PROTOCOL_FEATURES
+from viommu.vhost_user.connection import VhostUserConnection
+from viommu.vhost_user.messages import ProtocolFeature
+
+log = logging.getLogger("viommu.backend")
+
+REQUESTQ = 0
+EVENTQ = 1
+CONFIG_EVENTS = frozenset({EventId.C_BAD_STE, EventId.C_BAD_CD, EventId.C_BAD_SUBSTREAMID})
+MAX_INJECT_COUNT = 1_000_000
+
+
+class Backend:
+    """A virtio-iommu vhost-user back-end for one VM."""
+
+    num_queues = 2
+
+    def __init__(self, socket_path: str, control_path: str | None, endpoints: Iterable[int],
+                 config: DeviceConfig | None = None, event_capacity: int = 1024,
+                 exit_on_disconnect: bool = True) -> None:
+        self.socket_path = socket_path
+        self.control_path = control_path
+        self.device = VirtioIommuDevice(endpoints, config)
+        self.relay = EventRelay(capacity=event_capacity)
+        self.exit_on_disconnect = exit_on_disconnect
+        self.control = ControlServer("viommu " + __version__, _version_tuple())
+        self._register_commands()
+        self.connection: VhostUserConnection | None = None
+        self.queues: dict[int, tuple[VirtQueue, Callable[[], None]]] = {}
+        self.resets = 0
+        self.broken: str | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._listener: socket.socket | None = None
+        self._stopped: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Listen on both sockets and serve until `stop()` (or the front-end leaves)."""
+        self.loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._listen_vhost_user()
+        if self.control_path:
+            await self.control.listen_unix(self.control_path)
+        await self._stopped.wait()
+        await self.control.close()
+        if self.connection is not None:
+            self.connection.close()
+        if self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            _unlink(self.socket_path)
+        if self.control_path:
+            _unlink(self.control_path)
+
+    def stop(self) -> None:
+        if self.loop is not None and self._stopped is not None:
+            self.loop.call_soon_threadsafe(self._stopped.set)
+
+    def start_in_thread(self) -> None:
+        """Run the backend inside this process; returns once both sockets listen."""
+        ready = threading.Event()
+
+        async def main() -> None:
+            task = asyncio.ensure_future(self.serve())
+            while self._stopped is None or (self.control_path and self.control._server is None):
+                await asyncio.sleep(0.01)
+            ready.set()
+            await task
+
+        self._thread = threading.Thread(target=asyncio.run, args=(main(),),
+                                        name="viommu-backend", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("the in-process backend did not start listening within 10 s")
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _listen_vhost_user(self) -> None:
+        _unlink(self.socket_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(self.socket_path)
+        finally:
+            os.umask(old_umask)
+        sock.listen(1)
+        sock.setblocking(False)
+        self._listener = sock
+        self.loop.add_reader(sock.fileno(), self._accept)
+        log.info("vhost-user: listening on %s", self.socket_path)
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        if self.connection is not None and not self.connection.closed:
+            log.error("vhost-user: refusing a second front-end; one VM per backend")
+            sock.close()
+            return
+        sock.setblocking(True)
+        log.info("vhost-user: front-end connected")
+        self.connection = VhostUserConnection(sock, self, self.loop.add_reader,
+                                              self._remove_reader)
+        self.loop.add_reader(sock.fileno(), self._on_vhost_user_readable)
+
+    def _on_vhost_user_readable(self) -> None:
+        conn = self.connection
+        conn.on_readable()
+        if conn.closed:
+            self.queues.clear()
+            self.control.emit("FRONTEND_DISCONNECTED", {})
+            if self.exit_on_disconnect:
+                log.warning("vhost-user: the VM is gone; backend exits")
+                self._stopped.set()
+
+    def _remove_reader(self, fd: int) -> None:
+        self.loop.remove_reader(fd)
+
+    # --- VhostUserDevice ----------------------------------------------------------------------
+
+    def features(self) -> int:
+        return VirtioIommuDevice.OFFERED_FEATURES | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+
+    def protocol_features(self) -> int:
+        return (1 << ProtocolFeature.REPLY_ACK) | (1 << ProtocolFeature.CONFIG)
+
+    def set_acked_features(self, features: int) -> None:
+        self.device.driver_features = features & VirtioIommuDevice.OFFERED_FEATURES
+
+    def get_config(self) -> bytes:
+        return self.device.config_bytes()
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        self.device.write_config(offset, data)
+
+    def queue_started(self, index: int, vq: VirtQueue, notify: Callable[[], None]) -> None:
+        self.queues[index] = (vq, notify)
+        log.info("queue %d started (size %d)", index, vq.num)
+
+    def queue_stopped(self, index: int) -> None:
+        self.queues.pop(index, None)
+        log.info("queue %d stopped", index)
+
+    def queue_kicked(self, index: int) -> None:
+        if index == REQUESTQ:
+            self._serve_requests()
+        elif index == EVENTQ:
+            self._flush_events()
+
+    def reset(self, reason: str) -> None:
+        self.resets += 1
+        self.broken = None
+        lost = self.relay.drop_pending(f"dropped by device reset: {reason}")
+        self.device.reset()
+        log.warning("device reset: %s (%d pending events counted lost)", reason, lost)
+        self.control.emit("DEVICE_RESET", {"reason": reason, "lost_events": lost})
+
+    # --- data plane -----------------------------------------------------------------------------
+
+    def _serve_requests(self) -> None:
+        entry = self.queues.get(REQUESTQ)
+        if entry is None or self.broken:
+            return
+        vq, notify = entry
+        try:
+            used = vq.process_requests(self.device.handle_request)
+        except RingError as exc:
+            self._mark_broken(str(exc))
+            return
+        if used and vq.needs_interrupt():
+            notify()
+
+    def _flush_events(self) -> int:
+        entry = self.queues.get(EVENTQ)
+        if entry is None or self.broken:
+            return 0
+        vq, notify = entry
+        try:
+            delivered = self.relay.flush(vq.push_event)
+        except RingError as exc:
+            self._mark_broken(str(exc))
+            return 0
+        if delivered and vq.needs_interrupt():
+            notify()
+        return delivered
+
+    def _mark_broken(self, why: str) -> None:
+        # The driver corrupted a ring: stop serving it rather than guess. The next guest
+        # reset restarts the rings and clears this.
+        self.broken = why
+        log.error("device broken until reset: %s", why)
+        self.control.emit("DEVICE_BROKEN", {"reason": why})
+
+    # --- control commands -------------------------------------------------------------------------
+
+    def _register_commands(self) -> None:
+        c = self.control
+        c.register(Command("inject-event", self._cmd_inject_event, (
+            Arg("type", (str, int), True, "SMMUv3 event name (C_BAD_STE) or ID"),
+            Arg("sid", (int,), True, "StreamID = virtio-iommu endpoint ID"),
+            Arg("ssid", (int,), help="SubstreamID (PASID); sets SSV"),
+            Arg("address", (int,), help="InputAddr of the faulting access"),
+            Arg("access", (str,), help="read (default), write or exec"),
+            Arg("privileged", (bool,)),
+            Arg("s2", (bool,), help="the fault is in stage 2"),
+            Arg("ipa", (int,), help="IPA of a stage-2 fault"),
+            Arg("fetch-addr", (int,), help="FetchAddr of a fetch fault"),
+            Arg("class", (str,), help="CD, TT or IN (default)"),
+            Arg("stall", (bool,)), Arg("stag", (int,)),
+            Arg("count", (int,), help="inject this many copies (a burst)"),
+        ), "Inject SMMUv3 event records for a stream; they reach the guest as fault records"))
+        c.register(Command("query-endpoints", self._cmd_query_endpoints,
+                           help="Endpoints, their domains and modes"))
+        c.register(Command("query-domains", self._cmd_query_domains,
+                           help="Domains with their endpoints and mappings"))
+        c.register(Command("query-events", self._cmd_query_events,
+                           (Arg("limit", (int,), help="newest trace entries to return"),),
+                           help="Event counters and trace"))
+        c.register(Command("query-requests", self._cmd_query_requests,
+                           (Arg("limit", (int,), help="newest trace entries to return"),),
+                           help="Request counters and trace"))
+        c.register(Command("query-status", self._cmd_query_status,
+                           help="Front-end connection, queues, features, resets"))
+        c.register(Command("quit", self._cmd_quit, help="Stop the backend"))
+
+    def _cmd_inject_event(self, args: dict[str, Any]) -> dict:
+        try:
+            event_id = EventId.parse(args["type"])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        sid = args["sid"]
+        if sid not in self.device.endpoints:
+            known = ", ".join(str(e) for e in sorted(self.device.endpoints))
+            raise CommandError(f"sid {sid} is not an endpoint of this vIOMMU (known: {known})")
+        count = args.get("count", 1)
+        if not 1 <= count <= MAX_INJECT_COUNT:
+            raise CommandError(f"count must be 1..{MAX_INJECT_COUNT}, got {count}")
+        record = self._event_from_args(event_id, sid, args)
+        entries = [self.relay.submit(record) for _ in range(count)]
+        if event_id in CONFIG_EVENTS:
+            self.device.endpoints[sid].config_fault = event_id.name
+        self._flush_events()
+        states = [e.state for e in entries]
+        first = entries[0]
+        return {"seq": first.seq, "count": count,
+                "delivered": states.count("delivered"), "pending": states.count("pending"),
+                "lost": states.count("lost"), "not_forwarded": states.count("not-forwarded"),
+                "guest_line": first.fault.guest_line() if first.fault else None,
+                "note": first.note or None}
+
+    @staticmethod
+    def _event_from_args(event_id: EventId, sid: int, args: dict[str, Any]) -> EventRecord:
+        access = args.get("access", "read")
+        if access not in ("read", "write", "exec"):
+            raise CommandError(f"access must be read, write or exec, not {access!r}")
+        class_name = args.get("class", "IN").upper()
+        if class_name not in EventClass.__members__:
+            raise CommandError(f"class must be CD, TT or IN, not {args['class']!r}")
+        try:
+            return EventRecord(
+                event_id=event_id, sid=sid, ssid=args.get("ssid", 0), ssv="ssid" in args,
+                address=args.get("address", 0), rnw=access != "write", ind=access == "exec",
+                pnu=args.get("privileged", False), s2=args.get("s2", False),
+                ipa=args.get("ipa", 0), fetch_addr=args.get("fetch-addr", 0),
+                event_class=EventClass[class_name], stall=args.get("stall", False),
+                stag=args.get("stag", 0))
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+
+    def _cmd_query_endpoints(self, args: dict) -> list[dict]:
+        return [self.device.endpoint_state(ep) for ep in sorted(self.device.endpoints)]
+
+    def _cmd_query_domains(self, args: dict) -> list[dict]:
+        return [d.to_dict() for _, d in sorted(self.device.domains.items())]
+
+    def _cmd_query_events(self, args: dict) -> dict:
+        limit = _limit(args)
+        trace = list(self.relay.trace)[-limit:] if limit else []
+        return {**self.relay.counters(), "trace": [e.to_dict() for e in trace]}
+
+    def _cmd_query_requests(self, args: dict) -> dict:
+        limit = _limit(args)
+        trace = list(self.device.request_trace)[-limit:] if limit else []
+        return {"counts": dict(self.device.request_counts),
+                "status": dict(self.device.status_counts), "trace": trace}
+
+    def _cmd_query_status(self, args: dict) -> dict:
+        conn = self.connection
+        return {
+            "connected": conn is not None and not conn.closed,
+            "queues": {str(i): {"size": vq.num, "last_avail": vq.last_avail,
+                                "used_idx": vq.used_idx, "chains": vq.chains_seen,
+                                "malformed": vq.chains_malformed,
+                                "buffers_too_small": vq.buffers_too_small}
+                       for i, (vq, _) in sorted(self.queues.items())},
+            "driver_features": self.device.driver_features,
+            "bypass": self.device.bypass,
+            "resets": self.resets,
+            "broken": self.broken,
+            "vhost_user_messages": conn.messages_seen if conn else 0,
+        }
+
+    def _cmd_quit(self, args: dict) -> dict:
+        self.loop.call_soon(self._stopped.set)
+        return {}
+
+
+def _limit(args: dict) -> int:
+    limit = args.get("limit", 100)
+    if limit < 0:
+        raise CommandError(f"limit must be >= 0, got {limit}")
+    return limit
+
+
+def _version_tuple() -> tuple[int, int, int]:
+    parts = [int(p) for p in __version__.split(".")[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,293 @@
+"""virtio-iommu device semantics: domains, endpoints, the request rules of virtio spec 5.13.6.
+
+Transport-independent: requests arrive already parsed by the data plane (ext/), and each
+request type is one short method returning the spec's status. Nothing here knows vhost-user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import struct
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+
+from viommu.mappings import Mapping, MappingTable, OverlapError, SplitError
+from viommu.spec import (
+    CONFIG_SIZE,
+    MSI_WINDOW_X86,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_IOMMU_ATTACH_F_BYPASS,
+    Feature,
+    MapFlag,
+    ProbeProperty,
+    RequestType,
+    ResvMemSubtype,
+    Status,
+)
+
+log = logging.getLogger("viommu.device")
+
+_CONFIG = struct.Struct("<QQQIIIB3x")
+assert _CONFIG.size == CONFIG_SIZE
+_BYPASS_OFFSET = 36
+_RESV_MEM = struct.Struct("<HHB3xQQ")
+
+Reply = tuple[int, bytes]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceConfig:
+    """What the device advertises in its config space."""
+
+    page_size_mask: int = 0xFFFF_FFFF_FFFF_F000  # 4 KiB granule
+    input_range: tuple[int, int] = (0, (1 << 48) - 1)
+    domain_range: tuple[int, int] = (0, 0xFFFF)
+    probe_size: int = 512
+    bypass: bool = False
+    resv_msi: tuple[int, int] = MSI_WINDOW_X86
+
+    @property
+    def granule(self) -> int:
+        return self.page_size_mask & -self.page_size_mask
+
+
+@dataclasses.dataclass
+class Domain:
+    domain_id: int
+    bypass: bool
+    endpoints: set[int] = dataclasses.field(default_factory=set)
+    mappings: MappingTable = dataclasses.field(default_factory=MappingTable)
+
+    def to_dict(self) -> dict:
+        return {"domain": self.domain_id, "bypass": self.bypass,
+                "endpoints": sorted(self.endpoints),
+                "mappings": [mp.to_dict() for mp in self.mappings]}
+
+
+@dataclasses.dataclass
+class Endpoint:
+    endpoint_id: int
+    domain: int | None = None
+    probed: bool = False
+    # The last configuration error raised for this stream; it stays until the guest
+    # reprograms the stream (ATTACH), as on hardware.
+    config_fault: str | None = None
+
+
+class VirtioIommuDevice:
+    """The state and request handling of one virtio-iommu device."""
+
+    OFFERED_FEATURES = (
+        (1 << VIRTIO_F_VERSION_1) | (1 << Feature.F_INPUT_RANGE) | (1 << Feature.F_DOMAIN_RANGE)
+        | (1 << Feature.F_MAP_UNMAP) | (1 << Feature.F_PROBE) | (1 << Feature.F_BYPASS_CONFIG)
+    )
+
+    def __init__(self, endpoints: Iterable[int], config: DeviceConfig | None = None,
+                 trace_len: int = 4096) -> None:
+        self.config = config or DeviceConfig()
+        self.bypass = self.config.bypass
+        self.endpoints = {ep: Endpoint(ep) for ep in endpoints}
+        self.domains: dict[int, Domain] = {}
+        self.driver_features = 0
+        self.request_counts: Counter[str] = Counter()
+        self.status_counts: Counter[str] = Counter()
+        self.request_trace: deque[dict] = deque(maxlen=trace_len)
+        self._seq = 0
+        self.on_request: list[Callable[[dict], None]] = []
+        self._handlers: dict[int, Callable] = {
+            RequestType.VIRTIO_IOMMU_T_ATTACH: self._attach,
+            RequestType.VIRTIO_IOMMU_T_DETACH: self._detach,
+            RequestType.VIRTIO_IOMMU_T_MAP: self._map,
+            RequestType.VIRTIO_IOMMU_T_UNMAP: self._unmap,
+            RequestType.VIRTIO_IOMMU_T_PROBE: self._probe,
+        }
+
+    # --- configuration ------------------------------------------------------------------------
+
+    def negotiated(self, feature: int) -> bool:
+        return bool(self.driver_features & (1 << feature))
+
+    def config_bytes(self) -> bytes:
+        c = self.config
+        return _CONFIG.pack(c.page_size_mask, *c.input_range, *c.domain_range, c.probe_size,
+                            int(self.bypass))
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Only `bypass` is driver-writable; bits 1-7 of it are ignored (spec 5.13.4)."""
+        if offset <= _BYPASS_OFFSET < offset + len(data):
+            self.bypass = bool(data[_BYPASS_OFFSET - offset] & 1)
+            log.info("config: bypass=%d", self.bypass)
+
+    def reset(self) -> None:
+        """Device reset: every endpoint detached, every domain gone; `bypass` is kept."""
+        self.domains.clear()
+        for ep in self.endpoints.values():
+            ep.domain = None
+            ep.probed = False
+        self.driver_features = 0
+
+    def add_endpoint(self, endpoint_id: int) -> None:
+        self.endpoints.setdefault(endpoint_id, Endpoint(endpoint_id))
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def handle_request(self, req) -> Reply | None:
+        """Serve one parsed request; None returns it unwritten (used length 0)."""
+        handler = self._handlers.get(req.type)
+        if handler is None:
+            return None
+        try:
+            status, payload = handler(req)
+        except Exception:
+            log.exception("internal error serving %r", req)
+            status, payload = Status.S_DEVERR, b""
+        self._record(req, status)
+        return int(status), payload
+
+    def _record(self, req, status: int) -> None:
+        self._seq += 1
+        name = req.type_name
+        entry = {"seq": self._seq, "time": time.time(), "type": name,
+                 "status": Status(status).name}
+        if req.type != RequestType.VIRTIO_IOMMU_T_PROBE:
+            entry["domain"] = req.domain
+        if req.type not in (RequestType.VIRTIO_IOMMU_T_MAP, RequestType.VIRTIO_IOMMU_T_UNMAP):
+            entry["endpoint"] = req.endpoint
+        if req.type in (RequestType.VIRTIO_IOMMU_T_MAP, RequestType.VIRTIO_IOMMU_T_UNMAP):
+            entry.update(virt_start=req.virt_start, virt_end=req.virt_end)
+        if req.type == RequestType.VIRTIO_IOMMU_T_MAP:
+            entry.update(phys_start=req.phys_start, flags=req.flags)
+        if req.type == RequestType.VIRTIO_IOMMU_T_ATTACH:
+            entry.update(flags=req.flags)
+        self.request_counts[name] += 1
+        self.status_counts[Status(status).name] += 1
+        self.request_trace.append(entry)
+        for listener in self.on_request:
+            listener(entry)
+
+    def _attach(self, req) -> Reply:
+        bypass_allowed = self.negotiated(Feature.F_BYPASS_CONFIG)
+        known_flags = VIRTIO_IOMMU_ATTACH_F_BYPASS if bypass_allowed else 0
+        if not req.reserved_zero or req.flags & ~known_flags:
+            return Status.S_INVAL, b""
+        ep = self.endpoints.get(req.endpoint)
+        if ep is None:
+            return Status.S_NOENT, b""
+        if not self._domain_in_range(req.domain):
+            return Status.S_RANGE, b""
+        bypass = bool(req.flags & VIRTIO_IOMMU_ATTACH_F_BYPASS)
+        domain = self.domains.get(req.domain)
+        if domain is not None and domain.bypass != bypass:
+            return Status.S_INVAL, b""
+        if ep.domain is not None and ep.domain != req.domain:
+            self._detach_endpoint(ep)  # implicit DETACH
+        if domain is None:
+            domain = self.domains[req.domain] = Domain(req.domain, bypass)
+        domain.endpoints.add(ep.endpoint_id)
+        ep.domain = req.domain
+        ep.config_fault = None
+        return Status.S_OK, b""
+
+    def _detach(self, req) -> Reply:
+        ep = self.endpoints.get(req.endpoint)
+        if ep is None:
+            return Status.S_NOENT, b""
+        if ep.domain is None or ep.domain != req.domain:
+            return Status.S_INVAL, b""
+        self._detach_endpoint(ep)
+        return Status.S_OK, b""
+
+    def _detach_endpoint(self, ep: Endpoint) -> None:
+        domain = self.domains[ep.domain]
+        domain.endpoints.discard(ep.endpoint_id)
+        ep.domain = None
+        if not domain.endpoints:  # the domain ceases to exist with its mappings
+            del self.domains[domain.domain_id]
+
+    def _map(self, req) -> Reply:
+        if not self.negotiated(Feature.F_MAP_UNMAP):
+            return Status.S_UNSUPP, b""
+        domain = self.domains.get(req.domain)
+        if domain is None:
+            return Status.S_NOENT, b""
+        known_flags = MapFlag.READ | MapFlag.WRITE
+        if self.negotiated(Feature.F_MMIO):
+            known_flags |= MapFlag.MMIO
+        if domain.bypass or req.flags & ~known_flags or req.virt_end < req.virt_start:
+            return Status.S_INVAL, b""
+        granule = self.config.granule
+        if (req.virt_start % granule or req.phys_start % granule
+                or (req.virt_end + 1) % granule):
+            return Status.S_RANGE, b""
+        if not self._in_input_range(req.virt_start, req.virt_end):
+            return Status.S_RANGE, b""
+        if self._overlaps_reserved(req.virt_start, req.virt_end):
+            return Status.S_INVAL, b""
+        try:
+            domain.mappings.add(Mapping(req.virt_start, req.virt_end, req.phys_start, req.flags))
+        except OverlapError:
+            return Status.S_INVAL, b""
+        return Status.S_OK, b""
+
+    def _unmap(self, req) -> Reply:
+        if not self.negotiated(Feature.F_MAP_UNMAP):
+            return Status.S_UNSUPP, b""
+        if not req.reserved_zero:
+            return Status.S_INVAL, b""
+        domain = self.domains.get(req.domain)
+        if domain is None:
+            return Status.S_NOENT, b""
+        if domain.bypass or req.virt_end < req.virt_start:
+            return Status.S_INVAL, b""
+        try:
+            domain.mappings.remove_range(req.virt_start, req.virt_end)
+        except SplitError:
+            return Status.S_RANGE, b""
+        return Status.S_OK, b""
+
+    def _probe(self, req) -> Reply | tuple[Status, bytes]:
+        size = self.config.probe_size
+        room = req.writable_len - 4
+        if room < size:
+            return Status.S_INVAL, bytes(room)  # no property written, tail after the buffer
+        ep = self.endpoints.get(req.endpoint)
+        if ep is None:
+            return Status.S_NOENT, bytes(size)
+        ep.probed = True
+        props = self.probe_properties()
+        return Status.S_OK, props + bytes(size - len(props))
+
+    def probe_properties(self) -> bytes:
+        start, end = self.config.resv_msi
+        return _RESV_MEM.pack(ProbeProperty.RESV_MEM, _RESV_MEM.size - 4, ResvMemSubtype.MSI,
+                              start, end)
+
+    def _domain_in_range(self, domain_id: int) -> bool:
+        if not self.negotiated(Feature.F_DOMAIN_RANGE):
+            return True
+        lo, hi = self.config.domain_range
+        return lo <= domain_id <= hi
+
+    def _in_input_range(self, start: int, end: int) -> bool:
+        if not self.negotiated(Feature.F_INPUT_RANGE):
+            return True
+        lo, hi = self.config.input_range
+        return lo <= start and end <= hi
+
+    def _overlaps_reserved(self, start: int, end: int) -> bool:
+        lo, hi = self.config.resv_msi
+        return start <= hi and lo <= end
+
+    # --- queries -------------------------------------------------------------------------------
+
+    def endpoint_state(self, endpoint_id: int) -> dict:
+        ep = self.endpoints[endpoint_id]
+        domain = self.domains.get(ep.domain) if ep.domain is not None else None
+        if domain is not None:
+            mode = "bypass" if domain.bypass else "translated"
+        else:
+            mode = "bypass" if self.bypass else "blocked"
+        return {"endpoint": ep.endpoint_id, "domain": ep.domain, "mode": mode,
+                "probed": ep.probed, "config_fault": ep.config_fault}

@@ -1,0 +1,288 @@
+"""A test VM: the viommu backend, QEMU and the guest console in one object.
+
+In the manner of QEMU's python/qemu/machine: `launch()` starts the backend and QEMU and waits
+for the guest shell; `run()` executes guest commands; `wait_line()` waits for console lines;
+`backend()` and `qmp()` talk to the backend and to QEMU over QMP; `shutdown()` stops it all
+and leaves the logs (qemu.log, console.log, backend.log, backend-trace.json) in `workdir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from viommu import paths
+from viommu.console import CommandResult, Console
+from viommu.profile import Profile, load_profile
+from viommu.viot import build_viot
+
+log = logging.getLogger("viommu.machine")
+
+READY_LINE = r"viommu-guest: ready"
+# Linux virtio-iommu's fault line, without the "virtio_iommu virtioN: " prefix.
+GUEST_FAULT_LINE = r"virtio_iommu virtio\d+: (?:unknown|domain|page) fault from EP \d+.*$"
+
+
+class MachineError(RuntimeError):
+    pass
+
+
+def detect_accel() -> str:
+    """KVM where it works; TCG where there is no usable /dev/kvm, or where it is kvm_pvm
+    (on which Linux guests die with a KVM emulation failure)."""
+    forced = os.environ.get("VIOMMU_ACCEL")
+    if forced:
+        return forced
+    if os.path.exists("/sys/module/kvm_pvm"):
+        return "tcg"
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+    except OSError:
+        return "tcg"
+    os.close(fd)
+    return "kvm"
+
+
+class Machine:
+    def __init__(self, profile: Profile | str = "default", *, workdir: Path | str | None = None,
+                 accel: str = "auto", name: str = "vm", boot_timeout: float = 120) -> None:
+        self.profile = load_profile(profile) if isinstance(profile, str) else profile
+        self.accel = detect_accel() if accel == "auto" else accel
+        self.name = name
+        self.boot_timeout = boot_timeout
+        if workdir is None:
+            workdir = tempfile.mkdtemp(prefix=f"viommu-{name}-")
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # Unix socket paths are limited to ~107 bytes: keep them in a short private dir.
+        self._sockdir = Path(tempfile.mkdtemp(prefix="viommu-"))
+        os.chmod(self._sockdir, 0o700)
+        self.vhost_socket = str(self._sockdir / "vhost-user.sock")
+        self.control_socket = str(self._sockdir / "control.sock")
+        self._qmp_socket = str(self._sockdir / "qmp.sock")
+        self._serial_socket = str(self._sockdir / "serial.sock")
+        self._backend_proc: subprocess.Popen | None = None
+        self._qemu_proc: subprocess.Popen | None = None
+        self._backend_qmp: QEMUMonitorProtocol | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+        self.console: Console | None = None
+        self.boot_seconds: float | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Machine:
+        self.launch()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    @property
+    def endpoint_ids(self) -> list[int]:
+        return [self.profile.endpoint_id(ep) for ep in self.profile.endpoints]
+
+    def launch(self) -> None:
+        started = time.monotonic()
+        try:
+            self._start_backend()
+            self._start_qemu()
+            self.console.wait_for(READY_LINE, timeout=self.boot_timeout)
+            self.boot_seconds = time.monotonic() - started
+            # The controller's session: no echo (busybox then skips line editing), no prompt.
+            self.console.send_line("stty -echo; PS1=''")
+            self.run("true").check()
+        except BaseException:
+            self.shutdown()
+            raise
+        log.info("%s booted in %.1f s (%s)", self.name, self.boot_seconds, self.accel)
+
+    def _start_backend(self) -> None:
+        cmd = [sys.executable, "-m", "viommu", "backend", "--socket", self.vhost_socket,
+               "--control", self.control_socket]
+        for ep in self.endpoint_ids:
+            cmd += ["--endpoint", str(ep)]
+        with open(self.workdir / "backend.log", "ab") as out:
+            self._backend_proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                                  stdin=subprocess.DEVNULL)
+        self._backend_qmp = QEMUMonitorProtocol(self.control_socket)
+        _wait_for_path(self.control_socket, 15, self._backend_proc, "the viommu backend",
+                       self.workdir / "backend.log")
+        self._backend_qmp.connect()
+
+    def qemu_command(self) -> list[str]:
+        p = self.profile
+        kernel, initrd, _ = paths.guest_image()
+        viot = self.workdir / "viot.bin"
+        viot.write_bytes(build_viot(p.iommu_bdf, p.viot_ranges()))
+        mem = f"{p.memory_mib}M"
+        cmd = [
+            paths.qemu_binary(), "-name", self.name, "-nodefaults", "-no-user-config",
+            "-machine", "q35,memory-backend=mem", "-accel", self.accel,
+            "-cpu", "host" if self.accel == "kvm" else "max",
+            "-smp", str(p.cpus), "-m", mem,
+            # vhost-user needs guest RAM it can map: a shared memfd.
+            "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+            "-display", "none",
+            "-chardev", f"socket,id=serial,path={self._serial_socket},server=on,wait=on",
+            "-serial", "chardev:serial",
+            "-chardev", f"socket,id=mon,path={self._qmp_socket}",
+            "-mon", "chardev=mon,mode=control",
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", p.cmdline,
+            "-chardev", f"socket,id=viommu,path={self.vhost_socket}",
+            "-device", "vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,"
+                       f"config_size=40,bus=pcie.0,addr={p.iommu_addr:#x}",
+            "-acpitable", f"file={viot}",
+        ]
+        for port in range(p.root_ports):
+            cmd += ["-device", f"pcie-root-port,id=rp{port},chassis={port + 1},slot={port + 1},"
+                               f"bus=pcie.0,addr={p.root_port_first_addr + port:#x}"]
+        for ep in p.endpoints:
+            opts = "".join(f",{k}={v}" for k, v in ep.options.items())
+            cmd += ["-device", f"{ep.device},id={ep.name},bus=rp{ep.port}{opts}"]
+        return cmd + list(p.extra_args)
+
+    def _start_qemu(self) -> None:
+        cmd = self.qemu_command()
+        (self.workdir / "qemu-cmdline.txt").write_text(shlex.join(cmd) + "\n")
+        self._qmp = QEMUMonitorProtocol(self._qmp_socket, server=True)
+        with open(self.workdir / "qemu.log", "ab") as out:
+            self._qemu_proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL)
+        # QEMU waits for the serial client (wait=on) before it connects to our QMP socket,
+        # so no console output is lost.
+        _wait_for_path(self._serial_socket, 30, self._qemu_proc, "QEMU",
+                       self.workdir / "qemu.log")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self._serial_socket)
+        self.console = Console(sock, self.workdir / "console.log")
+        self._qmp.accept(timeout=30)
+
+    def shutdown(self, timeout: float = 15) -> None:
+        """Power the guest off (QMP quit if it will not), then collect the backend's trace."""
+        self._save_backend_trace()
+        if self._qemu_proc is not None and self._qemu_proc.poll() is None and self.console:
+            try:
+                self.console.send_line("poweroff -f")
+                self._qemu_proc.wait(timeout / 2)
+            except Exception:  # noqa: BLE001 - fall back to QMP quit below
+                pass
+        if self._qemu_proc is not None and self._qemu_proc.poll() is None:
+            try:
+                if self._qmp is not None:
+                    self._qmp.cmd_raw("quit")
+            except Exception:  # noqa: BLE001 - QEMU may already be going away
+                pass
+            _wait_or_kill(self._qemu_proc, timeout)
+        for client in (self._qmp, self._backend_qmp):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:  # noqa: BLE001
+                    pass
+        self._qmp = self._backend_qmp = None
+        if self.console is not None:
+            self.console.close()
+            self.console = None
+        if self._backend_proc is not None:
+            _wait_or_kill(self._backend_proc, 5)
+        for path in (self.vhost_socket, self.control_socket, self._qmp_socket,
+                     self._serial_socket):
+            if os.path.exists(path):
+                os.unlink(path)
+        try:
+            os.rmdir(self._sockdir)
+        except OSError:
+            pass
+
+    def _save_backend_trace(self) -> None:
+        if self._backend_qmp is None or self._backend_proc is None or \
+                self._backend_proc.poll() is not None:
+            return
+        try:
+            trace = {name: self.backend(name, limit=100000)
+                     for name in ("query-requests", "query-events")}
+            trace["query-domains"] = self.backend("query-domains")
+            (self.workdir / "backend-trace.json").write_text(json.dumps(trace, indent=1) + "\n")
+        except Exception as exc:  # noqa: BLE001 - best effort while shutting down
+            log.warning("could not save the backend trace: %s", exc)
+
+    # --- guest --------------------------------------------------------------------------------
+
+    def run(self, command: str, timeout: float = 30) -> CommandResult:
+        return self._console().run(command, timeout)
+
+    def mark(self) -> int:
+        return self._console().mark()
+
+    def wait_line(self, pattern: str, timeout: float = 30, since: int = 0) -> str:
+        return self._console().wait_for(pattern, timeout, since).group(0)
+
+    def fault_lines(self, since: int) -> list[str]:
+        return self._console().lines_since(since, GUEST_FAULT_LINE)
+
+    def _console(self) -> Console:
+        if self.console is None:
+            raise MachineError(f"{self.name} is not running")
+        return self.console
+
+    # --- QMP ------------------------------------------------------------------------------------
+
+    def backend(self, command: str, **args: Any) -> Any:
+        """Run a control command on the backend; raises MachineError with its QMP error."""
+        return _execute(self._backend_qmp, "backend", command, args)
+
+    def qmp(self, command: str, **args: Any) -> Any:
+        return _execute(self._qmp, "QEMU", command, args)
+
+    def inject(self, event_type: str, endpoint: int | None = None, **args: Any) -> dict:
+        """Inject an SMMUv3 event for an endpoint (default: the profile's first)."""
+        sid = self.endpoint_ids[0] if endpoint is None else endpoint
+        return self.backend("inject-event", type=event_type, sid=sid, **args)
+
+
+def _execute(client: QEMUMonitorProtocol | None, who: str, command: str,
+             args: dict[str, Any]) -> Any:
+    if client is None:
+        raise MachineError(f"no QMP connection to {who}")
+    response = client.cmd_raw(command, {k.replace("_", "-"): v for k, v in args.items()})
+    if "error" in response:
+        raise MachineError(f"{who} {command}: {response['error']['desc']}")
+    return response["return"]
+
+
+def _wait_for_path(path: str, timeout: float, proc: subprocess.Popen, what: str,
+                   log_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise MachineError(f"{what} exited with status {proc.returncode}; see {log_path}:\n"
+                               f"{_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise MachineError(f"{what} did not create {path} within {timeout:g} s")
+        time.sleep(0.02)
+
+
+def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

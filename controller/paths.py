@@ -1,0 +1,37 @@
+"""Where set-up puts things: QEMU and the guest image live under the checkout's .cache/."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache"
+QEMU_CONFIGS = ROOT / "qemu-configs"
+GUEST_DIR = CACHE / "guest"
+
+
+class SetupMissing(RuntimeError):
+    """Something ./scripts/setup provides is not there."""
+
+
+def qemu_binary() -> str:
+    """VIOMMU_QEMU, else what set-up installed, else qemu-system-x86_64 on PATH."""
+    candidates = [os.environ.get("VIOMMU_QEMU"), str(CACHE / "bin" / "qemu-system-x86_64"),
+                  shutil.which("qemu-system-x86_64")]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise SetupMissing("no QEMU found: run ./scripts/setup (it installs QEMU >= 10.2 into "
+                       ".cache), or set VIOMMU_QEMU")
+
+
+def guest_image() -> tuple[Path, Path, dict]:
+    """(kernel, initramfs, manifest) built by guest-images/build.py."""
+    manifest_path = GUEST_DIR / "manifest.json"
+    if not manifest_path.exists():
+        raise SetupMissing("no guest image: run ./scripts/setup (it builds .cache/guest)")
+    manifest = json.loads(manifest_path.read_text())
+    return GUEST_DIR / manifest["kernel"], GUEST_DIR / manifest["initramfs"], manifest

@@ -1,0 +1,84 @@
+"""Machine profiles: the data in qemu-configs/*.toml, and what follows from it (BDFs,
+endpoint IDs, the VIOT ranges)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from viommu import paths
+from viommu.viot import PciRange, bdf
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointSpec:
+    name: str
+    port: int
+    device: str
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    name: str
+    memory_mib: int = 512
+    cpus: int = 1
+    iommu_addr: int = 3
+    root_ports: int = 4
+    root_port_first_addr: int = 4
+    cmdline: str = "console=ttyS0 deferred_probe_timeout=-1 panic=-1 loglevel=4"
+    endpoints: tuple[EndpointSpec, ...] = ()
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def iommu_bdf(self) -> int:
+        return bdf(0, self.iommu_addr)
+
+    def port_bus(self, port: int) -> int:
+        """Firmware numbers the root ports' secondary buses in slot order from 1."""
+        if not 0 <= port < self.root_ports:
+            raise ValueError(f"profile {self.name!r} has root ports 0..{self.root_ports - 1}, "
+                             f"not {port}")
+        return port + 1
+
+    def endpoint_id(self, endpoint: EndpointSpec | str) -> int:
+        """VIOT endpoint ID (= requester ID) of the function 0 device on the endpoint's port."""
+        spec = self.endpoint(endpoint) if isinstance(endpoint, str) else endpoint
+        return bdf(self.port_bus(spec.port), 0)
+
+    def endpoint(self, name: str) -> EndpointSpec:
+        for spec in self.endpoints:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"profile {self.name!r} has no endpoint {name!r}")
+
+    def viot_ranges(self) -> list[PciRange]:
+        """Every root port's bus: the endpoints plugged there are all the backend's."""
+        return [PciRange(bdf(self.port_bus(p), 0), bdf(self.port_bus(p), 31, 7))
+                for p in range(self.root_ports)]
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = paths.QEMU_CONFIGS / f"{name_or_path}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in paths.QEMU_CONFIGS.glob("*.toml")))
+        raise FileNotFoundError(f"no machine profile {name_or_path!r} (known: {known})")
+    data = tomllib.loads(path.read_text())
+    machine = data.get("machine", {})
+    kernel = data.get("kernel", {})
+    endpoints = tuple(
+        EndpointSpec(ep["name"], ep["port"], ep["device"], ep.get("options", {}))
+        for ep in data.get("endpoints", []))
+    fields = {f.name for f in dataclasses.fields(Profile)}
+    unknown = set(machine) - fields
+    if unknown:
+        raise ValueError(f"{path}: unknown [machine] keys {sorted(unknown)}")
+    profile = Profile(name=path.stem, endpoints=endpoints, **{
+        k: tuple(v) if isinstance(v, list) else v for k, v in machine.items()},
+        **({"cmdline": kernel["cmdline"]} if "cmdline" in kernel else {}))
+    for ep in profile.endpoints:
+        profile.port_bus(ep.port)
+    return profile

@@ -1,0 +1,1 @@
+"""vhost-user back-end side: wire format (messages) and connection state (connection)."""
