@@ -20,7 +20,7 @@ from viommu._dataplane import RingError, VirtQueue
 from viommu.control import Arg, Command, CommandError, ControlServer
 from viommu.device import DeviceConfig, VirtioIommuDevice
 from viommu.relay import EventRelay
-from viommu.smmuv3 import EventClass, EventId, EventRecord
+from viommu.smmuv3 import ADDRESS_EVENTS, FETCH_EVENTS, EventClass, EventId, EventRecord
 from viommu.spec import VHOST_USER_F_PROTOCOL_FEATURES
 from viommu.vhost_user.connection import VhostUserConnection
 from viommu.vhost_user.messages import ProtocolFeature
@@ -31,6 +31,9 @@ REQUESTQ = 0
 EVENTQ = 1
 CONFIG_EVENTS = frozenset({EventId.C_BAD_STE, EventId.C_BAD_CD, EventId.C_BAD_SUBSTREAMID})
 MAX_INJECT_COUNT = 1_000_000
+# inject-event arguments that only events with an input address carry
+ACCESS_ARGS = frozenset({"address", "access", "privileged", "s2", "ipa", "class", "stall",
+                         "stag"})
 
 
 class Backend:
@@ -78,8 +81,12 @@ class Backend:
             _unlink(self.control_path)
 
     def stop(self) -> None:
-        if self.loop is not None and self._stopped is not None:
-            self.loop.call_soon_threadsafe(self._stopped.set)
+        """Ask the loop to finish; harmless when it already has (the VM left first)."""
+        if self.loop is not None and self._stopped is not None and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self._stopped.set)
+            except RuntimeError:  # closed between the check and the call
+                pass
 
     def start_in_thread(self) -> None:
         """Run the backend inside this process; returns once both sockets listen."""
@@ -278,16 +285,26 @@ class Backend:
 
     @staticmethod
     def _event_from_args(event_id: EventId, sid: int, args: dict[str, Any]) -> EventRecord:
+        """Build the record; refuse fields the architecture does not give this event type."""
+        allowed = {"type", "sid", "ssid", "count"}
+        if event_id in ADDRESS_EVENTS:
+            allowed |= ACCESS_ARGS
+        if event_id in FETCH_EVENTS or event_id == EventId.F_WALK_EABT:
+            allowed.add("fetch-addr")
+        extra = sorted(set(args) - allowed)
+        if extra:
+            raise CommandError(f"{event_id.name} records carry no {', '.join(extra)}")
         access = args.get("access", "read")
         if access not in ("read", "write", "exec"):
             raise CommandError(f"access must be read, write or exec, not {access!r}")
-        class_name = args.get("class", "IN").upper()
+        class_name = args.get("class", "IN" if event_id in ADDRESS_EVENTS else "CD").upper()
         if class_name not in EventClass.__members__:
             raise CommandError(f"class must be CD, TT or IN, not {args['class']!r}")
         try:
             return EventRecord(
                 event_id=event_id, sid=sid, ssid=args.get("ssid", 0), ssv="ssid" in args,
-                address=args.get("address", 0), rnw=access != "write", ind=access == "exec",
+                address=args.get("address", 0),
+                rnw=event_id in ADDRESS_EVENTS and access != "write", ind=access == "exec",
                 pnu=args.get("privileged", False), s2=args.get("s2", False),
                 ipa=args.get("ipa", 0), fetch_addr=args.get("fetch-addr", 0),
                 event_class=EventClass[class_name], stall=args.get("stall", False),

@@ -8,6 +8,7 @@ Commands declare their arguments; a bad argument gets a QMP error naming it.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import dataclasses
 import json
 import logging
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("viommu.control")
+MAX_REQUEST_BYTES = 1 << 20
 
 
 class CommandError(Exception):
@@ -121,15 +123,19 @@ class ControlServer:
         client = _Client(writer)
         self._clients.add(client)
         client.send(self.greeting())
-        decoder = json.JSONDecoder()
+        # A multi-byte character may be split between two reads.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         buffer = ""
         try:
             while True:
                 chunk = await reader.read(65536)
                 if not chunk:
                     break
-                buffer += chunk.decode("utf-8", errors="replace")
-                buffer = self._drain(client, decoder, buffer)
+                buffer += decoder.decode(chunk)
+                buffer = self._drain(client, buffer)
+                if len(buffer) > MAX_REQUEST_BYTES:
+                    client.send(_error(f"request longer than {MAX_REQUEST_BYTES} bytes", None))
+                    buffer = ""
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
@@ -137,21 +143,17 @@ class ControlServer:
             self._clients.discard(client)
             writer.close()
 
-    def _drain(self, client: _Client, decoder: json.JSONDecoder, buffer: str) -> str:
+    def _drain(self, client: _Client, buffer: str) -> str:
+        """Execute every complete request in the buffer; return the incomplete rest."""
         while True:
-            buffer = buffer.lstrip()
-            if not buffer:
-                return ""
+            document, buffer = _next_document(buffer)
+            if document is None:
+                return buffer
             try:
-                request, end = decoder.raw_decode(buffer)
+                request = json.loads(document)
             except json.JSONDecodeError as exc:
-                if exc.pos >= len(buffer.rstrip()):
-                    return buffer  # the object is not complete yet
                 client.send(_error(f"JSON parse error, {exc.msg}", None))
-                newline = buffer.find("\n", exc.pos)
-                buffer = "" if newline < 0 else buffer[newline + 1:]
                 continue
-            buffer = buffer[end:]
             client.send(self._execute(client, request))
 
     def _execute(self, client: _Client, request: Any) -> dict:
@@ -194,6 +196,37 @@ class _Client:
     def send(self, msg: dict) -> None:
         if not self.writer.is_closing():
             self.writer.write(json.dumps(msg).encode() + b"\r\n")
+
+
+def _next_document(buffer: str) -> tuple[str | None, str]:
+    """Split off the first complete top-level JSON object (or stray line) from a stream;
+    (None, buffer) while it is incomplete. Tracks strings, so braces or a read boundary
+    inside a string do not confuse it."""
+    depth, in_string, escaped = 0, False, False
+    for i, ch in enumerate(buffer):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth <= 0:
+                return buffer[:i + 1], buffer[i + 1:]
+        elif depth == 0 and not ch.isspace():
+            end = buffer.find("\n", i)  # not JSON object syntax: reject up to end of line
+            if end < 0:
+                return None, buffer
+            return buffer[i:end], buffer[end + 1:]
+    if depth == 0 and not in_string:
+        return None, ""  # only whitespace
+    return None, buffer
 
 
 def _return(value: Any, msg_id: Any) -> dict:

@@ -9,9 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from viommu.console import ConsoleError
 from viommu.machine import Machine, MachineError
 from viommu.paths import SetupMissing
-from viommu.console import ConsoleError
 
 
 @dataclasses.dataclass(frozen=True)

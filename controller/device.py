@@ -121,12 +121,14 @@ class VirtioIommuDevice:
             log.info("config: bypass=%d", self.bypass)
 
     def reset(self) -> None:
-        """Device reset: every endpoint detached, every domain gone; `bypass` is kept."""
+        """Device reset: every endpoint detached, every domain gone; `bypass` is kept.
+
+        Negotiated features are left alone: over vhost-user the front-end sends SET_FEATURES
+        before the ring restart that reveals the reset, and again on every start."""
         self.domains.clear()
         for ep in self.endpoints.values():
             ep.domain = None
             ep.probed = False
-        self.driver_features = 0
 
     def add_endpoint(self, endpoint_id: int) -> None:
         self.endpoints.setdefault(endpoint_id, Endpoint(endpoint_id))
@@ -212,9 +214,10 @@ class VirtioIommuDevice:
         domain = self.domains.get(req.domain)
         if domain is None:
             return Status.S_NOENT, b""
-        known_flags = MapFlag.READ | MapFlag.WRITE
+        # Plain ints: ~ on an IntFlag complements only the flags the enum defines.
+        known_flags = int(MapFlag.READ | MapFlag.WRITE)
         if self.negotiated(Feature.F_MMIO):
-            known_flags |= MapFlag.MMIO
+            known_flags |= int(MapFlag.MMIO)
         if domain.bypass or req.flags & ~known_flags or req.virt_end < req.virt_start:
             return Status.S_INVAL, b""
         granule = self.config.granule

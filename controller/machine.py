@@ -23,6 +23,7 @@ from typing import Any
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from viommu import paths
+from viommu.backend import Backend
 from viommu.console import CommandResult, Console
 from viommu.profile import Profile, load_profile
 from viommu.viot import build_viot
@@ -30,6 +31,8 @@ from viommu.viot import build_viot
 log = logging.getLogger("viommu.machine")
 
 READY_LINE = r"viommu-guest: ready"
+BACKEND_LOGGERS = ("viommu.backend", "viommu.vhost_user", "viommu.control", "viommu.relay",
+                   "viommu.device")
 # Linux virtio-iommu's fault line, without the "virtio_iommu virtioN: " prefix.
 GUEST_FAULT_LINE = r"virtio_iommu virtio\d+: (?:unknown|domain|page) fault from EP \d+.*$"
 
@@ -56,11 +59,17 @@ def detect_accel() -> str:
 
 class Machine:
     def __init__(self, profile: Profile | str = "default", *, workdir: Path | str | None = None,
-                 accel: str = "auto", name: str = "vm", boot_timeout: float = 120) -> None:
+                 accel: str = "auto", name: str = "vm", boot_timeout: float = 120,
+                 backend_in_process: bool = False) -> None:
         self.profile = load_profile(profile) if isinstance(profile, str) else profile
         self.accel = detect_accel() if accel == "auto" else accel
         self.name = name
         self.boot_timeout = boot_timeout
+        # In-process: the backend's loop runs in a thread of this process (handy under a
+        # debugger); default: its own process, so it cannot share our GIL or our crashes.
+        self.backend_in_process = backend_in_process
+        self.inprocess_backend: Backend | None = None
+        self._backend_log_handler: logging.Handler | None = None
         if workdir is None:
             workdir = tempfile.mkdtemp(prefix=f"viommu-{name}-")
         self.workdir = Path(workdir)
@@ -97,17 +106,32 @@ class Machine:
         try:
             self._start_backend()
             self._start_qemu()
-            self.console.wait_for(READY_LINE, timeout=self.boot_timeout)
+            self._wait_for_shell(since=0)
             self.boot_seconds = time.monotonic() - started
-            # The controller's session: no echo (busybox then skips line editing), no prompt.
-            self.console.send_line("stty -echo; PS1=''")
-            self.run("true").check()
         except BaseException:
             self.shutdown()
             raise
         log.info("%s booted in %.1f s (%s)", self.name, self.boot_seconds, self.accel)
 
+    def _wait_for_shell(self, since: int) -> None:
+        self.console.wait_for(READY_LINE, timeout=self.boot_timeout, since=since)
+        # The controller's session: no echo (busybox then skips line editing), no prompt.
+        self.console.send_line("stty -echo; PS1=''")
+        self.run("true").check()
+
+    def reboot(self) -> float:
+        """Reboot the guest (a guest-initiated reset, as `reboot -f` does on hardware);
+        returns the seconds until its shell is back."""
+        started = time.monotonic()
+        mark = self.mark()
+        self._console().send_line("reboot -f")
+        self._wait_for_shell(since=mark)
+        return time.monotonic() - started
+
     def _start_backend(self) -> None:
+        if self.backend_in_process:
+            self._start_backend_thread()
+            return
         cmd = [sys.executable, "-m", "viommu", "backend", "--socket", self.vhost_socket,
                "--control", self.control_socket]
         for ep in self.endpoint_ids:
@@ -118,6 +142,21 @@ class Machine:
         self._backend_qmp = QEMUMonitorProtocol(self.control_socket)
         _wait_for_path(self.control_socket, 15, self._backend_proc, "the viommu backend",
                        self.workdir / "backend.log")
+        self._backend_qmp.connect()
+
+    def _start_backend_thread(self) -> None:
+        handler = logging.FileHandler(self.workdir / "backend.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        for name in BACKEND_LOGGERS:
+            logger = logging.getLogger(name)
+            logger.addHandler(handler)
+            if logger.level == logging.NOTSET:
+                logger.setLevel(logging.INFO)
+        self._backend_log_handler = handler
+        self.inprocess_backend = Backend(self.vhost_socket, self.control_socket,
+                                         self.endpoint_ids)
+        self.inprocess_backend.start_in_thread()
+        self._backend_qmp = QEMUMonitorProtocol(self.control_socket)
         self._backend_qmp.connect()
 
     def qemu_command(self) -> list[str]:
@@ -196,6 +235,15 @@ class Machine:
             self.console = None
         if self._backend_proc is not None:
             _wait_or_kill(self._backend_proc, 5)
+        if self.inprocess_backend is not None:
+            self.inprocess_backend.stop()
+            self.inprocess_backend.join(5)
+            self.inprocess_backend = None
+        if self._backend_log_handler is not None:
+            for name in BACKEND_LOGGERS:
+                logging.getLogger(name).removeHandler(self._backend_log_handler)
+            self._backend_log_handler.close()
+            self._backend_log_handler = None
         for path in (self.vhost_socket, self.control_socket, self._qmp_socket,
                      self._serial_socket):
             if os.path.exists(path):
@@ -206,8 +254,9 @@ class Machine:
             pass
 
     def _save_backend_trace(self) -> None:
-        if self._backend_qmp is None or self._backend_proc is None or \
-                self._backend_proc.poll() is not None:
+        if self._backend_qmp is None:
+            return
+        if self._backend_proc is not None and self._backend_proc.poll() is not None:
             return
         try:
             trace = {name: self.backend(name, limit=100000)

@@ -41,13 +41,11 @@ class EventId(enum.IntEnum):
         """Accept a name ("C_BAD_STE"), a number (4) or a numeric string ("0x04")."""
         if isinstance(value, bool):
             raise ValueError(f"event type must be a name or number, not {value!r}")
-        if isinstance(value, int):
-            return cls(value)
-        name = value.strip().upper()
-        if name in cls.__members__:
-            return cls[name]
         try:
-            return cls(int(name, 0))
+            if isinstance(value, int):
+                return cls(value)
+            name = value.strip().upper()
+            return cls[name] if name in cls.__members__ else cls(int(name, 0))
         except ValueError:
             known = ", ".join(cls.__members__)
             raise ValueError(f"unknown SMMUv3 event type {value!r}; known: {known}") from None
@@ -83,9 +81,9 @@ class EventRecord:
     stall: bool = False
     pnu: bool = False  # privileged
     ind: bool = False  # instruction fetch
-    rnw: bool = True  # read (True) or write (False)
+    rnw: bool = False  # read (True) or write (False)
     s2: bool = False
-    event_class: int = EventClass.IN
+    event_class: int = EventClass.CD
     ttrnw: bool = False
     address: int = 0
     ipa: int = 0

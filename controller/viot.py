@@ -41,7 +41,8 @@ class PciRange:
 
 
 def build_viot(iommu_bdf: int, ranges: list[PciRange], iommu_segment: int = 0,
-               oem_id: bytes = b"VIOMMU", oem_table_id: bytes = b"VIOMMU  ") -> bytes:
+               oem_id: bytes = b"VIOMMU", oem_table_id: bytes = b"VIOMMU  ",
+               creator_id: bytes = b"VMMU") -> bytes:
     """The whole table, header included, with a valid checksum."""
     if not ranges:
         raise ValueError("a VIOT needs at least one endpoint range")
@@ -59,7 +60,7 @@ def build_viot(iommu_bdf: int, ranges: list[PciRange], iommu_segment: int = 0,
     payload = VIOT_HEADER.pack(len(body), nodes_offset) + b"".join(body)
     length = ACPI_HEADER.size + len(payload)
     header = ACPI_HEADER.pack(b"VIOT", length, 0, 0, oem_id.ljust(6)[:6],
-                              oem_table_id.ljust(8)[:8], 1, b"VMMU", 1)
+                              oem_table_id.ljust(8)[:8], 1, creator_id.ljust(4)[:4], 1)
     table = bytearray(header + payload)
     table[_CHECKSUM_OFFSET] = (-sum(table)) & 0xFF
     return bytes(table)

@@ -179,9 +179,10 @@ class VhostUserConnection:
             _close_all(msg.fds)
             reply, ok = None, False
         if msg.request in _HAS_REPLY_BODY:
-            # The front-end blocks on this reply: always send one, zero-filled on failure
-            # so it fails with its own message instead of hanging.
-            self._send(msg.request, reply if reply is not None else m.pack_u64(0))
+            # The front-end blocks on this reply: always send one. On failure a non-zero u64
+            # (the failure value of every u64 status reply); where a body of another size
+            # was due, the front-end rejects the size with its own error instead of hanging.
+            self._send(msg.request, reply if reply is not None else m.pack_u64(1))
         elif msg.need_reply:
             self._send(msg.request, m.pack_u64(0 if ok else 1))
 
@@ -421,8 +422,11 @@ class VhostUserConnection:
 
 
 def _close_all(fds) -> None:
+    """Close and forget: a second call on the same list closes nothing (fd numbers may
+    already belong to someone else)."""
     for fd in fds:
         try:
             os.close(fd)
         except OSError:
             pass
+    del fds[:]

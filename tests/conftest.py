@@ -1,0 +1,12 @@
+"""Test layout: tests/unit (no VM, fast) and tests/e2e (a real guest under QEMU, shared by
+the session through the viommu pytest plugin's `guest` fixture)."""
+
+import pytest
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Unit tests first: they fail fast, before a guest boots.
+    items.sort(key=lambda item: "e2e" in item.nodeid.split("/"))
+    for item in items:
+        if "/e2e/" in f"/{item.nodeid}":
+            item.add_marker(pytest.mark.e2e)

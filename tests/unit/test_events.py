@@ -1,0 +1,195 @@
+"""SMMUv3 event records, their conversion to virtio-iommu fault records (digest §G) and the
+relay's accounting: nothing vanishes."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from viommu.faults import FaultRecord, NotForwarded, fault_from_event
+from viommu.relay import EventRelay
+from viommu.smmuv3 import FETCH_EVENTS, EventClass, EventId, EventRecord
+from viommu.spec import FaultFlag, FaultReason
+
+
+def test_event_record_field_positions_match_the_architecture() -> None:
+    record = EventRecord(event_id=EventId.F_TRANSLATION, sid=0x100, ssid=5, ssv=True,
+                         stag=0x1234, stall=True, pnu=True, ind=True, rnw=False, s2=True,
+                         event_class=EventClass.TT, address=0xDEAD_B000, ipa=0x8765_4000)
+    dw0, dw1, dw2, dw3 = struct.unpack("<4Q", record.encode())
+    assert dw0 == 0x10 | 1 << 11 | 5 << 12 | 0x100 << 32
+    assert dw1 == 0x1234 | 1 << 31 | 1 << 33 | 1 << 34 | 0 << 35 | 1 << 39 | 1 << 40
+    assert dw2 == 0xDEAD_B000
+    assert dw3 == 0x8765_4000
+
+
+def test_c_bad_ste_record_is_the_id_and_sid_only() -> None:
+    raw = EventRecord(event_id=EventId.C_BAD_STE, sid=256).encode()
+    assert raw == struct.pack("<4Q", 0x04 | 256 << 32, 0, 0, 0)
+
+
+@given(st.builds(
+    EventRecord, event_id=st.sampled_from(list(EventId)), sid=st.integers(0, 2**32 - 1),
+    ssid=st.integers(0, 2**20 - 1), ssv=st.booleans(), stag=st.integers(0, 0xFFFF),
+    stall=st.booleans(), pnu=st.booleans(), ind=st.booleans(), rnw=st.booleans(),
+    s2=st.booleans(), event_class=st.sampled_from(list(EventClass)), ttrnw=st.booleans(),
+    address=st.integers(0, 2**64 - 1), ipa=st.just(0), fetch_addr=st.just(0)))
+def test_event_record_decode_inverts_encode(record: EventRecord) -> None:
+    assert EventRecord.decode(record.encode()) == record
+
+
+def test_fetch_address_decodes_for_fetch_events_and_ipa_for_others() -> None:
+    cd = EventRecord(event_id=EventId.F_CD_FETCH, sid=1, fetch_addr=0x1238)
+    assert EventRecord.decode(cd.encode()).fetch_addr == 0x1238
+    assert EventId.F_CD_FETCH in FETCH_EVENTS
+    tr = EventRecord(event_id=EventId.F_TRANSLATION, sid=1, s2=True, ipa=0x5000)
+    assert EventRecord.decode(tr.encode()).ipa == 0x5000
+
+
+@pytest.mark.parametrize("field,value", [("sid", 2**32), ("ssid", 2**20), ("event_id", 256),
+                                         ("address", -1), ("stag", True)])
+def test_event_record_rejects_fields_that_do_not_fit(field: str, value: int) -> None:
+    args = {"event_id": EventId.C_BAD_STE, "sid": 1, field: value}
+    with pytest.raises(ValueError, match=field):
+        EventRecord(**args)
+
+
+@pytest.mark.parametrize("name,number", [("C_BAD_STE", 4), ("c_bad_cd", 10), ("0x10", 16),
+                                         (19, 19)])
+def test_event_id_parse_accepts_names_and_numbers(name, number) -> None:
+    assert EventId.parse(name) == number
+
+
+def test_event_id_parse_error_lists_the_known_names() -> None:
+    with pytest.raises(ValueError, match="C_BAD_STE"):
+        EventId.parse("NOPE")
+
+
+# --- conversion (digest §G) and the guest's line (Linux viommu_fault_handler) ----------------
+
+EP = 256
+
+
+@pytest.mark.parametrize("event_id,kwargs,line", [
+    (EventId.C_BAD_STE, {}, "unknown fault from EP 256"),
+    (EventId.C_BAD_CD, {"ssid": 3, "ssv": True}, "unknown fault from EP 256"),
+    (EventId.C_BAD_SUBSTREAMID, {"ssid": 9}, "unknown fault from EP 256"),
+    (EventId.F_CD_FETCH, {"fetch_addr": 0x1000}, "unknown fault from EP 256"),
+    (EventId.F_STREAM_DISABLED, {}, "domain fault from EP 256"),
+    (EventId.F_TRANSLATION, {"address": 0x10000, "rnw": True},
+     "page fault from EP 256 at 0x10000 [R]"),
+    (EventId.F_TRANSLATION, {"address": 0x10000, "rnw": False},
+     "page fault from EP 256 at 0x10000 [W]"),
+    (EventId.F_PERMISSION, {"address": 0x3000, "rnw": True, "ind": True},
+     "page fault from EP 256 at 0x3000 [RX]"),
+    (EventId.F_ACCESS, {"address": 0, "rnw": True}, "page fault from EP 256 at 0x0 [R]"),
+    (EventId.F_ADDR_SIZE, {"address": 1 << 50}, f"page fault from EP 256 at {1 << 50:#x} [W]"),
+    (EventId.F_WALK_EABT, {"address": 0x2000, "rnw": True},
+     "unknown fault from EP 256 at 0x2000 [R]"),
+    (EventId.F_UUT, {"address": 0x4000, "rnw": False},
+     "unknown fault from EP 256 at 0x4000 [W]"),
+])
+def test_event_becomes_the_fault_record_of_the_mapping_table(event_id, kwargs, line) -> None:
+    fault = fault_from_event(EventRecord(event_id=event_id, sid=EP, **kwargs))
+    assert fault.endpoint == EP
+    assert fault.guest_line() == line
+
+
+@pytest.mark.parametrize("event_id", [EventId.C_BAD_STREAMID, EventId.F_STE_FETCH,
+                                      EventId.F_VMS_FETCH, EventId.F_TLB_CONFLICT,
+                                      EventId.F_CFG_CONFLICT])
+def test_host_side_events_are_not_forwarded(event_id: EventId) -> None:
+    with pytest.raises(NotForwarded):
+        fault_from_event(EventRecord(event_id=event_id, sid=EP))
+
+
+def test_fault_record_is_24_bytes_with_zero_reserved_fields() -> None:
+    raw = FaultRecord(FaultReason.MAPPING, int(FaultFlag.ADDRESS | FaultFlag.WRITE), EP,
+                      0x1000).encode()
+    assert len(raw) == 24
+    reason, reserved, flags, endpoint, reserved1, address = struct.unpack("<B3sIIIQ", raw)
+    assert (reason, flags, endpoint, address) == (2, 0x102, EP, 0x1000)
+    assert reserved == b"\0\0\0" and reserved1 == 0
+    assert FaultRecord.decode(raw) == FaultRecord(2, 0x102, EP, 0x1000)
+
+
+# --- relay ----------------------------------------------------------------------------------
+
+
+class Guest:
+    """An eventq with `buffers` posted buffers."""
+
+    def __init__(self, buffers: int) -> None:
+        self.buffers = buffers
+        self.received: list[bytes] = []
+
+    def __call__(self, record: bytes) -> bool:
+        if not self.buffers:
+            return False
+        self.buffers -= 1
+        self.received.append(record)
+        return True
+
+
+def bad_ste(sid: int = EP) -> EventRecord:
+    return EventRecord(event_id=EventId.C_BAD_STE, sid=sid)
+
+
+def accounted(relay: EventRelay) -> bool:
+    c = relay.counters()
+    return c["injected"] == c["delivered"] + c["pending"] + c["lost"] + c["not_forwarded"]
+
+
+def test_event_waits_while_the_guest_has_no_buffer_then_is_delivered() -> None:
+    relay = EventRelay()
+    relay.submit(bad_ste())
+    assert relay.flush(Guest(0)) == 0
+    assert relay.pending == 1
+    guest = Guest(1)
+    assert relay.flush(guest) == 1
+    assert relay.pending == 0 and relay.delivered == 1
+    assert FaultRecord.decode(guest.received[0]).endpoint == EP
+
+
+def test_events_are_delivered_in_order() -> None:
+    relay = EventRelay()
+    for sid in (1, 2, 3):
+        relay.submit(bad_ste(sid))
+    guest = Guest(10)
+    relay.flush(guest)
+    assert [FaultRecord.decode(r).endpoint for r in guest.received] == [1, 2, 3]
+
+
+def test_fifo_overflow_counts_the_loss() -> None:
+    relay = EventRelay(capacity=4)
+    entries = [relay.submit(bad_ste()) for _ in range(10)]
+    assert [e.state for e in entries].count("lost") == 6
+    assert relay.pending == 4 and relay.lost == 6
+    assert accounted(relay)
+
+
+def test_reset_counts_pending_events_as_lost() -> None:
+    relay = EventRelay()
+    relay.submit(bad_ste())
+    relay.submit(bad_ste())
+    assert relay.drop_pending("reset") == 2
+    assert relay.lost == 2 and relay.pending == 0
+    assert [e.state for e in relay.trace] == ["lost", "lost"]
+    assert accounted(relay)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["submit", "host", "flush"]), st.integers(0, 5)),
+                max_size=60))
+def test_every_event_is_accounted_for(ops) -> None:
+    relay = EventRelay(capacity=8)
+    for op, n in ops:
+        if op == "submit":
+            relay.submit(bad_ste())
+        elif op == "host":
+            relay.submit(EventRecord(event_id=EventId.C_BAD_STREAMID, sid=EP))
+        else:
+            relay.flush(Guest(n))
+        assert accounted(relay)
