@@ -134,6 +134,8 @@ class Backend:
             return
         sock.setblocking(True)
         log.info("vhost-user: front-end connected")
+        if self.connection is not None:
+            self.reset("a new front-end connected")  # another VM: nothing carries over
         self.connection = VhostUserConnection(sock, self, self.loop.add_reader,
                                               self._remove_reader)
         self.loop.add_reader(sock.fileno(), self._on_vhost_user_readable)
