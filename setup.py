@@ -9,6 +9,7 @@ setup(
             Extension(
                 "viommu._dataplane",
                 ["ext/dataplane.pyx"],
+                depends=["ext/engine.pxi", "ext/barrier.h"],
                 include_dirs=["ext"],
                 extra_compile_args=["-O2"],
             )

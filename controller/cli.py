@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     if args.command == "backend":
-        level = min(level, logging.INFO)
+        level = min(level, logging.INFO)  # the backend log is the trace users read
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
     return args.func(args)
 

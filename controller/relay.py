@@ -33,9 +33,11 @@ class TraceEntry:
 
     def to_dict(self) -> dict:
         out = {"seq": self.seq, "time": self.time, "type": self.event.name,
-               "sid": self.event.sid, "state": self.state, "event": self.event.to_dict()}
+               "sid": self.event.sid, "state": self.state, "event": self.event.to_dict(),
+               "record": self.event.encode().hex()}
         if self.fault is not None:
             out["fault"] = dataclasses.asdict(self.fault)
+            out["fault_record"] = self.fault.encode().hex()
             out["guest_line"] = self.fault.guest_line()
         if self.note:
             out["note"] = self.note

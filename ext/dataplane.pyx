@@ -564,3 +564,6 @@ cdef Request _parse_request(VirtQueue vq, uint16_t head):
     elif req.type == VIRTIO_IOMMU_T_PROBE:
         req.endpoint = rd32(buf + 4)
     return req
+
+
+include "engine.pxi"

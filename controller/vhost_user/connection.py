@@ -167,6 +167,8 @@ class VhostUserConnection:
         self.sock.sendall(m.HEADER.pack(request, m.REPLY_FLAGS, len(payload)) + payload)
 
     def _dispatch(self, msg: Message) -> None:
+        log.debug("vhost-user: <- %s flags=%#x size=%d fds=%d", msg.name, msg.flags,
+                  len(msg.payload), len(msg.fds))
         handler = self._handlers.get(msg.request)
         try:
             if handler is None:
