@@ -258,6 +258,9 @@ class Backend:
                            help="Request counters and trace"))
         c.register(Command("query-status", self._cmd_query_status,
                            help="Front-end connection, queues, features, resets"))
+        c.register(Command("add-endpoint", self._cmd_add_endpoint,
+                           (Arg("endpoint", (int,), True, "endpoint ID (= PCI requester ID)"),),
+                           help="Declare an endpoint behind this vIOMMU (before hot-plug)"))
         c.register(Command("quit", self._cmd_quit, help="Stop the backend"))
 
     def _cmd_inject_event(self, args: dict[str, Any]) -> dict:
@@ -346,6 +349,13 @@ class Backend:
             "broken": self.broken,
             "vhost_user_messages": conn.messages_seen if conn else 0,
         }
+
+    def _cmd_add_endpoint(self, args: dict) -> dict:
+        endpoint = args["endpoint"]
+        if not 0 <= endpoint <= 0xFFFF_FFFF:
+            raise CommandError(f"endpoint must be a 32-bit ID, got {endpoint}")
+        self.device.add_endpoint(endpoint)
+        return self.device.endpoint_state(endpoint)
 
     def _cmd_quit(self, args: dict) -> dict:
         self.loop.call_soon(self._stopped.set)
