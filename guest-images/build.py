@@ -14,6 +14,7 @@ import json
 import lzma
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,13 +35,28 @@ KERNEL_META = "linux-image-amd64"
 # 7.x splits the kernel image, its modules and its metadata into separate packages.
 KERNEL_PARTS = ("linux-image-", "linux-binary-", "linux-modules-")
 RECIPE = ("build.py", "init", "profile", "modules.txt")
+TOOLS = HERE / "tools"  # each tools/NAME.c becomes a static /bin/NAME in the guest
 
 
 def recipe_hash() -> str:
     h = hashlib.sha256()
-    for name in RECIPE:
-        h.update(name.encode() + b"\0" + (HERE / name).read_bytes())
+    for path in [HERE / name for name in RECIPE] + sorted(TOOLS.glob("*.c")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def build_tools(out: Path) -> dict[str, bytes]:
+    """Compile the guest tools: static, so the busybox initramfs needs no libc."""
+    tools = {}
+    for source in sorted(TOOLS.glob("*.c")):
+        binary = out / source.stem
+        cmd = ["cc", "-static", "-O2", "-Wall", "-Werror", "-o", str(binary), str(source)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            sys.exit(f"error: building guest tool {source.name} failed:\n{result.stderr}")
+        subprocess.run(["strip", str(binary)], check=False)
+        tools[source.stem] = binary.read_bytes()
+    return tools
 
 
 def up_to_date() -> bool:
@@ -142,9 +158,10 @@ def build() -> None:
             extract(deb, tree)
         release, vmlinuz = find_kernel(tree)
         index = module_index(tree / "usr/lib/modules" / release)
-        wanted = [ln.strip() for ln in (HERE / "modules.txt").read_text().splitlines()
-                  if ln.strip() and not ln.startswith("#")]
-        order = load_order(wanted, index)
+        lines = [ln.split() for ln in (HERE / "modules.txt").read_text().splitlines()
+                 if ln.strip() and not ln.startswith("#")]
+        params = {words[0].replace("-", "_"): " ".join(words[1:]) for words in lines}
+        order = load_order([words[0] for words in lines], index)
         progress(f"building the initramfs (kernel {release}, modules: {', '.join(order)})")
         cpio = Cpio()
         for d in ("bin", "dev", "etc", "lib", "lib/modules", f"lib/modules/{release}", "proc",
@@ -155,7 +172,10 @@ def build() -> None:
         cpio.add("bin/sh", 0o120777, target="busybox")
         cpio.add("init", 0o100755, (HERE / "init").read_bytes())
         cpio.add("etc/profile", 0o100644, (HERE / "profile").read_bytes())
-        cpio.add("etc/modules", 0o100644, "".join(f"{m}\n" for m in order).encode())
+        cpio.add("etc/modules", 0o100644,
+                 "".join(f"{m} {params.get(m, '')}".rstrip() + "\n" for m in order).encode())
+        for name, binary in build_tools(tree).items():
+            cpio.add(f"bin/{name}", 0o100755, binary)
         for name in order:
             cpio.add(f"lib/modules/{release}/{name}.ko", 0o100644, module_bytes(index[name]))
         image = gzip.compress(cpio.finish(), compresslevel=6, mtime=0)
