@@ -31,6 +31,7 @@ REQUESTQ = 0
 EVENTQ = 1
 CONFIG_EVENTS = frozenset({EventId.C_BAD_STE, EventId.C_BAD_CD, EventId.C_BAD_SUBSTREAMID})
 MAX_INJECT_COUNT = 1_000_000
+MAX_MEMORY_ACCESS = 1 << 20
 # inject-event arguments that only events with an input address carry
 ACCESS_ARGS = frozenset({"address", "access", "privileged", "s2", "ipa", "class", "stall",
                          "stag"})
@@ -261,6 +262,12 @@ class Backend:
         c.register(Command("add-endpoint", self._cmd_add_endpoint,
                            (Arg("endpoint", (int,), True, "endpoint ID (= PCI requester ID)"),),
                            help="Declare an endpoint behind this vIOMMU (before hot-plug)"))
+        c.register(Command("memory-read", self._cmd_memory_read, (
+            Arg("gpa", (int,), True), Arg("size", (int,), True)),
+            help="Read guest-physical memory (hex)"))
+        c.register(Command("memory-write", self._cmd_memory_write, (
+            Arg("gpa", (int,), True), Arg("data", (str,), True, "hex bytes")),
+            help="Write guest-physical memory, e.g. page tables in the reserved range"))
         c.register(Command("quit", self._cmd_quit, help="Stop the backend"))
 
     def _cmd_inject_event(self, args: dict[str, Any]) -> dict:
@@ -356,6 +363,34 @@ class Backend:
             raise CommandError(f"endpoint must be a 32-bit ID, got {endpoint}")
         self.device.add_endpoint(endpoint)
         return self.device.endpoint_state(endpoint)
+
+    def _guest_memory(self):
+        conn = self.connection
+        if conn is None or conn.closed or not conn.mem.regions_info:
+            raise CommandError("no guest memory yet: the VM has not sent its memory table")
+        return self.connection.mem
+
+    def _cmd_memory_read(self, args: dict) -> dict:
+        size = args["size"]
+        if not 0 < size <= MAX_MEMORY_ACCESS:
+            raise CommandError(f"size must be 1..{MAX_MEMORY_ACCESS}, got {size}")
+        try:
+            return {"data": self._guest_memory().read(args["gpa"], size).hex()}
+        except (ValueError, OverflowError) as exc:
+            raise CommandError(str(exc)) from None
+
+    def _cmd_memory_write(self, args: dict) -> dict:
+        try:
+            data = bytes.fromhex(args["data"])
+        except ValueError:
+            raise CommandError("data must be hex digits, two per byte") from None
+        if not 0 < len(data) <= MAX_MEMORY_ACCESS:
+            raise CommandError(f"data must be 1..{MAX_MEMORY_ACCESS} bytes, got {len(data)}")
+        try:
+            self._guest_memory().write(args["gpa"], data)
+        except (ValueError, OverflowError) as exc:
+            raise CommandError(str(exc)) from None
+        return {"written": len(data)}
 
     def _cmd_quit(self, args: dict) -> dict:
         self.loop.call_soon(self._stopped.set)

@@ -177,7 +177,7 @@ class Machine:
             "-serial", "chardev:serial",
             "-chardev", f"socket,id=mon,path={self._qmp_socket}",
             "-mon", "chardev=mon,mode=control",
-            "-kernel", str(kernel), "-initrd", str(initrd), "-append", p.cmdline,
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", p.kernel_cmdline,
             "-chardev", f"socket,id=viommu,path={self.vhost_socket}",
             "-device", "vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,"
                        f"config_size=40,bus=pcie.0,addr={p.iommu_addr:#x}",

@@ -30,6 +30,15 @@ class Profile:
     cmdline: str = "console=ttyS0 deferred_probe_timeout=-1 panic=-1 loglevel=4"
     endpoints: tuple[EndpointSpec, ...] = ()
     extra_args: tuple[str, ...] = ()
+    # Guest-physical range the guest kernel never uses (memmap=SIZE$BASE marks it reserved):
+    # tests write page tables and context descriptors there.
+    table_area_base: int = 0x1000_0000
+    table_area_size: int = 0x100_0000
+
+    @property
+    def kernel_cmdline(self) -> str:
+        reserve = f"memmap={self.table_area_size:#x}${self.table_area_base:#x}"
+        return f"{self.cmdline} {reserve}" if self.table_area_size else self.cmdline
 
     @property
     def iommu_bdf(self) -> int:
@@ -67,7 +76,8 @@ def load_profile(name_or_path: str | Path) -> Profile:
         known = ", ".join(sorted(p.stem for p in paths.QEMU_CONFIGS.glob("*.toml")))
         raise FileNotFoundError(f"no machine profile {name_or_path!r} (known: {known})")
     data = tomllib.loads(path.read_text())
-    machine = data.get("machine", {})
+    machine = {k: int(v, 0) if k.startswith("table_area") and isinstance(v, str) else v
+               for k, v in data.get("machine", {}).items()}
     kernel = data.get("kernel", {})
     endpoints = tuple(
         EndpointSpec(ep["name"], ep["port"], ep["device"], ep.get("options", {}))

@@ -232,3 +232,19 @@ def test_client_receives_the_device_reset_event(backend, qmp) -> None:
     backend.loop.call_soon_threadsafe(backend.reset, "test")
     event = qmp.pull_event(wait=5.0)
     assert (event["event"], event["data"]["reason"]) == ("DEVICE_RESET", "test")
+
+
+def test_memory_read_before_the_vm_sent_its_memory_table_is_an_error(qmp) -> None:
+    response = qmp.cmd_raw("memory-read", {"gpa": 0, "size": 8})
+    assert "no guest memory yet" in error_desc(response)
+
+
+def test_memory_write_with_bad_hex_is_an_error_naming_the_format(qmp) -> None:
+    response = qmp.cmd_raw("memory-write", {"gpa": 0, "data": "xyz"})
+    assert "hex" in error_desc(response)
+
+
+def test_add_endpoint_makes_it_known(qmp) -> None:
+    assert qmp.cmd_raw("add-endpoint", {"endpoint": 0x200})["return"]["mode"] == "blocked"
+    endpoints = qmp.cmd_raw("query-endpoints")["return"]
+    assert [e["endpoint"] for e in endpoints] == [0x100, 0x200]
