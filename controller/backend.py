@@ -16,12 +16,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from viommu import __version__
-from viommu._dataplane import RingError, VirtQueue
+from viommu._dataplane import GuestMemory, RingError, VirtQueue
 from viommu.control import Arg, Command, CommandError, ControlServer
 from viommu.device import DeviceConfig, VirtioIommuDevice
+from viommu.endpoint import DmaEndpoint
 from viommu.relay import EventRelay
 from viommu.smmuv3 import ADDRESS_EVENTS, FETCH_EVENTS, EventClass, EventId, EventRecord
 from viommu.spec import VHOST_USER_F_PROTOCOL_FEATURES
+from viommu.translation import Translator
+from viommu.vfio_user.server import EndpointServer
 from viommu.vhost_user.connection import VhostUserConnection
 from viommu.vhost_user.messages import ProtocolFeature
 
@@ -49,6 +52,8 @@ class Backend:
         self.control_path = control_path
         self.device = VirtioIommuDevice(endpoints, config)
         self.relay = EventRelay(capacity=event_capacity)
+        self.translator = Translator(self.device, self._submit_dma_event)
+        self.endpoint_servers: dict[int, EndpointServer] = {}
         self.exit_on_disconnect = exit_on_disconnect
         self.control = ControlServer("viommu " + __version__, _version_tuple())
         self._register_commands()
@@ -72,6 +77,8 @@ class Backend:
             await self.control.listen_unix(self.control_path)
         await self._stopped.wait()
         await self.control.close()
+        for server in self.endpoint_servers.values():
+            server.close()
         if self.connection is not None:
             self.connection.close()
         if self._listener is not None:
@@ -171,6 +178,9 @@ class Backend:
     def set_config(self, offset: int, data: bytes) -> None:
         self.device.write_config(offset, data)
 
+    def memory_changed(self, mem: GuestMemory) -> None:
+        self.translator.memory_changed(mem)
+
     def queue_started(self, index: int, vq: VirtQueue, notify: Callable[[], None]) -> None:
         self.queues[index] = (vq, notify)
         log.info("queue %d started (size %d)", index, vq.num)
@@ -222,6 +232,13 @@ class Backend:
             notify()
         return delivered
 
+    def _submit_dma_event(self, event: EventRecord) -> None:
+        """A fault raised by an endpoint's real DMA: relayed like an injected event."""
+        self.relay.submit(event)
+        if event.event_id in CONFIG_EVENTS and event.sid in self.device.endpoints:
+            self.device.endpoints[event.sid].config_fault = EventId(event.event_id).name
+        self._flush_events()
+
     def _mark_broken(self, why: str) -> None:
         # The driver corrupted a ring: stop serving it rather than guess. The next guest
         # reset restarts the rings and clears this.
@@ -268,6 +285,22 @@ class Backend:
         c.register(Command("memory-write", self._cmd_memory_write, (
             Arg("gpa", (int,), True), Arg("data", (str,), True, "hex bytes")),
             help="Write guest-physical memory, e.g. page tables in the reserved range"))
+        c.register(Command("endpoint-create", self._cmd_endpoint_create, (
+            Arg("endpoint", (int,), True, "endpoint ID (= PCI requester ID it will have)"),
+            Arg("socket", (str,), help="vfio-user socket path (default: beside control)")),
+            help="Serve a DMA endpoint over vfio-user; every DMA goes through translation"))
+        c.register(Command("endpoint-delete", self._cmd_endpoint_delete, (
+            Arg("endpoint", (int,), True),), help="Stop serving a DMA endpoint"))
+        c.register(Command("attach-table", self._cmd_attach_table, (
+            Arg("sid", (int,), True), Arg("ste0", (int,), True, "STE dword 0"),
+            Arg("ste1", (int,), help="STE dword 1 (default 0)")),
+            help="Bind a stream to SMMUv3 tables in guest memory (page-table mode)"))
+        c.register(Command("stage2-set", self._cmd_stage2_set, (
+            Arg("ipa", (int,), True), Arg("size", (int,), True),
+            Arg("access", (str,), True, "rw, ro or none")),
+            help="Host stage 2: revoke (none) or write-protect (ro) guest RAM for DMA"))
+        c.register(Command("stage2-reset", self._cmd_stage2_reset,
+                           help="Host stage 2: every guest RAM page read-write again"))
         c.register(Command("quit", self._cmd_quit, help="Stop the backend"))
 
     def _cmd_inject_event(self, args: dict[str, Any]) -> dict:
@@ -301,7 +334,7 @@ class Backend:
         allowed = {"type", "sid", "ssid", "count"}
         if event_id in ADDRESS_EVENTS:
             allowed |= ACCESS_ARGS
-        if event_id in FETCH_EVENTS or event_id == EventId.F_WALK_EABT:
+        if event_id in FETCH_EVENTS:
             allowed.add("fetch-addr")
         extra = sorted(set(args) - allowed)
         if extra:
@@ -391,6 +424,60 @@ class Backend:
         except (ValueError, OverflowError) as exc:
             raise CommandError(str(exc)) from None
         return {"written": len(data)}
+
+    def _cmd_endpoint_create(self, args: dict) -> dict:
+        sid = args["endpoint"]
+        if sid in self.endpoint_servers:
+            raise CommandError(f"endpoint {sid:#x} is already served; endpoint-delete it first")
+        default_dir = os.path.dirname(self.control_path or self.socket_path)
+        path = args.get("socket") or os.path.join(default_dir, f"endpoint-{sid:x}.sock")
+        device = DmaEndpoint(dma=lambda _memory: self.translator.dma_port(sid))
+        server = EndpointServer(path, device, name=f"endpoint {sid:#x}")
+        try:
+            server.listen(self.loop)
+        except OSError as exc:
+            raise CommandError(f"cannot listen on {path}: {exc}") from None
+        self.endpoint_servers[sid] = server
+        self.device.add_endpoint(sid)
+        return {"endpoint": sid, "socket": path}
+
+    def _cmd_endpoint_delete(self, args: dict) -> dict:
+        server = self.endpoint_servers.pop(args["endpoint"], None)
+        if server is None:
+            raise CommandError(f"endpoint {args['endpoint']:#x} is not served here")
+        server.close()
+        return {}
+
+    def _cmd_attach_table(self, args: dict) -> dict:
+        sid = args["sid"]
+        if sid not in self.device.endpoints:
+            raise CommandError(f"sid {sid:#x} is not an endpoint of this vIOMMU")
+        words = (args["ste0"], args.get("ste1", 0))
+        if not all(0 <= w < 1 << 64 for w in words):
+            raise CommandError("ste0 and ste1 are 64-bit words")
+        self.device.bind_table(sid, *words)
+        return self.device.endpoint_state(sid)
+
+    def _cmd_stage2_set(self, args: dict) -> dict:
+        access = args["access"]
+        if access not in ("rw", "ro", "none"):
+            raise CommandError(f"access must be rw, ro or none, not {access!r}")
+        engine = self._engine()
+        try:
+            pages = engine.s2_set_perm(args["ipa"], args["size"], access != "none",
+                                       access == "rw")
+        except (ValueError, OverflowError) as exc:
+            raise CommandError(str(exc)) from None
+        return {"pages": pages}
+
+    def _cmd_stage2_reset(self, args: dict) -> dict:
+        self._engine().s2_reset()
+        return {}
+
+    def _engine(self):
+        if self.translator.engine is None:
+            raise CommandError("no guest memory yet: the VM has not sent its memory table")
+        return self.translator.engine
 
     def _cmd_quit(self, args: dict) -> dict:
         self.loop.call_soon(self._stopped.set)

@@ -74,6 +74,9 @@ class Endpoint:
     # The last configuration error raised for this stream; it stays until the guest
     # reprograms the stream (ATTACH), as on hardware.
     config_fault: str | None = None
+    # Page-table mode: the stream's STE words (iommufd's iommu_hwpt_arm_smmuv3 ste[0..1]),
+    # bound by ATTACH_TABLE or the control API; None in MAP mode.
+    table: tuple[int, int] | None = None
 
 
 class VirtioIommuDevice:
@@ -96,6 +99,8 @@ class VirtioIommuDevice:
         self.request_trace: deque[dict] = deque(maxlen=trace_len)
         self._seq = 0
         self.on_request: list[Callable[[dict], None]] = []
+        # Translation follows the device: told which stream changed configuration.
+        self.on_stream_change: list[Callable[[int], None]] = []
         self._handlers: dict[int, Callable] = {
             RequestType.VIRTIO_IOMMU_T_ATTACH: self._attach,
             RequestType.VIRTIO_IOMMU_T_DETACH: self._detach,
@@ -119,6 +124,9 @@ class VirtioIommuDevice:
         if offset <= _BYPASS_OFFSET < offset + len(data):
             self.bypass = bool(data[_BYPASS_OFFSET - offset] & 1)
             log.info("config: bypass=%d", self.bypass)
+            for ep in self.endpoints.values():
+                if ep.domain is None and ep.table is None:
+                    self._stream_changed(ep.endpoint_id)
 
     def reset(self) -> None:
         """Device reset: every endpoint detached, every domain gone; `bypass` is kept.
@@ -129,9 +137,26 @@ class VirtioIommuDevice:
         for ep in self.endpoints.values():
             ep.domain = None
             ep.probed = False
+            ep.table = None
+            self._stream_changed(ep.endpoint_id)
 
     def add_endpoint(self, endpoint_id: int) -> None:
-        self.endpoints.setdefault(endpoint_id, Endpoint(endpoint_id))
+        if endpoint_id not in self.endpoints:
+            self.endpoints[endpoint_id] = Endpoint(endpoint_id)
+            self._stream_changed(endpoint_id)
+
+    def bind_table(self, endpoint_id: int, ste0: int, ste1: int) -> None:
+        """Page-table mode for a stream: its STE words, for guests without ATTACH_TABLE."""
+        ep = self.endpoints[endpoint_id]
+        if ep.domain is not None:
+            self._detach_endpoint(ep)
+        ep.table = (ste0, ste1)
+        ep.config_fault = None
+        self._stream_changed(endpoint_id)
+
+    def _stream_changed(self, endpoint_id: int) -> None:
+        for listener in self.on_stream_change:
+            listener(endpoint_id)
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -189,7 +214,9 @@ class VirtioIommuDevice:
             domain = self.domains[req.domain] = Domain(req.domain, bypass)
         domain.endpoints.add(ep.endpoint_id)
         ep.domain = req.domain
+        ep.table = None
         ep.config_fault = None
+        self._stream_changed(ep.endpoint_id)
         return Status.S_OK, b""
 
     def _detach(self, req) -> Reply:
@@ -199,6 +226,7 @@ class VirtioIommuDevice:
         if ep.domain is None or ep.domain != req.domain:
             return Status.S_INVAL, b""
         self._detach_endpoint(ep)
+        self._stream_changed(ep.endpoint_id)
         return Status.S_OK, b""
 
     def _detach_endpoint(self, ep: Endpoint) -> None:
@@ -288,9 +316,14 @@ class VirtioIommuDevice:
     def endpoint_state(self, endpoint_id: int) -> dict:
         ep = self.endpoints[endpoint_id]
         domain = self.domains.get(ep.domain) if ep.domain is not None else None
-        if domain is not None:
+        if ep.table is not None:
+            mode = "page-table"
+        elif domain is not None:
             mode = "bypass" if domain.bypass else "translated"
         else:
             mode = "bypass" if self.bypass else "blocked"
-        return {"endpoint": ep.endpoint_id, "domain": ep.domain, "mode": mode,
-                "probed": ep.probed, "config_fault": ep.config_fault}
+        state = {"endpoint": ep.endpoint_id, "domain": ep.domain, "mode": mode,
+                 "probed": ep.probed, "config_fault": ep.config_fault}
+        if ep.table is not None:
+            state["ste"] = [f"{word:#018x}" for word in ep.table]
+        return state

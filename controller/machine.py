@@ -8,6 +8,7 @@ and leaves the logs (qemu.log, console.log, backend.log, backend-trace.json) in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +28,33 @@ from viommu import paths
 from viommu.backend import Backend
 from viommu.console import CommandResult, Console
 from viommu.profile import Profile, load_profile
-from viommu.viot import build_viot
+from viommu.viot import bdf, build_viot
 
 log = logging.getLogger("viommu.machine")
 
 READY_LINE = r"viommu-guest: ready"
 BACKEND_LOGGERS = ("viommu.backend", "viommu.vhost_user", "viommu.control", "viommu.relay",
-                   "viommu.device")
+                   "viommu.device", "viommu.vfio_user", "viommu.endpoint", "viommu.translation")
 # Linux virtio-iommu's fault line, without the "virtio_iommu virtioN: " prefix.
 GUEST_FAULT_LINE = r"virtio_iommu virtio\d+: (?:unknown|domain|page) fault from EP \d+.*$"
 
 
 class MachineError(RuntimeError):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """A DMA endpoint plugged into a running VM."""
+
+    name: str  # QEMU device id
+    endpoint_id: int  # = requester ID
+    port: int
+
+    @property
+    def sysfs_name(self) -> str:
+        rid = self.endpoint_id
+        return f"0000:{rid >> 8:02x}:{rid >> 3 & 31:02x}.{rid & 7}"
 
 
 def detect_accel() -> str:
@@ -294,6 +310,34 @@ class Machine:
     def qmp(self, command: str, **args: Any) -> Any:
         return _execute(self._qmp, "QEMU", command, args)
 
+    # --- endpoints on a running VM ----------------------------------------------------------
+
+    def add_endpoint(self, port: int, name: str | None = None, timeout: float = 30) -> Endpoint:
+        """Hot-plug a DMA endpoint served by the backend (vfio-user) into root port `port`;
+        returns once the guest has it in an IOMMU group."""
+        endpoint_id = bdf(self.profile.port_bus(port), 0)
+        name = name or f"dma{port}"
+        sock = self.backend("endpoint-create", endpoint=endpoint_id)["socket"]
+        self.qmp("device_add", driver="vfio-user-pci", id=name, bus=f"rp{port}",
+                 socket={"type": "unix", "path": sock})
+        endpoint = Endpoint(name, endpoint_id, port)
+        _poll(f"the guest to put {endpoint.sysfs_name} in an IOMMU group", timeout,
+              lambda: self.run(f"test -e /sys/bus/pci/devices/{endpoint.sysfs_name}/iommu_group"
+                               ).status == 0)
+        return endpoint
+
+    def remove_endpoint(self, endpoint: Endpoint, timeout: float = 30) -> None:
+        """Hot-unplug: QEMU removes the device once the guest lets go of it."""
+        self.qmp("device_del", id=endpoint.name)
+        _poll(f"the guest to drop {endpoint.sysfs_name}", timeout,
+              lambda: self.run(f"test -e /sys/bus/pci/devices/{endpoint.sysfs_name}"
+                               ).status != 0)
+        _poll(f"QEMU to delete {endpoint.name}", timeout,
+              lambda: endpoint.name not in {d.get("qdev_id") for b in self.qmp("query-pci")
+                                            for p in b["devices"]
+                                            for d in p.get("pci_bridge", {}).get("devices", [])})
+        self.backend("endpoint-delete", endpoint=endpoint.endpoint_id)
+
     def inject(self, event_type: str, endpoint: int | None = None, **args: Any) -> dict:
         """Inject an SMMUv3 event for an endpoint (default: the profile's first)."""
         sid = self.endpoint_ids[0] if endpoint is None else endpoint
@@ -308,6 +352,14 @@ def _execute(client: QEMUMonitorProtocol | None, who: str, command: str,
     if "error" in response:
         raise MachineError(f"{who} {command}: {response['error']['desc']}")
     return response["return"]
+
+
+def _poll(what: str, timeout: float, probe: Callable[[], object]) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            raise MachineError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.2)
 
 
 def _wait_for_path(path: str, timeout: float, proc: subprocess.Popen, what: str,

@@ -64,8 +64,9 @@ ADDRESS_EVENTS = frozenset({
     EventId.F_UUT, EventId.F_TRANSL_FORBIDDEN, EventId.F_WALK_EABT, EventId.F_TRANSLATION,
     EventId.F_ADDR_SIZE, EventId.F_ACCESS, EventId.F_PERMISSION, EventId.F_BAD_ATS_TREQ,
 })
-# Events about a fetch of configuration, carrying FetchAddr in DW3.
-FETCH_EVENTS = frozenset({EventId.F_STE_FETCH, EventId.F_CD_FETCH, EventId.F_VMS_FETCH})
+# Events carrying FetchAddr in DW3: fetches of configuration, and a table walk's abort.
+FETCH_EVENTS = frozenset({EventId.F_STE_FETCH, EventId.F_CD_FETCH, EventId.F_VMS_FETCH,
+                          EventId.F_WALK_EABT})
 
 
 @dataclasses.dataclass(frozen=True)

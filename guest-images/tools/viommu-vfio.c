@@ -12,6 +12,14 @@
  *                                            map SIZE bytes at IOVA, wait until FILE exists
  *                                            (or return at once), unmap
  *   viommu-vfio maplat BDF COUNT             map+unmap 4 KiB COUNT times, print medians
+ *   viommu-vfio dma BDF SRC DST LEN [src=rw|ro|none] [dst=rw|ro|none] [pasid=N]
+ *                   [--wait FILE] [--repeat N]
+ *                                            run the DMA endpoint's copy SRC -> DST: map the
+ *                                            buffers (src filled with a pattern; "none" leaves
+ *                                            an IOVA unmapped), ring the doorbell, report the
+ *                                            status, the fault and whether DST got the pattern
+ *
+ * DMA endpoint BAR0 registers: controller/endpoint.py.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -22,6 +30,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -71,6 +81,9 @@ static int cmd_bind(const char *bdf)
 	return 0;
 }
 
+/* The device's VFIO group; a group can be opened only once. */
+static int group_fd = -1;
+
 /* A type1 container holding the device's group: from here on, MAP_DMA is an IOMMU map. */
 static int open_container(const char *bdf)
 {
@@ -93,6 +106,7 @@ static int open_container(const char *bdf)
 		die("VFIO_GROUP_SET_CONTAINER");
 	if (ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU))
 		die("VFIO_SET_IOMMU");
+	group_fd = group;
 	return container;
 }
 
@@ -188,10 +202,178 @@ static int cmd_maplat(const char *bdf, long count)
 	return 0;
 }
 
+/* BAR0 of the DMA endpoint (controller/endpoint.py) */
+enum {
+	REG_ID = 0x00, REG_SRC = 0x08, REG_DST = 0x10, REG_LEN = 0x18, REG_PASID = 0x1c,
+	REG_DOORBELL = 0x20, REG_STATUS = 0x24, REG_ERROR = 0x28, REG_COMPLETIONS = 0x2c,
+	REG_FAULT_ADDR = 0x30, REG_BYTES_DONE = 0x38,
+};
+#define DMA_ENDPOINT_ID 0x414d4456u
+#define PASID_VALID (1u << 31)
+static const char *status_names[] = { "idle", "busy", "done", "error" };
+
+struct endpoint {
+	int fd;
+	uint64_t bar0, config;
+};
+
+/* Call after open_container(): the device fd comes from the group in the container. */
+static struct endpoint open_endpoint(const char *bdf)
+{
+	struct endpoint ep = { .fd = -1 };
+	ep.fd = ioctl(group_fd, VFIO_GROUP_GET_DEVICE_FD, bdf);
+	if (ep.fd < 0)
+		die("VFIO_GROUP_GET_DEVICE_FD");
+	struct vfio_region_info bar = { .argsz = sizeof(bar), .index = VFIO_PCI_BAR0_REGION_INDEX };
+	struct vfio_region_info cfg = { .argsz = sizeof(cfg), .index = VFIO_PCI_CONFIG_REGION_INDEX };
+	if (ioctl(ep.fd, VFIO_DEVICE_GET_REGION_INFO, &bar) ||
+	    ioctl(ep.fd, VFIO_DEVICE_GET_REGION_INFO, &cfg))
+		die("VFIO_DEVICE_GET_REGION_INFO");
+	ep.bar0 = bar.offset;
+	ep.config = cfg.offset;
+	return ep;
+}
+
+static uint32_t reg_read32(struct endpoint *ep, unsigned off)
+{
+	uint32_t v = 0;
+	if (pread(ep->fd, &v, 4, ep->bar0 + off) != 4)
+		die("BAR0 read");
+	return v;
+}
+
+static uint64_t reg_read64(struct endpoint *ep, unsigned off)
+{
+	uint64_t v = 0;
+	if (pread(ep->fd, &v, 8, ep->bar0 + off) != 8)
+		die("BAR0 read");
+	return v;
+}
+
+static void reg_write(struct endpoint *ep, unsigned off, const void *v, size_t n)
+{
+	if (pwrite(ep->fd, v, n, ep->bar0 + off) != (ssize_t)n)
+		die("BAR0 write");
+}
+
+/* DMA needs Bus Master Enable, as on hardware; vfio-pci leaves it to the user. */
+static void enable_bus_master(struct endpoint *ep)
+{
+	uint16_t cmd;
+	if (pread(ep->fd, &cmd, 2, ep->config + 4) != 2)
+		die("config read");
+	cmd |= 0x4;
+	if (pwrite(ep->fd, &cmd, 2, ep->config + 4) != 2)
+		die("config write");
+}
+
+static int enable_msi(struct endpoint *ep)
+{
+	int efd = eventfd(0, EFD_NONBLOCK);
+	char buf[sizeof(struct vfio_irq_set) + sizeof(int)];
+	struct vfio_irq_set *set = (struct vfio_irq_set *)buf;
+	*set = (struct vfio_irq_set){
+		.argsz = sizeof(buf), .index = VFIO_PCI_MSI_IRQ_INDEX, .start = 0, .count = 1,
+		.flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+	};
+	memcpy(set->data, &efd, sizeof(int));
+	if (efd < 0 || ioctl(ep->fd, VFIO_DEVICE_SET_IRQS, set))
+		die("enable MSI (VFIO_DEVICE_SET_IRQS)");
+	return efd;
+}
+
+static int wait_irq(int efd)
+{
+	struct pollfd p = { .fd = efd, .events = POLLIN };
+	uint64_t count = 0;
+	if (poll(&p, 1, 2000) == 1 && read(efd, &count, 8) == 8)
+		return (int)count;
+	return 0;
+}
+
+/* "rw" (default), "ro" or "none": how a buffer is mapped for the device. */
+static int parse_map(const char *arg, const char *key, int *mode)
+{
+	size_t n = strlen(key);
+	if (strncmp(arg, key, n) || arg[n] != '=')
+		return 0;
+	const char *v = arg + n + 1;
+	*mode = !strcmp(v, "none") ? -1 : !strcmp(v, "ro") ? 1 : 0;
+	return 1;
+}
+
+static void map_buffer(int container, void *buf, uint64_t iova, uint64_t len, int mode)
+{
+	uint64_t size = (len + PAGE - 1) & ~(PAGE - 1);
+	if (mode >= 0 && dma_map(container, buf, iova, size, mode == 1))
+		die("VFIO_IOMMU_MAP_DMA");
+}
+
+static int cmd_dma(int argc, char **argv)
+{
+	const char *bdf = argv[0], *wait_file = NULL;
+	uint64_t src = strtoull(argv[1], NULL, 0), dst = strtoull(argv[2], NULL, 0);
+	uint32_t len = strtoul(argv[3], NULL, 0), pasid = 0;
+	int src_mode = 0, dst_mode = 0;
+	long repeat = 1;
+	for (int i = 4; i < argc; i++) {
+		if (parse_map(argv[i], "src", &src_mode) || parse_map(argv[i], "dst", &dst_mode))
+			continue;
+		if (!strncmp(argv[i], "pasid=", 6))
+			pasid = PASID_VALID | strtoul(argv[i] + 6, NULL, 0);
+		else if (!strcmp(argv[i], "--wait") && i + 1 < argc)
+			wait_file = argv[++i];
+		else if (!strcmp(argv[i], "--repeat") && i + 1 < argc)
+			repeat = strtol(argv[++i], NULL, 0);
+	}
+	uint64_t size = ((uint64_t)len + PAGE - 1) & ~(PAGE - 1);
+	int container = open_container(bdf);
+	struct endpoint ep = open_endpoint(bdf);
+	if (reg_read32(&ep, REG_ID) != DMA_ENDPOINT_ID)
+		die("not the viommu DMA endpoint (BAR0 ID mismatch)");
+	uint8_t *sbuf = buffer(size), *dbuf = buffer(size);
+	for (uint64_t i = 0; i < size; i++)
+		sbuf[i] = (uint8_t)(i * 7 + 3);
+	map_buffer(container, sbuf, src, len, src_mode);
+	map_buffer(container, dbuf, dst, len, dst_mode);
+	enable_bus_master(&ep);
+	int efd = enable_msi(&ep);
+	reg_write(&ep, REG_SRC, &src, 8);
+	reg_write(&ep, REG_DST, &dst, 8);
+	reg_write(&ep, REG_LEN, &len, 4);
+	reg_write(&ep, REG_PASID, &pasid, 4);
+	if (wait_file) {
+		struct stat st;
+		printf("viommu-vfio: dma ready\n");
+		while (stat(wait_file, &st))
+			usleep(20000);
+	}
+	uint32_t one = 1, status = 0, irqs = 0;
+	uint64_t t0 = now_ns();
+	for (long r = 0; r < repeat; r++) {
+		reg_write(&ep, REG_DOORBELL, &one, 4);
+		status = reg_read32(&ep, REG_STATUS);
+		if (status != 2)
+			break;
+	}
+	uint64_t elapsed = now_ns() - t0;
+	irqs = wait_irq(efd);
+	uint32_t error = reg_read32(&ep, REG_ERROR), done = reg_read32(&ep, REG_BYTES_DONE);
+	uint64_t fault = reg_read64(&ep, REG_FAULT_ADDR);
+	int verify = dst_mode == 0 && memcmp(sbuf, dbuf, len) == 0;
+	printf("viommu-vfio: dma status=%s error=%#x fault_addr=%#llx bytes=%u verify=%s irq=%u "
+	       "repeat=%ld ns=%llu\n",
+	       status < 4 ? status_names[status] : "?", error, (unsigned long long)fault, done,
+	       dst_mode != 0 ? "n/a" : verify ? "ok" : "mismatch", irqs, repeat,
+	       (unsigned long long)elapsed);
+	return status == 2 ? 0 : 3;
+}
+
 static int usage(void)
 {
 	fprintf(stderr, "usage: viommu-vfio bind BDF | map BDF IOVA SIZE [ro] [--until FILE] | "
-			"maplat BDF COUNT\n");
+			"maplat BDF COUNT | dma BDF SRC DST LEN [src=rw|ro|none] "
+			"[dst=rw|ro|none] [pasid=N] [--wait FILE] [--repeat N]\n");
 	return 2;
 }
 
@@ -202,6 +384,8 @@ int main(int argc, char **argv)
 		return cmd_bind(argv[2]);
 	if (argc >= 5 && !strcmp(argv[1], "map"))
 		return cmd_map(argc - 2, argv + 2);
+	if (argc >= 6 && !strcmp(argv[1], "dma"))
+		return cmd_dma(argc - 2, argv + 2);
 	if (argc >= 4 && !strcmp(argv[1], "maplat"))
 		return cmd_maplat(argv[2], strtol(argv[3], NULL, 0));
 	return usage();

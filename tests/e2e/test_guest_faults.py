@@ -40,7 +40,7 @@ def test_backend_received_probe_and_attach_for_the_endpoint(guest: Machine) -> N
     attaches = [e for e in trace if e["type"] == "ATTACH" and e["endpoint"] == EP]
     assert probes and probes[0]["status"] == "S_OK"
     assert attaches and attaches[-1]["status"] == "S_OK"
-    [endpoint] = guest.backend("query-endpoints")
+    [endpoint] = [e for e in guest.backend("query-endpoints") if e["endpoint"] == EP]
     assert endpoint["endpoint"] == EP and endpoint["mode"] == "translated"
     assert endpoint["domain"] == attaches[-1]["domain"]
 
@@ -76,7 +76,7 @@ def test_injected_event_produces_the_exact_guest_line(guest: Machine, event: str
 
 def test_injected_config_event_marks_the_stream_faulted(guest: Machine) -> None:
     guest.inject("C_BAD_STE", EP)
-    [endpoint] = guest.backend("query-endpoints")
+    [endpoint] = [e for e in guest.backend("query-endpoints") if e["endpoint"] == EP]
     assert endpoint["config_fault"] == "C_BAD_STE"
 
 

@@ -31,7 +31,7 @@ def test_guest_reboot_resets_the_device_and_the_driver_attaches_again(guest: Mac
            if e["seq"] > seq_before]
     assert [e["type"] for e in new if e.get("endpoint") == EP][:2] == ["PROBE", "ATTACH"]
     assert all(e["status"] == "S_OK" for e in new)
-    [endpoint] = guest.backend("query-endpoints")
+    [endpoint] = [e for e in guest.backend("query-endpoints") if e["endpoint"] == EP]
     assert endpoint["mode"] == "translated" and endpoint["config_fault"] is None
     mark = guest.mark()
     guest.inject("C_BAD_STE", EP)
