@@ -26,7 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from pagetables import GPA_BASE, GuestRam, ste, table_stream  # noqa: E402
-
 from viommu._dataplane import READ, Engine  # noqa: E402
 from viommu.mappings import Mapping, MappingTable  # noqa: E402
 from viommu.spec import MapFlag  # noqa: E402

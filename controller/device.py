@@ -17,14 +17,19 @@ from viommu.mappings import Mapping, MappingTable, OverlapError, SplitError
 from viommu.spec import (
     CONFIG_SIZE,
     MSI_WINDOW_X86,
+    VIOMMU_F_ATTACH_TABLE,
     VIRTIO_F_VERSION_1,
     VIRTIO_IOMMU_ATTACH_F_BYPASS,
     Feature,
+    InvalidateCache,
+    InvalidateFlag,
+    InvalidateScope,
     MapFlag,
     ProbeProperty,
     RequestType,
     ResvMemSubtype,
     Status,
+    TableFormat,
 )
 
 log = logging.getLogger("viommu.device")
@@ -59,11 +64,16 @@ class Domain:
     bypass: bool
     endpoints: set[int] = dataclasses.field(default_factory=set)
     mappings: MappingTable = dataclasses.field(default_factory=MappingTable)
+    # Page-table domain (ATTACH_TABLE): the STE words its endpoints share.
+    table: tuple[int, int] | None = None
 
     def to_dict(self) -> dict:
-        return {"domain": self.domain_id, "bypass": self.bypass,
-                "endpoints": sorted(self.endpoints),
-                "mappings": [mp.to_dict() for mp in self.mappings]}
+        out = {"domain": self.domain_id, "bypass": self.bypass,
+               "endpoints": sorted(self.endpoints),
+               "mappings": [mp.to_dict() for mp in self.mappings]}
+        if self.table is not None:
+            out["ste"] = [f"{word:#018x}" for word in self.table]
+        return out
 
 
 @dataclasses.dataclass
@@ -85,6 +95,7 @@ class VirtioIommuDevice:
     OFFERED_FEATURES = (
         (1 << VIRTIO_F_VERSION_1) | (1 << Feature.F_INPUT_RANGE) | (1 << Feature.F_DOMAIN_RANGE)
         | (1 << Feature.F_MAP_UNMAP) | (1 << Feature.F_PROBE) | (1 << Feature.F_BYPASS_CONFIG)
+        | (1 << VIOMMU_F_ATTACH_TABLE)
     )
 
     def __init__(self, endpoints: Iterable[int], config: DeviceConfig | None = None,
@@ -107,7 +118,12 @@ class VirtioIommuDevice:
             RequestType.VIRTIO_IOMMU_T_MAP: self._map,
             RequestType.VIRTIO_IOMMU_T_UNMAP: self._unmap,
             RequestType.VIRTIO_IOMMU_T_PROBE: self._probe,
+            RequestType.VIRTIO_IOMMU_T_ATTACH_TABLE: self._attach_table,
+            RequestType.VIRTIO_IOMMU_T_INVALIDATE: self._invalidate,
         }
+        # Told to drop cached translations of a stream: (endpoint, iova, size), size 0 =
+        # everything of the stream.
+        self.on_invalidate: list[Callable[[int, int, int], None]] = []
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -163,8 +179,10 @@ class VirtioIommuDevice:
     def handle_request(self, req) -> Reply | None:
         """Serve one parsed request; None returns it unwritten (used length 0)."""
         handler = self._handlers.get(req.type)
-        if handler is None:
-            return None
+        table_request = req.type in (RequestType.VIRTIO_IOMMU_T_ATTACH_TABLE,
+                                     RequestType.VIRTIO_IOMMU_T_INVALIDATE)
+        if handler is None or table_request and not self.negotiated(VIOMMU_F_ATTACH_TABLE):
+            return None  # an unrecognised type: returned unwritten
         try:
             status, payload = handler(req)
         except Exception:
@@ -180,8 +198,14 @@ class VirtioIommuDevice:
                  "status": Status(status).name}
         if req.type != RequestType.VIRTIO_IOMMU_T_PROBE:
             entry["domain"] = req.domain
-        if req.type not in (RequestType.VIRTIO_IOMMU_T_MAP, RequestType.VIRTIO_IOMMU_T_UNMAP):
+        if req.type not in (RequestType.VIRTIO_IOMMU_T_MAP, RequestType.VIRTIO_IOMMU_T_UNMAP,
+                            RequestType.VIRTIO_IOMMU_T_INVALIDATE):
             entry["endpoint"] = req.endpoint
+        if req.type == RequestType.VIRTIO_IOMMU_T_ATTACH_TABLE:
+            entry.update(format=req.format, ste=[f"{req.ste0:#018x}", f"{req.ste1:#018x}"])
+        if req.type == RequestType.VIRTIO_IOMMU_T_INVALIDATE:
+            entry.update(scope=req.scope, caches=req.caches, flags=req.flags,
+                         address=req.address, nr_pages=req.nr_pages)
         if req.type in (RequestType.VIRTIO_IOMMU_T_MAP, RequestType.VIRTIO_IOMMU_T_UNMAP):
             entry.update(virt_start=req.virt_start, virt_end=req.virt_end)
         if req.type == RequestType.VIRTIO_IOMMU_T_MAP:
@@ -206,17 +230,76 @@ class VirtioIommuDevice:
             return Status.S_RANGE, b""
         bypass = bool(req.flags & VIRTIO_IOMMU_ATTACH_F_BYPASS)
         domain = self.domains.get(req.domain)
-        if domain is not None and domain.bypass != bypass:
+        if domain is not None and (domain.bypass != bypass or domain.table is not None):
             return Status.S_INVAL, b""
-        if ep.domain is not None and ep.domain != req.domain:
-            self._detach_endpoint(ep)  # implicit DETACH
         if domain is None:
-            domain = self.domains[req.domain] = Domain(req.domain, bypass)
+            domain = Domain(req.domain, bypass)
+        self._join(ep, domain, table=None)
+        return Status.S_OK, b""
+
+    def _join(self, ep: Endpoint, domain: Domain, table: tuple[int, int] | None) -> None:
+        """Attach (implicitly detaching from another domain) and reprogram the stream."""
+        if ep.domain is not None and ep.domain != domain.domain_id:
+            self._detach_endpoint(ep)
+        self.domains[domain.domain_id] = domain
         domain.endpoints.add(ep.endpoint_id)
-        ep.domain = req.domain
-        ep.table = None
+        ep.domain = domain.domain_id
+        ep.table = table
         ep.config_fault = None
         self._stream_changed(ep.endpoint_id)
+
+    def _attach_table(self, req) -> Reply:
+        """Bind the domain to SMMUv3 tables in guest memory (STE words) and attach."""
+        if not req.reserved_zero:
+            return Status.S_INVAL, b""
+        if req.format != TableFormat.ARM_SMMU3:
+            return Status.S_UNSUPP, b""
+        ep = self.endpoints.get(req.endpoint)
+        if ep is None:
+            return Status.S_NOENT, b""
+        if not self._domain_in_range(req.domain):
+            return Status.S_RANGE, b""
+        domain = self.domains.get(req.domain)
+        if domain is not None and (domain.bypass or domain.table is None):
+            return Status.S_INVAL, b""  # a MAP or bypass domain cannot take tables
+        table = (req.ste0, req.ste1)
+        if domain is None:
+            domain = Domain(req.domain, bypass=False, table=table)
+        elif domain.table != table:
+            domain.table = table  # new tables for the whole domain
+            for other in domain.endpoints - {ep.endpoint_id}:
+                self.endpoints[other].table = table
+                self._stream_changed(other)
+        self._join(ep, domain, table)
+        return Status.S_OK, b""
+
+    def _invalidate(self, req) -> Reply:
+        """Drop cached configuration (CDs) and/or translations of a table domain."""
+        known_flags = int(InvalidateFlag.LEAF | InvalidateFlag.PASID | InvalidateFlag.ID
+                          | InvalidateFlag.GLOBAL)
+        if (not req.reserved_zero or req.flags & ~known_flags
+                or req.caches & ~int(InvalidateCache.PASID | InvalidateCache.TLB)):
+            return Status.S_INVAL, b""
+        if req.scope not in set(InvalidateScope):
+            return Status.S_INVAL, b""
+        domain = self.domains.get(req.domain)
+        if domain is None:
+            return Status.S_NOENT, b""
+        if domain.table is None:
+            return Status.S_INVAL, b""  # MAP domains are kept exact by UNMAP
+        size = 0
+        if req.scope == InvalidateScope.ADDRESS:
+            if not 12 <= req.page_size <= 63 or req.nr_pages == 0:
+                return Status.S_INVAL, b""
+            size = min(req.nr_pages << req.page_size, (1 << 64) - req.address)
+        for endpoint_id in sorted(domain.endpoints):
+            if req.caches & InvalidateCache.PASID:
+                # The guest rewrote context descriptors: re-read them, as after CFGI_CD.
+                self.endpoints[endpoint_id].config_fault = None
+                self._stream_changed(endpoint_id)
+            elif req.caches & InvalidateCache.TLB:
+                for listener in self.on_invalidate:
+                    listener(endpoint_id, req.address if size else 0, size)
         return Status.S_OK, b""
 
     def _detach(self, req) -> Reply:
@@ -233,6 +316,7 @@ class VirtioIommuDevice:
         domain = self.domains[ep.domain]
         domain.endpoints.discard(ep.endpoint_id)
         ep.domain = None
+        ep.table = None
         if not domain.endpoints:  # the domain ceases to exist with its mappings
             del self.domains[domain.domain_id]
 
@@ -246,7 +330,8 @@ class VirtioIommuDevice:
         known_flags = int(MapFlag.READ | MapFlag.WRITE)
         if self.negotiated(Feature.F_MMIO):
             known_flags |= int(MapFlag.MMIO)
-        if domain.bypass or req.flags & ~known_flags or req.virt_end < req.virt_start:
+        if (domain.bypass or domain.table is not None or req.flags & ~known_flags
+                or req.virt_end < req.virt_start):
             return Status.S_INVAL, b""
         granule = self.config.granule
         if (req.virt_start % granule or req.phys_start % granule
@@ -270,7 +355,7 @@ class VirtioIommuDevice:
         domain = self.domains.get(req.domain)
         if domain is None:
             return Status.S_NOENT, b""
-        if domain.bypass or req.virt_end < req.virt_start:
+        if domain.bypass or domain.table is not None or req.virt_end < req.virt_start:
             return Status.S_INVAL, b""
         try:
             domain.mappings.remove_range(req.virt_start, req.virt_end)

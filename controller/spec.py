@@ -14,7 +14,8 @@ __all__ = [
     "RequestType", "Status", "Feature", "VIRTIO_F_VERSION_1", "VHOST_USER_F_PROTOCOL_FEATURES",
     "VIRTIO_IOMMU_ATTACH_F_BYPASS", "MapFlag", "FaultReason", "FaultFlag", "ProbeProperty",
     "ResvMemSubtype", "CONFIG_SIZE", "FAULT_RECORD_SIZE", "PROBE_PROPERTY_HEADER_SIZE",
-    "RESV_MEM_PROPERTY_SIZE", "MSI_WINDOW_X86",
+    "RESV_MEM_PROPERTY_SIZE", "MSI_WINDOW_X86", "VIOMMU_F_ATTACH_TABLE", "TableFormat",
+    "InvalidateScope", "InvalidateCache", "InvalidateFlag",
 ]
 
 
@@ -88,6 +89,42 @@ class ResvMemSubtype(enum.IntEnum):
 
     RESERVED = 0
     MSI = 1
+
+
+# --- Page-table extension (digest §B.4, the unmerged "DX" draft) -----------------------------
+# The drafts' feature numbers collide with each other and with the spec's own bits, so this
+# one is viommu's: bit 63 lies in the device-specific range (50-127) and far from any draft.
+VIOMMU_F_ATTACH_TABLE = 63
+
+
+class TableFormat(enum.IntEnum):
+    """ATTACH_TABLE `format` (VIRTIO_IOMMU_FORMAT_*)."""
+
+    ARM_SMMU3 = 1
+
+
+class InvalidateScope(enum.IntEnum):
+    """INVALIDATE `scope` (VIRTIO_IOMMU_INVAL_S_*)."""
+
+    DOMAIN = 1
+    PASID = 2
+    ADDRESS = 3
+
+
+class InvalidateCache(enum.IntFlag):
+    """INVALIDATE `caches` (VIRTIO_IOMMU_INVAL_C_*)."""
+
+    PASID = 1 << 0  # configuration: context descriptors
+    TLB = 1 << 1
+
+
+class InvalidateFlag(enum.IntFlag):
+    """INVALIDATE `flags` (VIRTIO_IOMMU_INVAL_F_*)."""
+
+    LEAF = 1 << 0
+    PASID = 1 << 1
+    ID = 1 << 2
+    GLOBAL = 1 << 3
 
 
 CONFIG_SIZE = 40

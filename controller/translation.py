@@ -30,6 +30,7 @@ class Translator:
         self.mem: GuestMemory | None = None
         # UNMAP needs no hook: removing from a MappingTable drops its cached translations.
         device.on_stream_change.append(self.sync_stream)
+        device.on_invalidate.append(self._invalidate)
 
     def memory_changed(self, mem: GuestMemory) -> None:
         """A new memory table: the engine's stage 2 follows it; streams are re-applied."""
@@ -58,6 +59,14 @@ class Translator:
             engine.set_stream_bypass(endpoint_id)
         else:
             engine.set_stream_blocked(endpoint_id)
+
+    def _invalidate(self, endpoint_id: int, iova: int, size: int) -> None:
+        if self.engine is None:
+            return
+        if size:
+            self.engine.invalidate_range(endpoint_id, iova, size)
+        else:
+            self.engine.invalidate_stream(endpoint_id)
 
     def dma_port(self, sid: int) -> TranslatingDma:
         return TranslatingDma(self, sid)

@@ -38,6 +38,10 @@ cpdef enum RequestType:
     VIRTIO_IOMMU_T_MAP = 3
     VIRTIO_IOMMU_T_UNMAP = 4
     VIRTIO_IOMMU_T_PROBE = 5
+    # Page-table extension (unmerged draft, digest §B.4 "DX"), under viommu's private
+    # feature bit: bind SMMUv3 STE words, invalidate cached translations.
+    VIRTIO_IOMMU_T_ATTACH_TABLE = 6
+    VIRTIO_IOMMU_T_INVALIDATE = 7
 
 # Device-readable size of each request (head + body); the tail is device-writable.
 cdef enum:
@@ -48,7 +52,9 @@ cdef enum:
     MAP_READABLE = 36
     UNMAP_READABLE = 28
     PROBE_READABLE = 72
-    MAX_READABLE = 72
+    ATTACH_TABLE_READABLE = 124
+    INVALIDATE_READABLE = 60
+    MAX_READABLE = 124
     MAX_WRITABLE_SEGMENTS = 8
     MAX_REGIONS = 32
 
@@ -445,6 +451,18 @@ cdef class Request:
     cdef readonly uint64_t virt_end
     cdef readonly uint64_t phys_start
     cdef readonly bint reserved_zero
+    # ATTACH_TABLE
+    cdef readonly uint8_t format
+    cdef readonly uint64_t ste0
+    cdef readonly uint64_t ste1
+    # INVALIDATE (flags above holds its flags)
+    cdef readonly uint8_t scope
+    cdef readonly uint8_t caches
+    cdef readonly uint32_t pasid
+    cdef readonly uint64_t arch_id
+    cdef readonly uint64_t address
+    cdef readonly uint64_t nr_pages
+    cdef readonly uint8_t page_size
     cdef readonly uint32_t readable_len
     cdef readonly uint32_t writable_len
     cdef uint8_t *wseg_ptr[MAX_WRITABLE_SEGMENTS]
@@ -503,6 +521,10 @@ cdef int _readable_size(uint8_t req_type) noexcept:
         return UNMAP_READABLE
     if req_type == VIRTIO_IOMMU_T_PROBE:
         return PROBE_READABLE
+    if req_type == VIRTIO_IOMMU_T_ATTACH_TABLE:
+        return ATTACH_TABLE_READABLE
+    if req_type == VIRTIO_IOMMU_T_INVALIDATE:
+        return INVALIDATE_READABLE
     return -1
 
 
@@ -563,7 +585,33 @@ cdef Request _parse_request(VirtQueue vq, uint16_t head):
         req.reserved_zero = rd32(buf + 24) == 0
     elif req.type == VIRTIO_IOMMU_T_PROBE:
         req.endpoint = rd32(buf + 4)
+    elif req.type == VIRTIO_IOMMU_T_ATTACH_TABLE:
+        req.domain = rd32(buf + 4)
+        req.endpoint = rd32(buf + 8)
+        req.format = buf[12]
+        req.ste0 = rd64(buf + 16)
+        req.ste1 = rd64(buf + 24)
+        req.reserved_zero = _all_zero(buf + 13, 3) and _all_zero(buf + 32, 92)
+    elif req.type == VIRTIO_IOMMU_T_INVALIDATE:
+        req.scope = buf[4]
+        req.caches = buf[5]
+        req.flags = rd16(buf + 6)
+        req.domain = rd32(buf + 8)
+        req.pasid = rd32(buf + 12)
+        req.arch_id = rd64(buf + 16)
+        req.address = rd64(buf + 24)
+        req.nr_pages = rd64(buf + 32)
+        req.page_size = buf[40]
+        req.reserved_zero = _all_zero(buf + 41, 19)
     return req
+
+
+cdef bint _all_zero(const uint8_t *p, int n) noexcept:
+    cdef int i
+    for i in range(n):
+        if p[i]:
+            return False
+    return True
 
 
 include "engine.pxi"

@@ -23,10 +23,16 @@ DESC, AVAIL, USED, DATA = 0x1000, 0x2000, 0x3000, 0x10000
 
 
 class FakeDriver:
-    def __init__(self, queue_size: int = 16, mem_size: int = 1 << 20) -> None:
-        self.ram = bytearray(mem_size)
-        self.mem = GuestMemory()
-        self.mem.add_region(GPA_BASE, mem_size, UADDR_BASE, self.ram)
+    def __init__(self, queue_size: int = 16, mem_size: int = 1 << 20,
+                 ram: bytearray | None = None, mem: GuestMemory | None = None) -> None:
+        """Own guest RAM by default; or the rings live in `ram`, already mapped as `mem` at
+        GPA_BASE/UADDR_BASE (to share RAM with tables a test builds; keep the first 512 KiB
+        for the driver)."""
+        self.ram = bytearray(mem_size) if ram is None else ram
+        if mem is None:
+            mem = GuestMemory()
+            mem.add_region(GPA_BASE, mem_size, UADDR_BASE, self.ram)
+        self.mem = mem
         self.size = queue_size
         self.vq = VirtQueue(self.mem, 0)
         self.vq.set_num(queue_size)

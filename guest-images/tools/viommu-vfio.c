@@ -13,11 +13,13 @@
  *                                            (or return at once), unmap
  *   viommu-vfio maplat BDF COUNT             map+unmap 4 KiB COUNT times, print medians
  *   viommu-vfio dma BDF SRC DST LEN [src=rw|ro|none] [dst=rw|ro|none] [pasid=N]
- *                   [--wait FILE] [--repeat N]
+ *                   [--steps N] [--wait PREFIX] [--repeat N]
  *                                            run the DMA endpoint's copy SRC -> DST: map the
  *                                            buffers (src filled with a pattern; "none" leaves
  *                                            an IOVA unmapped), ring the doorbell, report the
- *                                            status, the fault and whether DST got the pattern
+ *                                            status, the fault and whether DST got the pattern;
+ *                                            --steps N transfers, each after PREFIX.STEP exists
+ *                                            when --wait is given
  *
  * DMA endpoint BAR0 registers: controller/endpoint.py.
  */
@@ -309,20 +311,56 @@ static void map_buffer(int container, void *buf, uint64_t iova, uint64_t len, in
 		die("VFIO_IOMMU_MAP_DMA");
 }
 
+/* One transfer (or `repeat` back to back): wait for PREFIX.STEP if asked, ring, report. */
+static int run_transfer(struct endpoint *ep, int efd, long step, const char *wait_prefix,
+			long repeat, const uint8_t *sbuf, uint8_t *dbuf, uint32_t len, int dst_mode)
+{
+	if (wait_prefix) {
+		char path[256];
+		struct stat st;
+		snprintf(path, sizeof(path), "%s.%ld", wait_prefix, step);
+		printf("viommu-vfio: dma ready step=%ld\n", step);
+		while (stat(path, &st))
+			usleep(20000);
+	}
+	if (dst_mode == 0)
+		memset(dbuf, 0, len);
+	uint32_t one = 1, status = 0;
+	uint64_t t0 = now_ns();
+	for (long r = 0; r < repeat; r++) {
+		reg_write(ep, REG_DOORBELL, &one, 4);
+		status = reg_read32(ep, REG_STATUS);
+		if (status != 2)
+			break;
+	}
+	uint64_t elapsed = now_ns() - t0;
+	int irqs = wait_irq(efd);
+	uint32_t error = reg_read32(ep, REG_ERROR), done = reg_read32(ep, REG_BYTES_DONE);
+	uint64_t fault = reg_read64(ep, REG_FAULT_ADDR);
+	int verify = dst_mode == 0 && memcmp(sbuf, dbuf, len) == 0;
+	printf("viommu-vfio: dma step=%ld status=%s error=%#x fault_addr=%#llx bytes=%u verify=%s "
+	       "irq=%d repeat=%ld ns=%llu\n", step, status < 4 ? status_names[status] : "?", error,
+	       (unsigned long long)fault, done, dst_mode != 0 ? "n/a" : verify ? "ok" : "mismatch",
+	       irqs, repeat, (unsigned long long)elapsed);
+	return status != 2;
+}
+
 static int cmd_dma(int argc, char **argv)
 {
-	const char *bdf = argv[0], *wait_file = NULL;
+	const char *bdf = argv[0], *wait_prefix = NULL;
 	uint64_t src = strtoull(argv[1], NULL, 0), dst = strtoull(argv[2], NULL, 0);
 	uint32_t len = strtoul(argv[3], NULL, 0), pasid = 0;
 	int src_mode = 0, dst_mode = 0;
-	long repeat = 1;
+	long repeat = 1, steps = 1;
 	for (int i = 4; i < argc; i++) {
 		if (parse_map(argv[i], "src", &src_mode) || parse_map(argv[i], "dst", &dst_mode))
 			continue;
 		if (!strncmp(argv[i], "pasid=", 6))
 			pasid = PASID_VALID | strtoul(argv[i] + 6, NULL, 0);
 		else if (!strcmp(argv[i], "--wait") && i + 1 < argc)
-			wait_file = argv[++i];
+			wait_prefix = argv[++i];
+		else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
+			steps = strtol(argv[++i], NULL, 0);
 		else if (!strcmp(argv[i], "--repeat") && i + 1 < argc)
 			repeat = strtol(argv[++i], NULL, 0);
 	}
@@ -342,38 +380,17 @@ static int cmd_dma(int argc, char **argv)
 	reg_write(&ep, REG_DST, &dst, 8);
 	reg_write(&ep, REG_LEN, &len, 4);
 	reg_write(&ep, REG_PASID, &pasid, 4);
-	if (wait_file) {
-		struct stat st;
-		printf("viommu-vfio: dma ready\n");
-		while (stat(wait_file, &st))
-			usleep(20000);
-	}
-	uint32_t one = 1, status = 0, irqs = 0;
-	uint64_t t0 = now_ns();
-	for (long r = 0; r < repeat; r++) {
-		reg_write(&ep, REG_DOORBELL, &one, 4);
-		status = reg_read32(&ep, REG_STATUS);
-		if (status != 2)
-			break;
-	}
-	uint64_t elapsed = now_ns() - t0;
-	irqs = wait_irq(efd);
-	uint32_t error = reg_read32(&ep, REG_ERROR), done = reg_read32(&ep, REG_BYTES_DONE);
-	uint64_t fault = reg_read64(&ep, REG_FAULT_ADDR);
-	int verify = dst_mode == 0 && memcmp(sbuf, dbuf, len) == 0;
-	printf("viommu-vfio: dma status=%s error=%#x fault_addr=%#llx bytes=%u verify=%s irq=%u "
-	       "repeat=%ld ns=%llu\n",
-	       status < 4 ? status_names[status] : "?", error, (unsigned long long)fault, done,
-	       dst_mode != 0 ? "n/a" : verify ? "ok" : "mismatch", irqs, repeat,
-	       (unsigned long long)elapsed);
-	return status == 2 ? 0 : 3;
+	int failed = 0;
+	for (long step = 1; step <= steps; step++)
+		failed |= run_transfer(&ep, efd, step, wait_prefix, repeat, sbuf, dbuf, len, dst_mode);
+	return failed ? 3 : 0;
 }
 
 static int usage(void)
 {
 	fprintf(stderr, "usage: viommu-vfio bind BDF | map BDF IOVA SIZE [ro] [--until FILE] | "
 			"maplat BDF COUNT | dma BDF SRC DST LEN [src=rw|ro|none] "
-			"[dst=rw|ro|none] [pasid=N] [--wait FILE] [--repeat N]\n");
+			"[dst=rw|ro|none] [pasid=N] [--steps N] [--wait PREFIX] [--repeat N]\n");
 	return 2;
 }
 

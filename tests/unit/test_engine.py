@@ -13,6 +13,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from pagetables import (
     GPA_BASE,
     GuestRam,
@@ -22,7 +23,6 @@ from pagetables import (
     ste,
     table_stream,
 )
-
 from viommu import _dataplane as hw
 from viommu._dataplane import EXEC, PRIV, READ, WRITE, Engine
 from viommu.mappings import Mapping, MappingTable
