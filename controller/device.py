@@ -223,11 +223,9 @@ class VirtioIommuDevice:
         known_flags = VIRTIO_IOMMU_ATTACH_F_BYPASS if bypass_allowed else 0
         if not req.reserved_zero or req.flags & ~known_flags:
             return Status.S_INVAL, b""
-        ep = self.endpoints.get(req.endpoint)
-        if ep is None:
-            return Status.S_NOENT, b""
-        if not self._domain_in_range(req.domain):
-            return Status.S_RANGE, b""
+        ep = self._attach_target(req)
+        if isinstance(ep, Status):
+            return ep, b""
         bypass = bool(req.flags & VIRTIO_IOMMU_ATTACH_F_BYPASS)
         domain = self.domains.get(req.domain)
         if domain is not None and (domain.bypass != bypass or domain.table is not None):
@@ -236,6 +234,15 @@ class VirtioIommuDevice:
             domain = Domain(req.domain, bypass)
         self._join(ep, domain, table=None)
         return Status.S_OK, b""
+
+    def _attach_target(self, req) -> Endpoint | Status:
+        """The endpoint an ATTACH or ATTACH_TABLE names, or the status refusing it."""
+        ep = self.endpoints.get(req.endpoint)
+        if ep is None:
+            return Status.S_NOENT
+        if not self._domain_in_range(req.domain):
+            return Status.S_RANGE
+        return ep
 
     def _join(self, ep: Endpoint, domain: Domain, table: tuple[int, int] | None) -> None:
         """Attach (implicitly detaching from another domain) and reprogram the stream."""
@@ -254,11 +261,9 @@ class VirtioIommuDevice:
             return Status.S_INVAL, b""
         if req.format != TableFormat.ARM_SMMU3:
             return Status.S_UNSUPP, b""
-        ep = self.endpoints.get(req.endpoint)
-        if ep is None:
-            return Status.S_NOENT, b""
-        if not self._domain_in_range(req.domain):
-            return Status.S_RANGE, b""
+        ep = self._attach_target(req)
+        if isinstance(ep, Status):
+            return ep, b""
         domain = self.domains.get(req.domain)
         if domain is not None and (domain.bypass or domain.table is None):
             return Status.S_INVAL, b""  # a MAP or bypass domain cannot take tables
