@@ -20,10 +20,13 @@ from viommu._dataplane import GuestMemory, RingError, VirtQueue
 from viommu.control import Arg, Command, CommandError, ControlServer
 from viommu.device import DeviceConfig, VirtioIommuDevice
 from viommu.endpoint import DmaEndpoint
+from viommu.iommufd import FaultGroup, FaultQueue, PriMustBeDisabled, VeventQueue
+from viommu.page_requests import PageRequestRelay
+from viommu.pri import PageRequest, ResponseCode
 from viommu.relay import EventRelay
 from viommu.smmuv3 import ADDRESS_EVENTS, FETCH_EVENTS, EventClass, EventId, EventRecord
-from viommu.spec import VHOST_USER_F_PROTOCOL_FEATURES
-from viommu.translation import Translator
+from viommu.spec import VHOST_USER_F_PROTOCOL_FEATURES, VIOMMU_F_PAGE_REQUEST, PageRespCode
+from viommu.translation import PriState, Translator
 from viommu.vfio_user.server import EndpointServer
 from viommu.vhost_user.connection import VhostUserConnection
 from viommu.vhost_user.messages import ProtocolFeature
@@ -47,7 +50,8 @@ class Backend:
 
     def __init__(self, socket_path: str, control_path: str | None, endpoints: Iterable[int],
                  config: DeviceConfig | None = None, event_capacity: int = 1024,
-                 exit_on_disconnect: bool = True) -> None:
+                 exit_on_disconnect: bool = True, page_request_policy: str = "invalid"
+                 ) -> None:
         self.socket_path = socket_path
         self.control_path = control_path
         self.device = VirtioIommuDevice(endpoints, config)
@@ -56,6 +60,12 @@ class Backend:
         self.endpoint_servers: dict[int, EndpointServer] = {}
         self.exit_on_disconnect = exit_on_disconnect
         self.control = ControlServer("viommu " + __version__, _version_tuple())
+        self.pri: dict[int, PriState] = {}
+        self.page_requests = PageRequestRelay(self.relay, self._flush_events, self.control.emit,
+                                              self._schedule, policy=page_request_policy)
+        self.device.on_pasid_unbind.append(self.page_requests.drain)
+        self.device.on_page_response = self._guest_page_response
+        self.host_queues: list[FaultQueue | VeventQueue] = []
         self._register_commands()
         self.connection: VhostUserConnection | None = None
         self.queues: dict[int, tuple[VirtQueue, Callable[[], None]]] = {}
@@ -171,6 +181,9 @@ class Backend:
 
     def set_acked_features(self, features: int) -> None:
         self.device.driver_features = features & VirtioIommuDevice.OFFERED_FEATURES
+        answers = self.device.negotiated(VIOMMU_F_PAGE_REQUEST)
+        self.relay.extended = answers  # 32-byte records with PASID and group ID
+        self.page_requests.guest_can_answer = answers
 
     def get_config(self) -> bytes:
         return self.device.config_bytes()
@@ -198,6 +211,8 @@ class Backend:
     def reset(self, reason: str) -> None:
         self.resets += 1
         self.broken = None
+        for sid in {g.key[0] for g in self.page_requests.pending.values()}:
+            self.page_requests.drain(sid)  # nobody is left to answer them
         lost = self.relay.drop_pending(f"dropped by device reset: {reason}")
         self.device.reset()
         log.warning("device reset: %s (%d pending events counted lost)", reason, lost)
@@ -231,6 +246,60 @@ class Backend:
         if delivered and vq.needs_interrupt():
             notify()
         return delivered
+
+    # --- the iommufd host edge ----------------------------------------------------------------
+
+    def attach_iommufd(self, fault_fd: int | None, veventq_fd: int | None,
+                       dev_to_sid: dict[int, int],
+                       add_reader: Callable[[int, Callable[[], object]], None] | None = None
+                       ) -> list[FaultQueue | VeventQueue]:
+        """Take a real host's IO page faults (iommufd fault fd) and SMMUv3 events (vEVENTQ fd)
+        for our endpoints; viommu.iommufd's docstring says how a VMM gets those fds.
+        `dev_to_sid` maps iommufd device IDs to endpoint IDs (vDEVICE virt_id = endpoint)."""
+        add_reader = add_reader or self.loop.add_reader
+        queues: list[FaultQueue | VeventQueue] = []
+        if fault_fd is not None:
+            fault_queue = FaultQueue(fault_fd, dev_to_sid)
+            fault_queue.on_group = lambda group: self._host_fault_group(fault_queue, group)
+            queues.append(fault_queue)
+        if veventq_fd is not None:
+            queues.append(VeventQueue(veventq_fd, self._host_event, self._host_events_lost))
+        for queue in queues:
+            add_reader(queue.fileno(), queue.on_readable)
+        self.host_queues += queues
+        return queues
+
+    def _host_fault_group(self, queue: FaultQueue, group: FaultGroup) -> None:
+        def respond(code: ResponseCode) -> None:
+            try:
+                queue.respond(group.cookie, code)
+            except PriMustBeDisabled as exc:
+                log.warning("%s", exc)
+                self.control.emit("PRI_DISABLE_NEEDED", {"sid": group.sid, "cookie": group.cookie})
+
+        for request in group.requests:
+            self.page_requests.submit(request, respond)
+
+    def _host_event(self, event: EventRecord) -> None:
+        self.relay.submit(event)
+        self._flush_events()
+
+    def _host_events_lost(self, count: int) -> None:
+        self.relay.note_upstream_lost(count, "the host's vEVENTQ overflowed")
+        self.control.emit("EVENTS_LOST", {"count": count, "where": "host vEVENTQ"})
+
+    def _schedule(self, delay: float, fn: Callable[[], None]) -> Callable[[], None]:
+        if self.loop is None:
+            return lambda: None
+        return self.loop.call_later(delay, fn).cancel
+
+    def _guest_page_response(self, sid: int, pasid: int | None, grpid: int,
+                             code: PageRespCode) -> bool:
+        group_id = self.page_requests.find(sid, pasid, grpid)
+        if group_id is None:
+            return False
+        self.page_requests.respond(group_id, _RESPONSE_OF_PAGE_RESP[code], "guest")
+        return True
 
     def _submit_dma_event(self, event: EventRecord) -> None:
         """A fault raised by an endpoint's real DMA: relayed like an injected event."""
@@ -287,7 +356,8 @@ class Backend:
             help="Write guest-physical memory, e.g. page tables in the reserved range"))
         c.register(Command("endpoint-create", self._cmd_endpoint_create, (
             Arg("endpoint", (int,), True, "endpoint ID (= PCI requester ID it will have)"),
-            Arg("socket", (str,), help="vfio-user socket path (default: beside control)")),
+            Arg("socket", (str,), help="vfio-user socket path (default: beside control)"),
+            Arg("pri", (bool,), help="PCIe PRI: ask for non-present pages (page requests)")),
             help="Serve a DMA endpoint over vfio-user; every DMA goes through translation"))
         c.register(Command("endpoint-delete", self._cmd_endpoint_delete, (
             Arg("endpoint", (int,), True),), help="Stop serving a DMA endpoint"))
@@ -301,6 +371,25 @@ class Backend:
             help="Host stage 2: revoke (none) or write-protect (ro) guest RAM for DMA"))
         c.register(Command("stage2-reset", self._cmd_stage2_reset,
                            help="Host stage 2: every guest RAM page read-write again"))
+        c.register(Command("inject-page-request", self._cmd_inject_page_request, (
+            Arg("sid", (int,), True), Arg("address", (int,), True, "page address"),
+            Arg("grpid", (int,), help="Page Request Group Index (default 0)"),
+            Arg("pasid", (int,)), Arg("access", (str,), help="read (default), write or exec"),
+            Arg("privileged", (bool,)), Arg("last", (bool,), help="last of its group (default)"),
+            Arg("stop-marker", (bool,), help="a Stop Marker: L=1, no access, no response")),
+            help="Inject a PCIe page request as an endpoint would issue it"))
+        c.register(Command("page-response", self._cmd_page_response, (
+            Arg("id", (int,), True, "group id from PAGE_REQUEST / query-page-requests"),
+            Arg("code", (str,), True, "success, invalid or failure")),
+            help="Answer a page request group (policy host)"))
+        c.register(Command("set-page-request-policy", self._cmd_set_policy, (
+            Arg("policy", (str,), True, "invalid, host or guest"),),
+            help="How page request groups are answered"))
+        c.register(Command("query-page-requests", self._cmd_query_page_requests,
+                           help="Page request counters and the groups waiting for an answer"))
+        c.register(Command("pasid-unbind", self._cmd_pasid_unbind, (
+            Arg("sid", (int,), True), Arg("pasid", (int,), help="default: every PASID")),
+            help="Unbind a PASID: drain its page requests before it is reused"))
         c.register(Command("quit", self._cmd_quit, help="Stop the backend"))
 
     def _cmd_inject_event(self, args: dict[str, Any]) -> dict:
@@ -366,7 +455,8 @@ class Backend:
     def _cmd_query_events(self, args: dict) -> dict:
         limit = _limit(args)
         trace = list(self.relay.trace)[-limit:] if limit else []
-        return {**self.relay.counters(), "trace": [e.to_dict() for e in trace]}
+        return {**self.relay.counters(), "page_requests": self.page_requests.counters(),
+                "trace": [e.to_dict() for e in trace]}
 
     def _cmd_query_requests(self, args: dict) -> dict:
         limit = _limit(args)
@@ -431,7 +521,9 @@ class Backend:
             raise CommandError(f"endpoint {sid:#x} is already served; endpoint-delete it first")
         default_dir = os.path.dirname(self.control_path or self.socket_path)
         path = args.get("socket") or os.path.join(default_dir, f"endpoint-{sid:x}.sock")
-        device = DmaEndpoint(dma=lambda _memory: self.translator.dma_port(sid))
+        pri = self.pri[sid] = PriState(enabled=args.get("pri", False))
+        device = DmaEndpoint(
+            dma=lambda _memory: self.translator.dma_port(sid, pri, self.page_requests))
         server = EndpointServer(path, device, name=f"endpoint {sid:#x}")
         try:
             server.listen(self.loop)
@@ -439,7 +531,7 @@ class Backend:
             raise CommandError(f"cannot listen on {path}: {exc}") from None
         self.endpoint_servers[sid] = server
         self.device.add_endpoint(sid)
-        return {"endpoint": sid, "socket": path}
+        return {"endpoint": sid, "socket": path, "pri": pri.to_dict()}
 
     def _cmd_endpoint_delete(self, args: dict) -> dict:
         server = self.endpoint_servers.pop(args["endpoint"], None)
@@ -479,9 +571,67 @@ class Backend:
             raise CommandError("no guest memory yet: the VM has not sent its memory table")
         return self.translator.engine
 
+    def _cmd_inject_page_request(self, args: dict) -> dict:
+        sid = args["sid"]
+        if sid not in self.device.endpoints:
+            raise CommandError(f"sid {sid:#x} is not an endpoint of this vIOMMU")
+        access = args.get("access", "read")
+        if access not in ("read", "write", "exec"):
+            raise CommandError(f"access must be read, write or exec, not {access!r}")
+        stop = args.get("stop-marker", False)
+        try:
+            request = PageRequest(
+                sid, args.get("grpid", 0), args["address"], last=stop or args.get("last", True),
+                read=not stop and access != "write", write=not stop and access == "write",
+                exec=not stop and access == "exec", priv=args.get("privileged", False),
+                pasid=args.get("pasid"))
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+
+        def answered(code: ResponseCode) -> None:
+            self.control.emit("PAGE_RESPONSE", {"sid": sid, "pasid": request.pasid,
+                                                "grpid": request.grpid, "code": code.name})
+
+        self.page_requests.submit(request, answered)
+        return self.page_requests.counters()
+
+    def _cmd_page_response(self, args: dict) -> dict:
+        codes = {"success": ResponseCode.SUCCESS, "invalid": ResponseCode.INVALID_REQUEST,
+                 "failure": ResponseCode.RESPONSE_FAILURE}
+        if args["code"] not in codes:
+            raise CommandError(f"code must be success, invalid or failure, not {args['code']!r}")
+        try:
+            self.page_requests.respond(args["id"], codes[args["code"]], "controller")
+        except KeyError as exc:
+            raise CommandError(exc.args[0]) from None
+        return self.page_requests.counters()
+
+    def _cmd_set_policy(self, args: dict) -> dict:
+        try:
+            self.page_requests.set_policy(args["policy"])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        return {"policy": self.page_requests.policy}
+
+    def _cmd_query_page_requests(self, args: dict) -> dict:
+        return {**self.page_requests.counters(),
+                "pending": [g.to_dict() for g in self.page_requests.pending.values()],
+                "pri": {str(sid): state.to_dict() for sid, state in self.pri.items()}}
+
+    def _cmd_pasid_unbind(self, args: dict) -> dict:
+        answered = self.page_requests.drain(args["sid"], args.get("pasid"))
+        return {"groups_answered": answered, **self.relay.counters()}
+
     def _cmd_quit(self, args: dict) -> dict:
         self.loop.call_soon(self._stopped.set)
         return {}
+
+
+_RESPONSE_OF_PAGE_RESP = {
+    PageRespCode.SUCCESS: ResponseCode.SUCCESS,
+    PageRespCode.INVALID: ResponseCode.INVALID_REQUEST,
+    PageRespCode.FAILURE: ResponseCode.RESPONSE_FAILURE,
+}
 
 
 def _limit(args: dict) -> int:

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from viommu import __version__
+from viommu.page_requests import POLICIES
 
 
 def _int(text: str) -> int:
@@ -25,7 +26,8 @@ def cmd_backend(args: argparse.Namespace) -> int:
         return 2
     backend = Backend(args.socket, args.control, endpoints,
                       DeviceConfig(bypass=args.bypass), event_capacity=args.event_fifo,
-                      exit_on_disconnect=not args.persist)
+                      exit_on_disconnect=not args.persist,
+                      page_request_policy=args.page_request_policy)
     try:
         asyncio.run(backend.serve())
     except KeyboardInterrupt:
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="unattached endpoints bypass translation (config `bypass`=1)")
     backend.add_argument("--event-fifo", type=int, default=1024, metavar="N",
                          help="fault records held while the guest has no eventq buffer")
+    backend.add_argument("--page-request-policy", choices=POLICIES,
+                         default="invalid", help="how page request groups are answered")
     backend.add_argument("--persist", action="store_true",
                          help="keep serving after the front-end disconnects")
     backend.set_defaults(func=cmd_backend)

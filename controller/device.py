@@ -17,7 +17,9 @@ from viommu.mappings import Mapping, MappingTable, OverlapError, SplitError
 from viommu.spec import (
     CONFIG_SIZE,
     MSI_WINDOW_X86,
+    PAGE_RESP_F_PASID_VALID,
     VIOMMU_F_ATTACH_TABLE,
+    VIOMMU_F_PAGE_REQUEST,
     VIRTIO_F_VERSION_1,
     VIRTIO_IOMMU_ATTACH_F_BYPASS,
     Feature,
@@ -25,6 +27,7 @@ from viommu.spec import (
     InvalidateFlag,
     InvalidateScope,
     MapFlag,
+    PageRespCode,
     ProbeProperty,
     RequestType,
     ResvMemSubtype,
@@ -40,6 +43,12 @@ _BYPASS_OFFSET = 36
 _RESV_MEM = struct.Struct("<HHB3xQQ")
 
 Reply = tuple[int, bytes]
+# Request types of viommu's private extensions, and the feature each needs.
+_PRIVATE_TYPES = {
+    RequestType.VIRTIO_IOMMU_T_ATTACH_TABLE: VIOMMU_F_ATTACH_TABLE,
+    RequestType.VIRTIO_IOMMU_T_INVALIDATE: VIOMMU_F_ATTACH_TABLE,
+    RequestType.VIRTIO_IOMMU_T_PAGE_RESP: VIOMMU_F_PAGE_REQUEST,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +104,7 @@ class VirtioIommuDevice:
     OFFERED_FEATURES = (
         (1 << VIRTIO_F_VERSION_1) | (1 << Feature.F_INPUT_RANGE) | (1 << Feature.F_DOMAIN_RANGE)
         | (1 << Feature.F_MAP_UNMAP) | (1 << Feature.F_PROBE) | (1 << Feature.F_BYPASS_CONFIG)
-        | (1 << VIOMMU_F_ATTACH_TABLE)
+        | (1 << VIOMMU_F_ATTACH_TABLE) | (1 << VIOMMU_F_PAGE_REQUEST)
     )
 
     def __init__(self, endpoints: Iterable[int], config: DeviceConfig | None = None,
@@ -120,7 +129,13 @@ class VirtioIommuDevice:
             RequestType.VIRTIO_IOMMU_T_PROBE: self._probe,
             RequestType.VIRTIO_IOMMU_T_ATTACH_TABLE: self._attach_table,
             RequestType.VIRTIO_IOMMU_T_INVALIDATE: self._invalidate,
+            RequestType.VIRTIO_IOMMU_T_PAGE_RESP: self._page_resp,
         }
+        # A PASID (None: every PASID) of a stream is unbound: its page requests drain first.
+        self.on_pasid_unbind: list[Callable[[int, int | None], None]] = []
+        # The guest answers a page request group: (sid, pasid, grpid, code) -> found?
+        self.on_page_response: Callable[[int, int | None, int, PageRespCode], bool] = \
+            lambda *args: False
         # Told to drop cached translations of a stream: (endpoint, iova, size), size 0 =
         # everything of the stream.
         self.on_invalidate: list[Callable[[int, int, int], None]] = []
@@ -179,9 +194,8 @@ class VirtioIommuDevice:
     def handle_request(self, req) -> Reply | None:
         """Serve one parsed request; None returns it unwritten (used length 0)."""
         handler = self._handlers.get(req.type)
-        table_request = req.type in (RequestType.VIRTIO_IOMMU_T_ATTACH_TABLE,
-                                     RequestType.VIRTIO_IOMMU_T_INVALIDATE)
-        if handler is None or table_request and not self.negotiated(VIOMMU_F_ATTACH_TABLE):
+        needs = _PRIVATE_TYPES.get(req.type)
+        if handler is None or needs is not None and not self.negotiated(needs):
             return None  # an unrecognised type: returned unwritten
         try:
             status, payload = handler(req)
@@ -248,6 +262,7 @@ class VirtioIommuDevice:
         """Attach (implicitly detaching from another domain) and reprogram the stream."""
         if ep.domain is not None and ep.domain != domain.domain_id:
             self._detach_endpoint(ep)
+        self._unbind_pasids(ep.endpoint_id, None)  # the stream is reprogrammed
         self.domains[domain.domain_id] = domain
         domain.endpoints.add(ep.endpoint_id)
         ep.domain = domain.domain_id
@@ -299,7 +314,10 @@ class VirtioIommuDevice:
             size = min(req.nr_pages << req.page_size, (1 << 64) - req.address)
         for endpoint_id in sorted(domain.endpoints):
             if req.caches & InvalidateCache.PASID:
-                # The guest rewrote context descriptors: re-read them, as after CFGI_CD.
+                # The guest rewrote context descriptors, as before CFGI_CD: a PASID may have
+                # been unbound, so its page requests drain (seed 004), and CDs are re-read.
+                pasid = req.pasid if req.scope == InvalidateScope.PASID else None
+                self._unbind_pasids(endpoint_id, pasid)
                 self.endpoints[endpoint_id].config_fault = None
                 self._stream_changed(endpoint_id)
             elif req.caches & InvalidateCache.TLB:
@@ -314,7 +332,25 @@ class VirtioIommuDevice:
         if ep.domain is None or ep.domain != req.domain:
             return Status.S_INVAL, b""
         self._detach_endpoint(ep)
+        self._unbind_pasids(ep.endpoint_id, None)
         self._stream_changed(ep.endpoint_id)
+        return Status.S_OK, b""
+
+    def _unbind_pasids(self, endpoint_id: int, pasid: int | None) -> None:
+        for listener in self.on_pasid_unbind:
+            listener(endpoint_id, pasid)
+
+    def _page_resp(self, req) -> Reply:
+        """The guest's answer to a page request group it received as an extended fault."""
+        if not req.reserved_zero or req.flags & ~PAGE_RESP_F_PASID_VALID:
+            return Status.S_INVAL, b""
+        if req.code not in set(PageRespCode):
+            return Status.S_INVAL, b""
+        if req.endpoint not in self.endpoints:
+            return Status.S_NOENT, b""
+        pasid = req.pasid if req.flags & PAGE_RESP_F_PASID_VALID else None
+        if not self.on_page_response(req.endpoint, pasid, req.grpid, PageRespCode(req.code)):
+            return Status.S_NOENT, b""  # no such group is waiting (answered, or drained)
         return Status.S_OK, b""
 
     def _detach_endpoint(self, ep: Endpoint) -> None:

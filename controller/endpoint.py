@@ -31,8 +31,9 @@ BAR0: 4 KiB of 32-bit non-prefetchable memory. Registers (little-endian; 8-, 16-
   0x3c  MAX_LEN      RO  u32  largest LEN accepted (1 MiB)
 
 A transfer runs to its end inside the doorbell write, before the next message from the
-client is served, so a read after the doorbell sees DONE or ERROR; BUSY is never observed
-over vfio-user. Every finished transfer raises MSI vector 0 (when the guest enabled MSI).
+client is served, so a read after the doorbell sees DONE or ERROR, unless it waits for a PRI
+page response: then STATUS reads BUSY until the response comes (a doorbell meanwhile is
+ignored). Every finished transfer raises MSI vector 0 (when the guest enabled MSI).
 DMA needs Bus Master Enable in the command register, as on hardware.
 
 The copy goes through a `DmaPort`: `GuestPhysicalDma` uses the client's DMA mappings as they
@@ -121,12 +122,38 @@ class DmaFault:
     bytes_done: int  # bytes copied before the fault
 
 
+class DmaPending:
+    """A transfer waiting for something outside the engine (a PRI page response): the port
+    calls `complete()` once with the outcome, possibly before `then()` subscribed (an answer
+    given at once); STATUS reads BUSY until then."""
+
+    def __init__(self) -> None:
+        self._on_done: Callable[[DmaFault | None], None] | None = None
+        self.done = False
+        self._outcome: DmaFault | None = None
+
+    def then(self, on_done: Callable[[DmaFault | None], None]) -> None:
+        if self.done:
+            on_done(self._outcome)
+        else:
+            self._on_done = on_done
+
+    def complete(self, outcome: DmaFault | None) -> None:
+        if self.done:
+            raise RuntimeError("a pending DMA transfer completes once")
+        self.done, self._outcome = True, outcome
+        if self._on_done is not None:
+            self._on_done(outcome)
+
+
 class DmaPort(Protocol):
     """The endpoint's path to memory. `copy` moves `length` bytes from IOVA `src` to IOVA
     `dst` (with `pasid`, or without when None), page by page, and stops at the first page it
-    cannot reach, returning why; None when everything was copied."""
+    cannot reach, returning why; None when everything was copied; DmaPending when the
+    outcome comes later."""
 
-    def copy(self, pasid: int | None, src: int, dst: int, length: int) -> DmaFault | None: ...
+    def copy(self, pasid: int | None, src: int, dst: int,
+             length: int) -> DmaFault | DmaPending | None: ...
 
 
 class GuestPhysicalDma:
@@ -218,6 +245,9 @@ class DmaEngine:
     def _doorbell(self, value: int) -> None:
         if value == 0:
             return
+        if self.status == STATUS_BUSY:
+            log.warning("doorbell while a transfer waits for a page response: ignored")
+            return
         self._put32(REG_STATUS, STATUS_BUSY)
         self._put32(REG_ERROR, 0)
         self._put64(REG_FAULT_ADDR, 0)
@@ -251,11 +281,17 @@ class DmaEngine:
 
     def _run(self, pasid: int | None, src: int, dst: int, length: int) -> None:
         try:
-            fault = self.port.copy(pasid, src, dst, length)
+            outcome = self.port.copy(pasid, src, dst, length)
         except Exception:  # a bug in a port must not take the server down with it
             log.exception("DMA port %r failed on %#x -> %#x (+%#x)", self.port, src, dst, length)
             self._finish(ERR_INTERNAL, "the DMA port raised")
             return
+        if isinstance(outcome, DmaPending):
+            outcome.then(lambda fault: self._complete(length, fault))
+            return  # BUSY until the port completes it
+        self._complete(length, outcome)
+
+    def _complete(self, length: int, fault: DmaFault | None) -> None:
         if fault is None:
             self._put32(REG_BYTES_DONE, length)
             self._finish(0, "")

@@ -11,11 +11,21 @@ from __future__ import annotations
 import dataclasses
 import struct
 
+from viommu.pri import PageRequest
 from viommu.smmuv3 import ADDRESS_EVENTS, EventId, EventRecord
-from viommu.spec import FAULT_RECORD_SIZE, FaultFlag, FaultReason
+from viommu.spec import (
+    EXT_FAULT_RECORD_SIZE,
+    FAULT_RECORD_SIZE,
+    ExtFaultFlag,
+    FaultFlag,
+    FaultReason,
+)
 
 _FAULT = struct.Struct("<B3xIII Q")
 assert _FAULT.size == FAULT_RECORD_SIZE
+# Extended record: the PASID in reserved1 (offset 12), then the group ID (PRG index).
+_FAULT_EXT = struct.Struct("<B3xIIIQH6x")
+assert _FAULT_EXT.size == EXT_FAULT_RECORD_SIZE
 
 _MAPPING_EVENTS = frozenset({
     EventId.F_TRANSLATION, EventId.F_PERMISSION, EventId.F_ACCESS, EventId.F_ADDR_SIZE,
@@ -39,9 +49,19 @@ class FaultRecord:
     flags: int
     endpoint: int
     address: int = 0
+    pasid: int | None = None  # extended record only
+    grpid: int = 0  # extended record only: the page request's group index
 
-    def encode(self) -> bytes:
-        return _FAULT.pack(self.reason, self.flags, self.endpoint, 0, self.address)
+    def encode(self, extended: bool = False) -> bytes:
+        """The 24-byte record every driver reads, or viommu's 32-byte extended one for
+        drivers that negotiated VIOMMU_F_PAGE_REQUEST (PASID and group ID kept)."""
+        if not extended:
+            flags = self.flags & ~int(ExtFaultFlag.PASID | ExtFaultFlag.PAGE_REQUEST
+                                      | ExtFaultFlag.LAST | ExtFaultFlag.PRIV)
+            return _FAULT.pack(self.reason, flags, self.endpoint, 0, self.address)
+        flags = self.flags | (ExtFaultFlag.PASID if self.pasid is not None else 0)
+        return _FAULT_EXT.pack(self.reason, int(flags), self.endpoint, self.pasid or 0,
+                               self.address, self.grpid)
 
     @classmethod
     def decode(cls, raw: bytes) -> FaultRecord:
@@ -61,6 +81,15 @@ class FaultRecord:
             (FaultFlag.READ, "R"), (FaultFlag.WRITE, "W"), (FaultFlag.EXEC, "X"))
             if self.flags & flag)
         return f"{reason} fault from EP {self.endpoint} at {self.address:#x} [{perms}]"
+
+
+def fault_from_page_request(req: PageRequest) -> FaultRecord:
+    """A page request as a MAPPING fault with its address and access (digest §G)."""
+    flags = int(FaultFlag.ADDRESS | ExtFaultFlag.PAGE_REQUEST)
+    flags |= (FaultFlag.READ if req.read else 0) | (FaultFlag.WRITE if req.write else 0)
+    flags |= (FaultFlag.EXEC if req.exec else 0) | (ExtFaultFlag.LAST if req.last else 0)
+    flags |= ExtFaultFlag.PRIV if req.priv else 0
+    return FaultRecord(FaultReason.MAPPING, flags, req.sid, req.address, req.pasid, req.grpid)
 
 
 def fault_from_event(event: EventRecord) -> FaultRecord:

@@ -312,12 +312,13 @@ class Machine:
 
     # --- endpoints on a running VM ----------------------------------------------------------
 
-    def add_endpoint(self, port: int, name: str | None = None, timeout: float = 30) -> Endpoint:
-        """Hot-plug a DMA endpoint served by the backend (vfio-user) into root port `port`;
-        returns once the guest has it in an IOMMU group."""
+    def add_endpoint(self, port: int, name: str | None = None, pri: bool = False,
+                     timeout: float = 30) -> Endpoint:
+        """Hot-plug a DMA endpoint served by the backend (vfio-user) into root port `port`
+        (with PCIe PRI when `pri`); returns once the guest has it in an IOMMU group."""
         endpoint_id = bdf(self.profile.port_bus(port), 0)
         name = name or f"dma{port}"
-        sock = self.backend("endpoint-create", endpoint=endpoint_id)["socket"]
+        sock = self.backend("endpoint-create", endpoint=endpoint_id, pri=pri)["socket"]
         self.qmp("device_add", driver="vfio-user-pci", id=name, bus=f"rp{port}",
                  socket={"type": "unix", "path": sock})
         endpoint = Endpoint(name, endpoint_id, port)

@@ -1,8 +1,11 @@
-"""The event relay: SMMUv3 event records in, virtio-iommu fault records out to the eventq.
+"""The event relay: SMMUv3 event records and page requests in, virtio-iommu fault records out
+to the eventq.
 
 Nothing vanishes silently. A record waits in a bounded FIFO while the guest has posted no
-eventq buffer; past the bound it is counted as lost. Every event is accounted for:
-injected = delivered + pending + lost + not_forwarded.
+eventq buffer; past the bound it is counted as lost; records of a PASID that was unbound are
+drained (counted) so no stale fault reaches the next address space on that PASID. Every
+event is accounted for:
+injected = delivered + pending + lost + not_forwarded + drained.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from viommu.faults import FaultRecord, NotForwarded, fault_from_event
+from viommu.faults import FaultRecord, NotForwarded, fault_from_event, fault_from_page_request
+from viommu.pri import PageRequest
 from viommu.smmuv3 import EventRecord
 
 log = logging.getLogger("viommu.relay")
@@ -26,15 +30,34 @@ Sink = Callable[[bytes], bool]
 class TraceEntry:
     seq: int
     time: float
-    event: EventRecord
     fault: FaultRecord | None
-    state: str  # pending, delivered, lost, not-forwarded
+    state: str  # pending, delivered, lost, not-forwarded, drained
+    event: EventRecord | None = None  # an SMMUv3 event...
+    request: PageRequest | None = None  # ...or a page request
     note: str = ""
 
+    @property
+    def sid(self) -> int:
+        return self.event.sid if self.event is not None else self.request.sid
+
+    @property
+    def pasid(self) -> int | None:
+        if self.request is not None:
+            return self.request.pasid
+        return self.event.ssid if self.event.ssv else None
+
+    @property
+    def name(self) -> str:
+        return self.event.name if self.event is not None else "PAGE_REQUEST"
+
     def to_dict(self) -> dict:
-        out = {"seq": self.seq, "time": self.time, "type": self.event.name,
-               "sid": self.event.sid, "state": self.state, "event": self.event.to_dict(),
-               "record": self.event.encode().hex()}
+        out = {"seq": self.seq, "time": self.time, "type": self.name, "sid": self.sid,
+               "pasid": self.pasid, "state": self.state}
+        if self.event is not None:
+            out["event"] = self.event.to_dict()
+            out["record"] = self.event.encode().hex()
+        if self.request is not None:
+            out["request"] = self.request.to_dict()
         if self.fault is not None:
             out["fault"] = dataclasses.asdict(self.fault)
             out["fault_record"] = self.fault.encode().hex()
@@ -54,6 +77,11 @@ class EventRelay:
         self.delivered = 0
         self.lost = 0
         self.not_forwarded = 0
+        self.drained = 0
+        # Events the host dropped before they reached us (iommufd vEVENTQ overflow).
+        self.upstream_lost = 0
+        # The driver negotiated viommu's extended fault record (PASID, group ID).
+        self.extended = False
         self.on_state_change: list[Callable[[TraceEntry], None]] = []
 
     @property
@@ -61,25 +89,35 @@ class EventRelay:
         return len(self._fifo)
 
     def submit(self, event: EventRecord) -> TraceEntry:
-        """Accept one event; it is queued for the guest unless it is host-only or the FIFO
-        is full. Call `flush` afterwards to deliver."""
-        self._seq += 1
-        self.injected += 1
+        """Accept one SMMUv3 event; it is queued for the guest unless it is host-only or the
+        FIFO is full. Call `flush` afterwards to deliver."""
         try:
             fault = fault_from_event(event)
         except NotForwarded as exc:
-            entry = TraceEntry(self._seq, time.time(), event, None, "not-forwarded", str(exc))
+            entry = self._new_entry(None, "not-forwarded", event=event, note=str(exc))
             self.not_forwarded += 1
-            self.trace.append(entry)
             self._log(entry)
             return entry
-        entry = TraceEntry(self._seq, time.time(), event, fault, "pending")
+        return self._queue(self._new_entry(fault, "pending", event=event))
+
+    def submit_page_request(self, request: PageRequest) -> TraceEntry:
+        """Accept one page request as a fault record for the guest."""
+        return self._queue(self._new_entry(fault_from_page_request(request), "pending",
+                                           request=request))
+
+    def _new_entry(self, fault: FaultRecord | None, state: str, **source) -> TraceEntry:
+        self._seq += 1
+        self.injected += 1
+        entry = TraceEntry(self._seq, time.time(), fault, state, **source)
+        self.trace.append(entry)
+        return entry
+
+    def _queue(self, entry: TraceEntry) -> TraceEntry:
         if len(self._fifo) >= self.capacity:
             entry.state, entry.note = "lost", f"event FIFO full ({self.capacity} records)"
             self.lost += 1
         else:
             self._fifo.append(entry)
-        self.trace.append(entry)
         self._log(entry)
         return entry
 
@@ -88,7 +126,7 @@ class EventRelay:
         delivered = 0
         while self._fifo:
             entry = self._fifo[0]
-            if not sink(entry.fault.encode()):
+            if not sink(entry.fault.encode(self.extended)):
                 break
             self._fifo.popleft()
             entry.state = "delivered"
@@ -107,13 +145,35 @@ class EventRelay:
             self._log(entry)
         return dropped
 
+    def drain(self, sid: int, pasid: int | None, why: str) -> int:
+        """Remove the waiting records of one stream's PASID (it was unbound): they belong to
+        an address space that no longer exists and must not reach the next one."""
+        keep: deque[TraceEntry] = deque()
+        drained = 0
+        for entry in self._fifo:
+            if entry.sid == sid and (pasid is None or entry.pasid == pasid):
+                entry.state, entry.note = "drained", why
+                self.drained += 1
+                drained += 1
+                self._log(entry)
+            else:
+                keep.append(entry)
+        self._fifo = keep
+        return drained
+
+    def note_upstream_lost(self, count: int, why: str) -> None:
+        """Events lost before the relay saw them: counted and logged, never silent."""
+        self.upstream_lost += count
+        log.warning("%d event(s) lost upstream: %s", count, why)
+
     def counters(self) -> dict:
         return {"injected": self.injected, "delivered": self.delivered,
                 "pending": self.pending, "lost": self.lost,
-                "not_forwarded": self.not_forwarded, "capacity": self.capacity}
+                "not_forwarded": self.not_forwarded, "drained": self.drained,
+                "upstream_lost": self.upstream_lost, "capacity": self.capacity}
 
     def _log(self, entry: TraceEntry) -> None:
-        log.info("event #%d %s sid=%d: %s%s", entry.seq, entry.event.name, entry.event.sid,
-                 entry.state, f" ({entry.note})" if entry.note else "")
+        log.info("event #%d %s sid=%d: %s%s", entry.seq, entry.name, entry.sid, entry.state,
+                 f" ({entry.note})" if entry.note else "")
         for listener in self.on_state_change:
             listener(entry)

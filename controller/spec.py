@@ -15,7 +15,9 @@ __all__ = [
     "VIRTIO_IOMMU_ATTACH_F_BYPASS", "MapFlag", "FaultReason", "FaultFlag", "ProbeProperty",
     "ResvMemSubtype", "CONFIG_SIZE", "FAULT_RECORD_SIZE", "PROBE_PROPERTY_HEADER_SIZE",
     "RESV_MEM_PROPERTY_SIZE", "MSI_WINDOW_X86", "VIOMMU_F_ATTACH_TABLE", "TableFormat",
-    "InvalidateScope", "InvalidateCache", "InvalidateFlag",
+    "InvalidateScope", "InvalidateCache", "InvalidateFlag", "VIOMMU_F_PAGE_REQUEST",
+    "ExtFaultFlag", "PageRespCode", "PAGE_RESP_F_PASID_VALID",
+    "EXT_FAULT_RECORD_SIZE",
 ]
 
 
@@ -95,6 +97,32 @@ class ResvMemSubtype(enum.IntEnum):
 # The drafts' feature numbers collide with each other and with the spec's own bits, so this
 # one is viommu's: bit 63 lies in the device-specific range (50-127) and far from any draft.
 VIOMMU_F_ATTACH_TABLE = 63
+
+
+# Recoverable faults for guests that can answer them (digest §B.3, with the maintainer's
+# review applied): an extended fault record carrying PASID and group ID, and PAGE_RESP.
+VIOMMU_F_PAGE_REQUEST = 62
+
+
+class ExtFaultFlag(enum.IntFlag):
+    """Flags of the extended fault record, beside FaultFlag's."""
+
+    PASID = 1 << 9  # `pasid` (offset 12) is valid
+    PAGE_REQUEST = 1 << 10  # a page request: answer it with PAGE_RESP
+    LAST = 1 << 11  # last request of its group (the one PAGE_RESP answers)
+    PRIV = 1 << 12  # privileged access requested
+
+
+class PageRespCode(enum.IntEnum):
+    """PAGE_RESP `code` (R21 numbering)."""
+
+    SUCCESS = 0
+    INVALID = 1
+    FAILURE = 2
+
+
+PAGE_RESP_F_PASID_VALID = 1 << 0
+EXT_FAULT_RECORD_SIZE = 32
 
 
 class TableFormat(enum.IntEnum):

@@ -42,6 +42,9 @@ cpdef enum RequestType:
     # feature bit: bind SMMUv3 STE words, invalidate cached translations.
     VIRTIO_IOMMU_T_ATTACH_TABLE = 6
     VIRTIO_IOMMU_T_INVALIDATE = 7
+    # Answer to a page request (R21 with the maintainer's review: no domain), under viommu's
+    # private VIOMMU_F_PAGE_REQUEST.
+    VIRTIO_IOMMU_T_PAGE_RESP = 8
 
 # Device-readable size of each request (head + body); the tail is device-writable.
 cdef enum:
@@ -54,6 +57,7 @@ cdef enum:
     PROBE_READABLE = 72
     ATTACH_TABLE_READABLE = 124
     INVALIDATE_READABLE = 60
+    PAGE_RESP_READABLE = 24
     MAX_READABLE = 124
     MAX_WRITABLE_SEGMENTS = 8
     MAX_REGIONS = 32
@@ -463,6 +467,9 @@ cdef class Request:
     cdef readonly uint64_t address
     cdef readonly uint64_t nr_pages
     cdef readonly uint8_t page_size
+    # PAGE_RESP (flags above holds its flags; pasid above its PASID)
+    cdef readonly uint16_t grpid
+    cdef readonly uint16_t code
     cdef readonly uint32_t readable_len
     cdef readonly uint32_t writable_len
     cdef uint8_t *wseg_ptr[MAX_WRITABLE_SEGMENTS]
@@ -525,6 +532,8 @@ cdef int _readable_size(uint8_t req_type) noexcept:
         return ATTACH_TABLE_READABLE
     if req_type == VIRTIO_IOMMU_T_INVALIDATE:
         return INVALIDATE_READABLE
+    if req_type == VIRTIO_IOMMU_T_PAGE_RESP:
+        return PAGE_RESP_READABLE
     return -1
 
 
@@ -603,6 +612,13 @@ cdef Request _parse_request(VirtQueue vq, uint16_t head):
         req.nr_pages = rd64(buf + 32)
         req.page_size = buf[40]
         req.reserved_zero = _all_zero(buf + 41, 19)
+    elif req.type == VIRTIO_IOMMU_T_PAGE_RESP:
+        req.endpoint = rd32(buf + 4)
+        req.pasid = rd32(buf + 8)
+        req.grpid = rd16(buf + 12)
+        req.code = rd16(buf + 14)
+        req.flags = rd32(buf + 16)
+        req.reserved_zero = rd32(buf + 20) == 0
     return req
 
 

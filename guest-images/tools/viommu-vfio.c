@@ -330,6 +330,11 @@ static int run_transfer(struct endpoint *ep, int efd, long step, const char *wai
 	for (long r = 0; r < repeat; r++) {
 		reg_write(ep, REG_DOORBELL, &one, 4);
 		status = reg_read32(ep, REG_STATUS);
+		/* BUSY: the transfer waits for a PRI page response (up to 20 s) */
+		for (int waited = 0; status == 1 && waited < 20000; waited++) {
+			usleep(1000);
+			status = reg_read32(ep, REG_STATUS);
+		}
 		if (status != 2)
 			break;
 	}
