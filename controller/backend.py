@@ -18,7 +18,7 @@ from typing import Any
 from viommu import __version__
 from viommu._dataplane import GuestMemory, RingError, VirtQueue
 from viommu.control import Arg, Command, CommandError, ControlServer
-from viommu.device import DeviceConfig, VirtioIommuDevice
+from viommu.device import DeviceConfig, ResourceLimit, VirtioIommuDevice
 from viommu.endpoint import DmaEndpoint
 from viommu.iommufd import FaultGroup, FaultQueue, PriMustBeDisabled, VeventQueue
 from viommu.page_requests import PageRequestRelay
@@ -484,7 +484,10 @@ class Backend:
         endpoint = args["endpoint"]
         if not 0 <= endpoint <= 0xFFFF_FFFF:
             raise CommandError(f"endpoint must be a 32-bit ID, got {endpoint}")
-        self.device.add_endpoint(endpoint)
+        try:
+            self.device.add_endpoint(endpoint)
+        except ResourceLimit as exc:
+            raise CommandError(f"cannot add endpoint {endpoint:#x}: {exc}") from None
         return self.device.endpoint_state(endpoint)
 
     def _guest_memory(self):
@@ -529,8 +532,12 @@ class Backend:
             server.listen(self.loop)
         except OSError as exc:
             raise CommandError(f"cannot listen on {path}: {exc}") from None
+        try:
+            self.device.add_endpoint(sid)
+        except ResourceLimit as exc:
+            server.close()
+            raise CommandError(f"cannot add endpoint {sid:#x}: {exc}") from None
         self.endpoint_servers[sid] = server
-        self.device.add_endpoint(sid)
         return {"endpoint": sid, "socket": path, "pri": pri.to_dict()}
 
     def _cmd_endpoint_delete(self, args: dict) -> dict:

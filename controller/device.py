@@ -51,6 +51,10 @@ _PRIVATE_TYPES = {
 }
 
 
+class ResourceLimit(RuntimeError):
+    """A configured bound was reached (DeviceConfig says which)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DeviceConfig:
     """What the device advertises in its config space."""
@@ -61,6 +65,12 @@ class DeviceConfig:
     probe_size: int = 512
     bypass: bool = False
     resv_msi: tuple[int, int] = MSI_WINDOW_X86
+    # Limits instead of exhaustion: past them the guest gets S_NOMEM (spec: "insufficient
+    # resources") and the backend's memory stays flat whatever the guest asks for.
+    max_domains: int = 1024
+    max_mappings_per_domain: int = 65536
+    max_mappings: int = 262144
+    max_endpoints: int = 4096
 
     @property
     def granule(self) -> int:
@@ -113,6 +123,7 @@ class VirtioIommuDevice:
         self.bypass = self.config.bypass
         self.endpoints = {ep: Endpoint(ep) for ep in endpoints}
         self.domains: dict[int, Domain] = {}
+        self.mapping_count = 0  # over every domain, against config.max_mappings
         self.driver_features = 0
         self.request_counts: Counter[str] = Counter()
         self.status_counts: Counter[str] = Counter()
@@ -165,6 +176,7 @@ class VirtioIommuDevice:
         Negotiated features are left alone: over vhost-user the front-end sends SET_FEATURES
         before the ring restart that reveals the reset, and again on every start."""
         self.domains.clear()
+        self.mapping_count = 0
         for ep in self.endpoints.values():
             ep.domain = None
             ep.probed = False
@@ -172,6 +184,8 @@ class VirtioIommuDevice:
             self._stream_changed(ep.endpoint_id)
 
     def add_endpoint(self, endpoint_id: int) -> None:
+        if endpoint_id not in self.endpoints and len(self.endpoints) >= self.config.max_endpoints:
+            raise ResourceLimit(f"already {len(self.endpoints)} endpoints, the limit")
         if endpoint_id not in self.endpoints:
             self.endpoints[endpoint_id] = Endpoint(endpoint_id)
             self._stream_changed(endpoint_id)
@@ -245,6 +259,8 @@ class VirtioIommuDevice:
         if domain is not None and (domain.bypass != bypass or domain.table is not None):
             return Status.S_INVAL, b""
         if domain is None:
+            if len(self.domains) >= self.config.max_domains:
+                return Status.S_NOMEM, b""
             domain = Domain(req.domain, bypass)
         self._join(ep, domain, table=None)
         return Status.S_OK, b""
@@ -284,6 +300,8 @@ class VirtioIommuDevice:
             return Status.S_INVAL, b""  # a MAP or bypass domain cannot take tables
         table = (req.ste0, req.ste1)
         if domain is None:
+            if len(self.domains) >= self.config.max_domains:
+                return Status.S_NOMEM, b""
             domain = Domain(req.domain, bypass=False, table=table)
         elif domain.table != table:
             domain.table = table  # new tables for the whole domain
@@ -359,6 +377,7 @@ class VirtioIommuDevice:
         ep.domain = None
         ep.table = None
         if not domain.endpoints:  # the domain ceases to exist with its mappings
+            self.mapping_count -= len(domain.mappings)
             del self.domains[domain.domain_id]
 
     def _map(self, req) -> Reply:
@@ -382,10 +401,16 @@ class VirtioIommuDevice:
             return Status.S_RANGE, b""
         if self._overlaps_reserved(req.virt_start, req.virt_end):
             return Status.S_INVAL, b""
+        if domain.mappings.overlaps(req.virt_start, req.virt_end):
+            return Status.S_INVAL, b""
+        if (len(domain.mappings) >= self.config.max_mappings_per_domain
+                or self.mapping_count >= self.config.max_mappings):
+            return Status.S_NOMEM, b""
         try:
             domain.mappings.add(Mapping(req.virt_start, req.virt_end, req.phys_start, req.flags))
         except OverlapError:
             return Status.S_INVAL, b""
+        self.mapping_count += 1
         return Status.S_OK, b""
 
     def _unmap(self, req) -> Reply:
@@ -399,9 +424,10 @@ class VirtioIommuDevice:
         if domain.bypass or domain.table is not None or req.virt_end < req.virt_start:
             return Status.S_INVAL, b""
         try:
-            domain.mappings.remove_range(req.virt_start, req.virt_end)
+            removed = domain.mappings.remove_range(req.virt_start, req.virt_end)
         except SplitError:
             return Status.S_RANGE, b""
+        self.mapping_count -= len(removed)
         return Status.S_OK, b""
 
     def _probe(self, req) -> Reply | tuple[Status, bytes]:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from viommu.faults import FaultRecord, NotForwarded, fault_from_event, fault_from_page_request
 from viommu.pri import PageRequest
 from viommu.smmuv3 import EventRecord
+from viommu.spec import FaultReason
 
 log = logging.getLogger("viommu.relay")
 
@@ -33,22 +34,31 @@ class TraceEntry:
     fault: FaultRecord | None
     state: str  # pending, delivered, lost, not-forwarded, drained
     event: EventRecord | None = None  # an SMMUv3 event...
-    request: PageRequest | None = None  # ...or a page request
+    request: PageRequest | None = None  # ...or a page request...
+    lost_count: int = 0  # ...or the summary of this many events lost to FIFO overflow
     note: str = ""
 
     @property
+    def is_summary(self) -> bool:
+        return self.lost_count > 0
+
+    @property
     def sid(self) -> int:
-        return self.event.sid if self.event is not None else self.request.sid
+        if self.event is not None:
+            return self.event.sid
+        return self.request.sid if self.request is not None else self.fault.endpoint
 
     @property
     def pasid(self) -> int | None:
         if self.request is not None:
             return self.request.pasid
-        return self.event.ssid if self.event.ssv else None
+        return self.event.ssid if self.event is not None and self.event.ssv else None
 
     @property
     def name(self) -> str:
-        return self.event.name if self.event is not None else "PAGE_REQUEST"
+        if self.event is not None:
+            return self.event.name
+        return "PAGE_REQUEST" if self.request is not None else "EVENTS_LOST"
 
     def to_dict(self) -> dict:
         out = {"seq": self.seq, "time": self.time, "type": self.name, "sid": self.sid,
@@ -58,6 +68,8 @@ class TraceEntry:
             out["record"] = self.event.encode().hex()
         if self.request is not None:
             out["request"] = self.request.to_dict()
+        if self.is_summary:
+            out["lost_count"] = self.lost_count
         if self.fault is not None:
             out["fault"] = dataclasses.asdict(self.fault)
             out["fault_record"] = self.fault.encode().hex()
@@ -80,13 +92,17 @@ class EventRelay:
         self.drained = 0
         # Events the host dropped before they reached us (iommufd vEVENTQ overflow).
         self.upstream_lost = 0
+        # FIFO overflow: lost since the last summary record, and the first one's stream.
+        self._lost_unreported = 0
+        self._lost_sid = 0
+        self.summaries = 0
         # The driver negotiated viommu's extended fault record (PASID, group ID).
         self.extended = False
         self.on_state_change: list[Callable[[TraceEntry], None]] = []
 
     @property
     def pending(self) -> int:
-        return len(self._fifo)
+        return sum(1 for entry in self._fifo if not entry.is_summary)
 
     def submit(self, event: EventRecord) -> TraceEntry:
         """Accept one SMMUv3 event; it is queued for the guest unless it is host-only or the
@@ -116,10 +132,28 @@ class EventRelay:
         if len(self._fifo) >= self.capacity:
             entry.state, entry.note = "lost", f"event FIFO full ({self.capacity} records)"
             self.lost += 1
+            if not self._lost_unreported:
+                self._lost_sid = entry.sid
+                log.warning("event FIFO full (%d records): counting events lost until the "
+                            "guest takes some", self.capacity)
+            self._lost_unreported += 1
         else:
             self._fifo.append(entry)
         self._log(entry)
         return entry
+
+    def _queue_summary(self) -> None:
+        """Once there is room again, one UNKNOWN record without an address tells the guest
+        that events were lost, as iommufd's LOST_EVENTS header tells a VMM."""
+        if not self._lost_unreported or len(self._fifo) >= self.capacity:
+            return
+        count, self._lost_unreported = self._lost_unreported, 0
+        fault = FaultRecord(FaultReason.UNKNOWN, 0, self._lost_sid)
+        entry = TraceEntry(0, time.time(), fault, "pending", lost_count=count,
+                           note=f"{count} event(s) lost to FIFO overflow")
+        self._fifo.append(entry)
+        self.trace.append(entry)
+        log.warning("event FIFO: %d event(s) were lost; a summary record is queued", count)
 
     def flush(self, sink: Sink) -> int:
         """Deliver waiting records in order until the guest runs out of buffers."""
@@ -130,19 +164,27 @@ class EventRelay:
                 break
             self._fifo.popleft()
             entry.state = "delivered"
-            self.delivered += 1
+            if entry.is_summary:
+                self.summaries += 1
+            else:
+                self.delivered += 1
             delivered += 1
             self._log(entry)
+            self._queue_summary()
         return delivered
 
     def drop_pending(self, why: str) -> int:
         """The guest that these records were for is gone (device reset): count them lost."""
-        dropped = len(self._fifo)
+        dropped = 0
         while self._fifo:
             entry = self._fifo.popleft()
+            if entry.is_summary:
+                continue
             entry.state, entry.note = "lost", why
             self.lost += 1
+            dropped += 1
             self._log(entry)
+        self._lost_unreported = 0  # the guest that would read the summary is gone too
         return dropped
 
     def drain(self, sid: int, pasid: int | None, why: str) -> int:
@@ -151,7 +193,8 @@ class EventRelay:
         keep: deque[TraceEntry] = deque()
         drained = 0
         for entry in self._fifo:
-            if entry.sid == sid and (pasid is None or entry.pasid == pasid):
+            if not entry.is_summary and entry.sid == sid and (pasid is None
+                                                              or entry.pasid == pasid):
                 entry.state, entry.note = "drained", why
                 self.drained += 1
                 drained += 1
@@ -170,10 +213,11 @@ class EventRelay:
         return {"injected": self.injected, "delivered": self.delivered,
                 "pending": self.pending, "lost": self.lost,
                 "not_forwarded": self.not_forwarded, "drained": self.drained,
-                "upstream_lost": self.upstream_lost, "capacity": self.capacity}
+                "upstream_lost": self.upstream_lost, "summaries": self.summaries,
+                "capacity": self.capacity}
 
     def _log(self, entry: TraceEntry) -> None:
-        log.info("event #%d %s sid=%d: %s%s", entry.seq, entry.name, entry.sid, entry.state,
+        log.debug("event #%d %s sid=%d: %s%s", entry.seq, entry.name, entry.sid, entry.state,
                  f" ({entry.note})" if entry.note else "")
         for listener in self.on_state_change:
             listener(entry)

@@ -31,6 +31,9 @@ IPA_LIMIT = 1 << hw.SMMU_OAS_BITS
 Result = tuple[int | None, bytes | None]
 
 
+# Input addresses are 64-bit quantities: arithmetic on them wraps.
+ADDRESS_MASK = (1 << 64) - 1
+
 class MappingLookup(Protocol):
     def lookup(self, iova: int): ...
 
@@ -148,9 +151,12 @@ class ReferenceEngine:
         return gpa, None
 
     def dma_read(self, sid: int, ssid: int, iova: int, n: int, flags: int = 0) -> Result:
+        """Page by page; addresses are 64-bit, so a transfer past the top wraps to 0, as the
+        engine's (and a device's) address arithmetic does."""
         data = b""
         while len(data) < n:
-            gpa, info = self._translate(sid, ssid, iova + len(data), READ | flags)
+            gpa, info = self._translate(sid, ssid, (iova + len(data)) & ADDRESS_MASK,
+                                        READ | flags)
             if gpa is None:
                 return None, info
             data += self.mem.read(gpa, min(info, n - len(data)))
@@ -160,7 +166,7 @@ class ReferenceEngine:
                   flags: int = 0) -> tuple[int | None, bytes | None]:
         done = 0
         while done < len(data):
-            gpa, info = self._translate(sid, ssid, iova + done, WRITE | flags)
+            gpa, info = self._translate(sid, ssid, (iova + done) & ADDRESS_MASK, WRITE | flags)
             if gpa is None:
                 return None, info
             chunk = min(info, len(data) - done)

@@ -194,3 +194,18 @@ def test_every_event_is_accounted_for(ops) -> None:
         else:
             relay.flush(Guest(n))
         assert accounted(relay)
+
+
+def test_overflow_reaches_the_guest_as_one_summary_record_once_there_is_room() -> None:
+    relay = EventRelay(capacity=2)
+    for sid in (1, 2, 3, 4, 5):
+        relay.submit(bad_ste(sid))
+    guest = Guest(10)
+    relay.flush(guest)
+    received = [FaultRecord.decode(r) for r in guest.received]
+    assert [r.endpoint for r in received] == [1, 2, 3]  # the kept two, then the summary
+    assert received[2] == FaultRecord(FaultReason.UNKNOWN, 0, 3)  # the first lost stream
+    assert relay.counters()["summaries"] == 1 and relay.lost == 3
+    assert accounted(relay)
+    [summary] = [e for e in relay.trace if e.is_summary]
+    assert summary.to_dict()["lost_count"] == 3
