@@ -68,7 +68,8 @@ class Backend:
         self.host_queues: list[FaultQueue | VeventQueue] = []
         self._register_commands()
         self.connection: VhostUserConnection | None = None
-        self.queues: dict[int, tuple[VirtQueue, Callable[[], None]]] = {}
+        # index -> (ring, used-buffer notifier, vring-error signaller)
+        self.queues: dict[int, tuple[VirtQueue, Callable[[], None], Callable[[], bool]]] = {}
         self.resets = 0
         self.broken: str | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -194,8 +195,9 @@ class Backend:
     def memory_changed(self, mem: GuestMemory) -> None:
         self.translator.memory_changed(mem)
 
-    def queue_started(self, index: int, vq: VirtQueue, notify: Callable[[], None]) -> None:
-        self.queues[index] = (vq, notify)
+    def queue_started(self, index: int, vq: VirtQueue, notify: Callable[[], None],
+                      signal_error: Callable[[], bool]) -> None:
+        self.queues[index] = (vq, notify, signal_error)
         log.info("queue %d started (size %d)", index, vq.num)
 
     def queue_stopped(self, index: int) -> None:
@@ -224,11 +226,11 @@ class Backend:
         entry = self.queues.get(REQUESTQ)
         if entry is None or self.broken:
             return
-        vq, notify = entry
+        vq, notify, signal_error = entry
         try:
             used = vq.process_requests(self.device.handle_request)
         except RingError as exc:
-            self._mark_broken(str(exc))
+            self._mark_broken(str(exc), signal_error)
             return
         if used and vq.needs_interrupt():
             notify()
@@ -237,11 +239,11 @@ class Backend:
         entry = self.queues.get(EVENTQ)
         if entry is None or self.broken:
             return 0
-        vq, notify = entry
+        vq, notify, signal_error = entry
         try:
             delivered = self.relay.flush(vq.push_event)
         except RingError as exc:
-            self._mark_broken(str(exc))
+            self._mark_broken(str(exc), signal_error)
             return 0
         if delivered and vq.needs_interrupt():
             notify()
@@ -308,12 +310,14 @@ class Backend:
             self.device.endpoints[event.sid].config_fault = EventId(event.event_id).name
         self._flush_events()
 
-    def _mark_broken(self, why: str) -> None:
+    def _mark_broken(self, why: str, signal_error: Callable[[], bool]) -> None:
         # The driver corrupted a ring: stop serving it rather than guess. The next guest
         # reset restarts the rings and clears this.
         self.broken = why
-        log.error("device broken until reset: %s", why)
-        self.control.emit("DEVICE_BROKEN", {"reason": why})
+        signalled = signal_error()
+        log.error("device broken until the guest resets it: %s (vring error fd %s)", why,
+                  "signalled" if signalled else "absent")
+        self.control.emit("DEVICE_BROKEN", {"reason": why, "vring_error_signalled": signalled})
 
     # --- control commands -------------------------------------------------------------------------
 
@@ -472,7 +476,7 @@ class Backend:
                                 "used_idx": vq.used_idx, "chains": vq.chains_seen,
                                 "malformed": vq.chains_malformed,
                                 "buffers_too_small": vq.buffers_too_small}
-                       for i, (vq, _) in sorted(self.queues.items())},
+                       for i, (vq, _, _) in sorted(self.queues.items())},
             "driver_features": self.device.driver_features,
             "bypass": self.device.bypass,
             "resets": self.resets,

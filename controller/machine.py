@@ -114,6 +114,25 @@ class Machine:
         self.shutdown()
 
     @property
+    def qemu_pid(self) -> int | None:
+        return self._qemu_proc.pid if self._qemu_proc is not None else None
+
+    def backend_exit_status(self, timeout: float) -> int | None:
+        """Wait for the backend process to end; its exit status, or None if it did not."""
+        if self._backend_proc is None:
+            return None
+        try:
+            return self._backend_proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    @property
+    def backend_pid(self) -> int:
+        if self._backend_proc is not None:
+            return self._backend_proc.pid
+        return os.getpid()  # in-process backend
+
+    @property
     def endpoint_ids(self) -> list[int]:
         return [self.profile.endpoint_id(ep) for ep in self.profile.endpoints]
 

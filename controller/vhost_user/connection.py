@@ -41,7 +41,8 @@ class VhostUserDevice(Protocol):
     def get_config(self) -> bytes: ...
     def set_config(self, offset: int, data: bytes) -> None: ...
     def memory_changed(self, mem: GuestMemory) -> None: ...
-    def queue_started(self, index: int, vq: VirtQueue, notify: Callable[[], None]) -> None: ...
+    def queue_started(self, index: int, vq: VirtQueue, notify: Callable[[], None],
+                      signal_error: Callable[[], bool]) -> None: ...
     def queue_stopped(self, index: int) -> None: ...
     def queue_kicked(self, index: int) -> None: ...
     def reset(self, reason: str) -> None: ...
@@ -381,7 +382,8 @@ class VhostUserConnection:
         vring.running = True
         vring.stopped_at = None
         self._add_reader(vring.kick_fd, lambda: self._on_kick(vring))
-        self.device.queue_started(vring.index, vring.vq, lambda: self._notify(vring))
+        self.device.queue_started(vring.index, vring.vq, lambda: self._notify(vring),
+                                  lambda: self.signal_error(vring.index))
         # Buffers made available before the kick fd existed are served now.
         self.device.queue_kicked(vring.index)
 
@@ -408,6 +410,16 @@ class VhostUserConnection:
         except BlockingIOError:
             pass
         self.device.queue_kicked(vring.index)
+
+    def signal_error(self, index: int) -> bool:
+        """Tell the front-end a vring failed (its SET_VRING_ERR eventfd). QEMU's generic
+        device only logs this (and only in debug builds): no vhost-user message makes it set
+        DEVICE_NEEDS_RESET for the guest. False when no error fd was given."""
+        vring = self.vrings[index]
+        if vring.err_fd is None:
+            return False
+        os.eventfd_write(vring.err_fd, 1)
+        return True
 
     def _notify(self, vring: Vring) -> None:
         if vring.call_fd is not None:

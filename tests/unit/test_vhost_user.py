@@ -368,3 +368,25 @@ def test_map_is_served_after_a_guest_reset(fe) -> None:
     fe.start(bases=(0, 0))
     fe.request(ATTACH)
     assert fe.request(MAP) == 0
+
+
+def test_a_corrupt_requestq_marks_the_device_broken_and_signals_the_vring_error_fd(fe) -> None:
+    err_fd = os.eventfd(0, os.EFD_NONBLOCK)
+    fe.send(Request.SET_VRING_ERR, u64(0), [err_fd])
+    fe.start()
+    avail = RINGS[0][1]
+    struct.pack_into("<HH", fe.guest.ram, avail + 2, 1, QSIZE)  # avail idx 1, head = size
+    fe.kick(0)
+    assert "head index" in fe.backend.broken
+    assert os.eventfd_read(err_fd) == 1
+    os.close(err_fd)
+
+
+def test_a_guest_reset_clears_a_broken_device(fe) -> None:
+    fe.start()
+    fe.request(ATTACH)
+    fe.backend.broken = "earlier corruption"
+    fe.stop()
+    fe.guest.reset_rings()
+    fe.start()  # rings restarted at base 0: the guest reset
+    assert fe.backend.broken is None
