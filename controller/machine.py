@@ -76,8 +76,12 @@ def detect_accel() -> str:
 class Machine:
     def __init__(self, profile: Profile | str = "default", *, workdir: Path | str | None = None,
                  accel: str = "auto", name: str = "vm", boot_timeout: float = 120,
-                 backend_in_process: bool = False) -> None:
+                 backend_in_process: bool = False, iommu: str | None = None) -> None:
+        """`iommu` overrides the profile's: "viommu" (ours), "qemu" (QEMU's in-process
+        virtio-iommu-pci, to compare against) or "none"."""
         self.profile = load_profile(profile) if isinstance(profile, str) else profile
+        if iommu is not None:
+            self.profile = dataclasses.replace(self.profile, iommu=iommu)
         self.accel = detect_accel() if accel == "auto" else accel
         self.name = name
         self.boot_timeout = boot_timeout
@@ -139,7 +143,8 @@ class Machine:
     def launch(self) -> None:
         started = time.monotonic()
         try:
-            self._start_backend()
+            if self.profile.iommu == "viommu":
+                self._start_backend()
             self._start_qemu()
             self._wait_for_shell(since=0)
             self.boot_seconds = time.monotonic() - started
@@ -197,8 +202,6 @@ class Machine:
     def qemu_command(self) -> list[str]:
         p = self.profile
         kernel, initrd, _ = paths.guest_image()
-        viot = self.workdir / "viot.bin"
-        viot.write_bytes(build_viot(p.iommu_bdf, p.viot_ranges()))
         mem = f"{p.memory_mib}M"
         cmd = [
             paths.qemu_binary(), "-name", self.name, "-nodefaults", "-no-user-config",
@@ -213,11 +216,7 @@ class Machine:
             "-chardev", f"socket,id=mon,path={self._qmp_socket}",
             "-mon", "chardev=mon,mode=control",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", p.kernel_cmdline,
-            "-chardev", f"socket,id=viommu,path={self.vhost_socket}",
-            "-device", "vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,"
-                       f"config_size=40,bus=pcie.0,addr={p.iommu_addr:#x}",
-            "-acpitable", f"file={viot}",
-        ]
+        ] + self._iommu_args()
         for port in range(p.root_ports):
             cmd += ["-device", f"pcie-root-port,id=rp{port},chassis={port + 1},slot={port + 1},"
                                f"bus=pcie.0,addr={p.root_port_first_addr + port:#x}"]
@@ -225,6 +224,19 @@ class Machine:
             opts = "".join(f",{k}={v}" for k, v in ep.options.items())
             cmd += ["-device", f"{ep.device},id={ep.name},bus=rp{ep.port}{opts}"]
         return cmd + list(p.extra_args)
+
+    def _iommu_args(self) -> list[str]:
+        p = self.profile
+        if p.iommu == "none":
+            return []
+        if p.iommu == "qemu":
+            return ["-device", f"virtio-iommu-pci,bus=pcie.0,addr={p.iommu_addr:#x}"]
+        viot = self.workdir / "viot.bin"
+        viot.write_bytes(build_viot(p.iommu_bdf, p.viot_ranges()))
+        return ["-chardev", f"socket,id=viommu,path={self.vhost_socket}",
+                "-device", "vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,"
+                           f"config_size=40,bus=pcie.0,addr={p.iommu_addr:#x}",
+                "-acpitable", f"file={viot}"]
 
     def _start_qemu(self) -> None:
         cmd = self.qemu_command()

@@ -25,6 +25,10 @@ class Profile:
     memory_mib: int = 512
     cpus: int = 1
     iommu_addr: int = 3
+    # "viommu": our out-of-process device; "qemu": QEMU's own virtio-iommu-pci, the in-process
+    # device users compare against (QEMU then builds the VIOT; no backend runs); "none": no
+    # vIOMMU at all (the baseline for boot time).
+    iommu: str = "viommu"
     root_ports: int = 4
     root_port_first_addr: int = 4
     cmdline: str = "console=ttyS0 deferred_probe_timeout=-1 panic=-1 loglevel=4"
@@ -91,4 +95,6 @@ def load_profile(name_or_path: str | Path) -> Profile:
         **({"cmdline": kernel["cmdline"]} if "cmdline" in kernel else {}))
     for ep in profile.endpoints:
         profile.port_bus(ep.port)
+    if profile.iommu not in ("viommu", "qemu", "none"):
+        raise ValueError(f"{path}: iommu must be viommu, qemu or none, not {profile.iommu!r}")
     return profile

@@ -160,27 +160,12 @@ class TranslatingDma:
         return pending
 
     def _copy_now(self, ssid: int, src: int, dst: int, length: int) -> DmaFault | None:
-        t = self.translator
-        done = 0
-        while done < length:
-            chunk = min(PAGE_SIZE - (src + done) % PAGE_SIZE, PAGE_SIZE - (dst + done) % PAGE_SIZE,
-                        length - done)
-            src_gpa = self._translate(ssid, src + done, chunk, READ, done)
-            if isinstance(src_gpa, DmaFault):
-                return src_gpa
-            dst_gpa = self._translate(ssid, dst + done, chunk, WRITE, done)
-            if isinstance(dst_gpa, DmaFault):
-                return dst_gpa
-            t.mem.write(dst_gpa, t.mem.read(src_gpa, chunk))
-            done += chunk
-        return None
-
-    def _translate(self, ssid: int, iova: int, size: int, access: int,
-                   done: int) -> int | DmaFault:
-        gpa, record = self.translator.engine.translate(self.sid, ssid, iova, size, access)
-        if gpa is not None:
-            return gpa
-        write = access == WRITE
+        """Copy through translation in C; a fault stops the transfer where it happened (the
+        pages before it are copied, as a real DMA would) and goes to the relay."""
+        done, record, iova, write = self.translator.engine.dma_copy(self.sid, ssid, src, dst,
+                                                                    length)
+        if done == length:
+            return None
         if record is None:  # terminated without an event (STE abort, CD.R = 0)
             return DmaFault(EventId.F_TRANSLATION, iova, write, done)
         event = EventRecord.decode(record)

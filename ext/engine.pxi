@@ -1325,6 +1325,27 @@ cdef class Engine:
             done += chunk
         return n, None
 
+    def dma_copy(self, uint32_t sid, int ssid, uint64_t src, uint64_t dst, uint64_t n):
+        """A device's memory-to-memory copy of n bytes, both sides translated, page by page
+        with no intermediate buffer: (n, None, 0, False) when done, else (bytes copied,
+        record or None, IOVA of the first byte not reached, whether that was the write)."""
+        cdef uint64_t sgpa, savail, dgpa, davail, chunk, done = 0
+        cdef uint8_t *shost
+        cdef uint8_t *dhost
+        cdef Fault f
+        _check_access(ssid, ACC_WRITE)
+        while done < n:
+            shost = self.translate_c(sid, ssid, src + done, ACC_READ, &sgpa, &savail, &f)
+            if shost == NULL:
+                return done, fault_record(&f) if f.recorded else None, src + done, False
+            dhost = self.translate_c(sid, ssid, dst + done, ACC_WRITE, &dgpa, &davail, &f)
+            if dhost == NULL:
+                return done, fault_record(&f) if f.recorded else None, dst + done, True
+            chunk = min(savail, davail, n - done)
+            memmove(dhost, shost, chunk)
+            done += chunk
+        return n, None, 0, False
+
     def _bench_translate_c(self, uint32_t sid, int ssid, const uint64_t[::1] iovas not None,
                            int access, int repeat) -> int:
         """Benchmark hook: translate every iova `repeat` times in C, without the GIL;
