@@ -38,6 +38,7 @@ EVENTQ = 1
 CONFIG_EVENTS = frozenset({EventId.C_BAD_STE, EventId.C_BAD_CD, EventId.C_BAD_SUBSTREAMID})
 MAX_INJECT_COUNT = 1_000_000
 MAX_MEMORY_ACCESS = 1 << 20
+MAX_REQUESTER_ID = 0xFFFF  # bus:device.function
 # inject-event arguments that only events with an input address carry
 ACCESS_ARGS = frozenset({"address", "access", "privileged", "s2", "ipa", "class", "stall",
                          "stag"})
@@ -409,15 +410,19 @@ class Backend:
         if not 1 <= count <= MAX_INJECT_COUNT:
             raise CommandError(f"count must be 1..{MAX_INJECT_COUNT}, got {count}")
         record = self._event_from_args(event_id, sid, args)
-        entries = [self.relay.submit(record) for _ in range(count)]
+        before = self.relay.counters()
+        first = self.relay.submit_burst(record, count)[0]
         if event_id in CONFIG_EVENTS:
             self.device.endpoints[sid].config_fault = event_id.name
         self._flush_events()
-        states = [e.state for e in entries]
-        first = entries[0]
-        return {"seq": first.seq, "count": count,
-                "delivered": states.count("delivered"), "pending": states.count("pending"),
-                "lost": states.count("lost"), "not_forwarded": states.count("not-forwarded"),
+        after = self.relay.counters()
+        # The FIFO was flushed in order, so this burst's records are the last ones pending.
+        pending = min(after["pending"], count)
+        lost = after["lost"] - before["lost"]
+        not_forwarded = after["not_forwarded"] - before["not_forwarded"]
+        return {"seq": first.seq, "count": count, "pending": pending, "lost": lost,
+                "not_forwarded": not_forwarded,
+                "delivered": count - pending - lost - not_forwarded,
                 "guest_line": first.fault.guest_line() if first.fault else None,
                 "note": first.note or None}
 
@@ -524,6 +529,9 @@ class Backend:
 
     def _cmd_endpoint_create(self, args: dict) -> dict:
         sid = args["endpoint"]
+        if not 0 <= sid <= MAX_REQUESTER_ID:
+            raise CommandError(f"endpoint must be a PCI requester ID 0..{MAX_REQUESTER_ID:#x} "
+                               f"(the VIOT maps endpoint ID = requester ID), got {sid}")
         if sid in self.endpoint_servers:
             raise CommandError(f"endpoint {sid:#x} is already served; endpoint-delete it first")
         default_dir = os.path.dirname(self.control_path or self.socket_path)
@@ -534,8 +542,8 @@ class Backend:
         server = EndpointServer(path, device, name=f"endpoint {sid:#x}")
         try:
             server.listen(self.loop)
-        except OSError as exc:
-            raise CommandError(f"cannot listen on {path}: {exc}") from None
+        except (OSError, ValueError) as exc:  # UnicodeError is a ValueError
+            raise CommandError(f"cannot listen on {path!r}: {exc}") from None
         try:
             self.device.add_endpoint(sid)
         except ResourceLimit as exc:

@@ -151,8 +151,9 @@ class ControlServer:
                 return buffer
             try:
                 request = json.loads(document)
-            except json.JSONDecodeError as exc:
-                client.send(_error(f"JSON parse error, {exc.msg}", None))
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                client.send(_error(f"JSON parse error, {reason}", None))
                 continue
             client.send(self._execute(client, request))
 

@@ -116,6 +116,37 @@ class EventRelay:
             return entry
         return self._queue(self._new_entry(fault, "pending", event=event))
 
+    def submit_burst(self, event: EventRecord, count: int) -> list[TraceEntry]:
+        """`count` copies of one event in time proportional to what the FIFO can take, not
+        to `count`: the copies that do not fit are counted lost at once (one trace entry
+        says how many), so a huge burst never stalls the loop that serves the guest."""
+        if count < 1:
+            return []
+        first = self.submit(event)
+        if first.state == "not-forwarded":
+            self.injected += count - 1
+            self.not_forwarded += count - 1
+            return [first]
+        entries = [first]
+        while len(entries) < count and len(self._fifo) < self.capacity:
+            entries.append(self.submit(event))
+        rest = count - len(entries)
+        if rest:
+            self.injected += rest
+            self.lost += rest
+            if not self._lost_unreported:
+                self._lost_sid = event.sid
+            self._lost_unreported += rest
+            lost = TraceEntry(self._seq + 1, time.time(), first.fault, "lost", event=event,
+                              note=f"{rest} copies lost: event FIFO full "
+                                   f"({self.capacity} records)")
+            self._seq += rest
+            self.trace.append(lost)
+            entries.append(lost)
+            log.warning("event FIFO full (%d records): %d copies of %s counted lost",
+                        self.capacity, rest, event.name)
+        return entries
+
     def submit_page_request(self, request: PageRequest) -> TraceEntry:
         """Accept one page request as a fault record for the guest."""
         return self._queue(self._new_entry(fault_from_page_request(request), "pending",

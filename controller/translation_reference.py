@@ -33,6 +33,7 @@ Result = tuple[int | None, bytes | None]
 
 # Input addresses are 64-bit quantities: arithmetic on them wraps.
 ADDRESS_MASK = (1 << 64) - 1
+FETCH_ADDR_MASK = ((1 << 52) - 1) & ~0x7
 
 class MappingLookup(Protocol):
     def lookup(self, iova: int): ...
@@ -191,7 +192,9 @@ class ReferenceEngine:
         if fault.event != EventId.F_STREAM_DISABLED and ssid >= 0:
             fields.update(ssv=True, ssid=ssid)
         if fault.event in (EventId.F_CD_FETCH, EventId.F_WALK_EABT):
-            fields["fetch_addr"] = fault.fetch_addr
+            # The record's FetchAddr field is bits [51:3]: a fetch address past 52 bits (a CD
+            # table at the top of the space) is reported truncated, as the engine does.
+            fields["fetch_addr"] = fault.fetch_addr & FETCH_ADDR_MASK
         if fault.event in ADDRESS_EVENTS:
             fields.update(
                 address=iova, rnw=not access & WRITE, pnu=bool(access & PRIV),

@@ -133,11 +133,21 @@ class VfioUserConnection:
         if not data:
             _close_all(fds)
             return None, None
+        try:
+            msg_id, command, msg_flags, error, size, payload, problem = self._read_body(data)
+        except BaseException:
+            _close_all(fds)  # a message that never completes owns no fds
+            raise
+        if flags & socket.MSG_CTRUNC:
+            problem = ProtocolError(f"more than {MAX_FDS} fds (max_msg_fds); the kernel "
+                                    f"dropped the rest, so the request is refused whole")
+        return Message(msg_id, command, msg_flags, error, payload, list(fds)), problem
+
+    def _read_body(self, data: bytes):
         if len(data) < m.HEADER.size:
             data += self._recv_exact(m.HEADER.size - len(data))
         msg_id, command, size, msg_flags, error = m.HEADER.unpack(data)
         if size < m.HEADER.size or size > MAX_DRAIN_SIZE:
-            _close_all(fds)
             raise ProtocolError(f"{m.command_name(command)} id {msg_id} announces a {size}-byte "
                                 f"message; the stream cannot be trusted any more")
         problem = None
@@ -149,10 +159,7 @@ class VfioUserConnection:
                                     f"{MAX_DATA_XFER_SIZE})", errno.E2BIG)
         else:
             payload = self._recv_exact(size - m.HEADER.size)
-        if flags & socket.MSG_CTRUNC:
-            problem = ProtocolError(f"more than {MAX_FDS} fds (max_msg_fds); the kernel "
-                                    f"dropped the rest, so the request is refused whole")
-        return Message(msg_id, command, msg_flags, error, payload, list(fds)), problem
+        return msg_id, command, msg_flags, error, size, payload, problem
 
     def _recv_exact(self, n: int) -> bytes:
         chunks = []

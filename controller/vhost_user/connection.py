@@ -142,18 +142,22 @@ class VhostUserConnection:
         for level, kind, cdata in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+        received = list(fds)
         if not data:
-            _close_all(fds)
+            _close_all(received)
             return None
-        if len(data) < m.HEADER.size:
-            data += self._recv_exact(m.HEADER.size - len(data))
-        request, flags, size = m.HEADER.unpack(data)
-        if size > m.MAX_PAYLOAD:
-            _close_all(fds)
-            raise ProtocolError(f"{m.request_name(request)} announces a {size}-byte payload "
-                                f"(limit {m.MAX_PAYLOAD})")
-        payload = self._recv_exact(size) if size else b""
-        return Message(request, flags, payload, list(fds))
+        try:
+            if len(data) < m.HEADER.size:
+                data += self._recv_exact(m.HEADER.size - len(data))
+            request, flags, size = m.HEADER.unpack(data)
+            if size > m.MAX_PAYLOAD:
+                raise ProtocolError(f"{m.request_name(request)} announces a {size}-byte "
+                                    f"payload (limit {m.MAX_PAYLOAD})")
+            payload = self._recv_exact(size) if size else b""
+        except BaseException:
+            _close_all(received)  # a message that never completes owns no fds
+            raise
+        return Message(request, flags, payload, received)
 
     def _recv_exact(self, n: int) -> bytes:
         chunks = []
@@ -178,10 +182,12 @@ class VhostUserConnection:
                 reply, ok = None, False
             else:
                 reply, ok = handler(msg), True
-        except (ProtocolError, ValueError, OSError) as exc:
+        except (ProtocolError, ValueError, OverflowError, OSError) as exc:
             log.error("vhost-user: %s rejected: %s", msg.name, exc)
-            _close_all(msg.fds)
             reply, ok = None, False
+        finally:
+            # Handlers take the fds they keep out of msg.fds; the rest must not leak.
+            _close_all(msg.fds)
         if msg.request in _HAS_REPLY_BODY:
             # The front-end blocks on this reply: always send one. On failure a non-zero u64
             # (the failure value of every u64 status reply); where a body of another size
@@ -299,7 +305,7 @@ class VhostUserConnection:
 
     def _set_vring_num(self, msg: Message) -> None:
         index, num = m.vring_state(msg.payload)
-        self._vring(index).vq.set_num(num)
+        self._vring(index).vq.set_num(num)  # refuses sizes that are no power of 2 <= 32768
 
     def _set_vring_addr(self, msg: Message) -> None:
         addr = m.vring_addr(msg.payload)
@@ -313,6 +319,8 @@ class VhostUserConnection:
 
     def _set_vring_base(self, msg: Message) -> None:
         index, base = m.vring_state(msg.payload)
+        if base > 0xFFFF:
+            raise ProtocolError(f"vring base {base} does not fit a 16-bit ring index")
         vring = self._vring(index)
         if vring.stopped_at is not None and base != vring.stopped_at:
             self._guest_reset(f"vring {index} restarted at base {base}, stopped at "
@@ -336,7 +344,7 @@ class VhostUserConnection:
             return vring, None
         if len(msg.fds) != 1:
             raise ProtocolError(f"{msg.name} needs exactly one fd, got {len(msg.fds)}")
-        return vring, msg.fds[0]
+        return vring, msg.fds.pop()  # the vring owns it now
 
     def _set_vring_kick(self, msg: Message) -> None:
         vring, fd = self._ring_fd(msg)

@@ -249,3 +249,15 @@ def test_add_endpoint_makes_it_known(qmp) -> None:
     assert qmp.cmd_raw("add-endpoint", {"endpoint": 0x200})["return"]["mode"] == "blocked"
     endpoints = qmp.cmd_raw("query-endpoints")["return"]
     assert [e["endpoint"] for e in endpoints] == [0x100, 0x200]
+
+
+@pytest.mark.parametrize("document", [
+    b'{"execute": "query-commands", "arguments": ' + b"[" * 1200 + b"]" * 1200 + b"}\n",
+    b'{"execute": "query-commands", "id": ' + b"9" * 4301 + b"}\n",
+], ids=["nested-1200-deep", "id-of-4301-digits"])
+def test_json_past_the_parsers_limits_gets_an_error_and_the_connection_serves_on(
+        raw, document) -> None:
+    raw.negotiate()
+    raw.send(document)
+    assert raw.recv()["error"]["desc"].startswith("JSON parse error")
+    assert "return" in raw.execute("query-commands")

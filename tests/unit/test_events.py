@@ -209,3 +209,14 @@ def test_overflow_reaches_the_guest_as_one_summary_record_once_there_is_room() -
     assert accounted(relay)
     [summary] = [e for e in relay.trace if e.is_summary]
     assert summary.to_dict()["lost_count"] == 3
+
+
+def test_a_huge_burst_costs_what_the_fifo_can_take_and_counts_the_rest_lost() -> None:
+    relay = EventRelay(capacity=8)
+    entries = relay.submit_burst(bad_ste(), 1_000_000)
+    assert relay.pending == 8 and relay.lost == 1_000_000 - 8
+    assert len(entries) == 9  # eight queued, one trace entry for the lost copies
+    assert accounted(relay)
+    guest = Guest(100)
+    relay.flush(guest)
+    assert FaultRecord.decode(guest.received[-1]).reason == FaultReason.UNKNOWN  # summary
