@@ -536,7 +536,7 @@ class Backend:
             raise CommandError(f"endpoint {sid:#x} is already served; endpoint-delete it first")
         default_dir = os.path.dirname(self.control_path or self.socket_path)
         path = args.get("socket") or os.path.join(default_dir, f"endpoint-{sid:x}.sock")
-        pri = self.pri[sid] = PriState(enabled=args.get("pri", False))
+        pri = PriState(enabled=args.get("pri", False))  # kept only once the endpoint is served
         device = DmaEndpoint(
             dma=lambda _memory: self.translator.dma_port(sid, pri, self.page_requests))
         server = EndpointServer(path, device, name=f"endpoint {sid:#x}")
@@ -550,6 +550,7 @@ class Backend:
             server.close()
             raise CommandError(f"cannot add endpoint {sid:#x}: {exc}") from None
         self.endpoint_servers[sid] = server
+        self.pri[sid] = pri
         return {"endpoint": sid, "socket": path, "pri": pri.to_dict()}
 
     def _cmd_endpoint_delete(self, args: dict) -> dict:
