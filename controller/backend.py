@@ -25,6 +25,7 @@ from viommu.page_requests import PageRequestRelay
 from viommu.pri import PageRequest, ResponseCode
 from viommu.relay import EventRelay
 from viommu.smmuv3 import ADDRESS_EVENTS, FETCH_EVENTS, EventClass, EventId, EventRecord
+from viommu.sockets import listen_private_unix, unlink_quietly
 from viommu.spec import VHOST_USER_F_PROTOCOL_FEATURES, VIOMMU_F_PAGE_REQUEST, PageRespCode
 from viommu.translation import PriState, Translator
 from viommu.vfio_user.server import EndpointServer
@@ -96,9 +97,9 @@ class Backend:
         if self._listener is not None:
             self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
-            _unlink(self.socket_path)
+            unlink_quietly(self.socket_path)
         if self.control_path:
-            _unlink(self.control_path)
+            unlink_quietly(self.control_path)
 
     def stop(self) -> None:
         """Ask the loop to finish; harmless when it already has (the VM left first)."""
@@ -130,17 +131,8 @@ class Backend:
             self._thread.join(timeout)
 
     def _listen_vhost_user(self) -> None:
-        _unlink(self.socket_path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(self.socket_path)
-        finally:
-            os.umask(old_umask)
-        sock.listen(1)
-        sock.setblocking(False)
-        self._listener = sock
-        self.loop.add_reader(sock.fileno(), self._accept)
+        self._listener = listen_private_unix(self.socket_path)
+        self.loop.add_reader(self._listener.fileno(), self._accept)
         log.info("vhost-user: listening on %s", self.socket_path)
 
     def _accept(self) -> None:
@@ -665,9 +657,3 @@ def _version_tuple() -> tuple[int, int, int]:
     parts = [int(p) for p in __version__.split(".")[:3]]
     return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -12,10 +12,11 @@ import codecs
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
+
+from viommu.sockets import listen_private_unix
 
 log = logging.getLogger("viommu.control")
 MAX_REQUEST_BYTES = 1 << 20
@@ -86,13 +87,8 @@ class ControlServer:
         self.commands[command.name] = command
 
     async def listen_unix(self, path: str) -> None:
-        if os.path.exists(path):
-            os.unlink(path)
-        old_umask = os.umask(0o177)  # the socket is created 0600
-        try:
-            self._server = await asyncio.start_unix_server(self._serve, path=path)
-        finally:
-            os.umask(old_umask)
+        self._server = await asyncio.start_unix_server(self._serve,
+                                                       sock=listen_private_unix(path))
         log.info("control: QMP server on %s", path)
 
     async def close(self) -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from viommu.sockets import listen_private_unix, unlink_quietly
 from viommu.vfio_user.connection import VfioUserConnection, VfioUserDevice
 
 log = logging.getLogger("viommu.vfio_user")
@@ -45,15 +45,7 @@ class EndpointServer:
     def listen(self, loop: asyncio.AbstractEventLoop) -> None:
         """Bind (mode 0600: the client gets our memory-mapping and interrupt rights) and
         accept on `loop`; call from the loop's thread."""
-        _unlink(self.socket_path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(self.socket_path)
-        finally:
-            os.umask(old_umask)
-        sock.listen(1)
-        sock.setblocking(False)
+        sock = listen_private_unix(self.socket_path)
         self.loop = loop
         self._listener = sock
         loop.add_reader(sock.fileno(), self._accept)
@@ -67,7 +59,7 @@ class EndpointServer:
             self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
-            _unlink(self.socket_path)
+            unlink_quietly(self.socket_path)
 
     def _accept(self) -> None:
         try:
@@ -146,9 +138,3 @@ class EndpointServer:
 async def _call(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -1,0 +1,31 @@
+"""Unix sockets the backend listens on: created 0600, so only our user may connect (a peer
+gets our guest-memory mappings and interrupt rights)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def listen_private_unix(path: str) -> socket.socket:
+    """A non-blocking listening socket at `path` (a stale one is replaced), mode 0600."""
+    unlink_quietly(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    sock.listen(1)
+    sock.setblocking(False)
+    return sock
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
