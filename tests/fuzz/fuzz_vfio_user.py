@@ -55,40 +55,12 @@ MSI_OFFSET = DmaEndpoint().config.msi_offset
 KNOWN_BUGS: dict[str, str] = {}
 
 
-class Pool:
-    def __init__(self) -> None:
-        self.ram = os.memfd_create("viommu-fuzz-dma")
-        os.ftruncate(self.ram, MEM_SIZE)
-        self.small = os.memfd_create("viommu-fuzz-dma-small")
-        os.ftruncate(self.small, 0x1000)
-        self.events = [os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)]
-        self.fds = [self.ram, self.small, *self.events]
-        self.names = {os.readlink(f"/proc/self/fd/{fd}") for fd in self.fds}
-        self.image = bytes(range(256)) * (MEM_SIZE // 256)
-
-    def reset(self) -> None:
-        os.pwrite(self.ram, self.image, 0)
-        for fd in (self.ram, self.small):
-            os.lseek(fd, 0, os.SEEK_SET)
-        for fd in self.events:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                pass
-
-    def held(self) -> set[int]:
-        return {fd for fd, what in fuzzutil.open_fds().items()
-                if what in self.names and fd not in self.fds}
+# What the DMA memfd holds before each input.
+RAM_IMAGE = bytes(range(256)) * (MEM_SIZE // 256)
 
 
-_pool: Pool | None = None
-
-
-def pool() -> Pool:
-    global _pool
-    if _pool is None:
-        _pool = Pool()
-    return _pool
+def pool() -> fuzzutil.FdPool:
+    return fuzzutil.fd_pool("dma", MEM_SIZE)
 
 
 # --- messages ------------------------------------------------------------------------------
@@ -110,7 +82,7 @@ def _version(fdp) -> bytes:
                        interesting(fdp, 16, (0, 0, 1))) + text
 
 
-def _dma_map(fdp, p: Pool) -> tuple[bytes, list[int]]:
+def _dma_map(fdp, p: fuzzutil.FdPool) -> tuple[bytes, list[int]]:
     payload = m.DmaMap(interesting(fdp, 32, (32,)), interesting(fdp, 32, (RW, RW, 1, 2, 0, 4)),
                        interesting(fdp, 64, (0, 0, 0x1000, MEM_SIZE, 1 << 63)),
                        interesting(fdp, 64, (GPA, GPA, 0, GPA + 0x8000, (1 << 64) - 0x1000)),
@@ -130,7 +102,7 @@ def _dma_unmap(fdp) -> bytes:
                       interesting(fdp, 64, (MEM_SIZE, 0, 0x1000))).pack()
 
 
-def _set_irqs(fdp, p: Pool) -> tuple[bytes, list[int]]:
+def _set_irqs(fdp, p: fuzzutil.FdPool) -> tuple[bytes, list[int]]:
     flags = interesting(fdp, 32, (MSI_TRIGGER, MSI_TRIGGER, m.VFIO_IRQ_SET_DATA_NONE
                                   | m.VFIO_IRQ_SET_ACTION_TRIGGER, m.VFIO_IRQ_SET_DATA_BOOL
                                   | m.VFIO_IRQ_SET_ACTION_TRIGGER, m.VFIO_IRQ_SET_DATA_EVENTFD
@@ -171,7 +143,7 @@ def _write_multi(fdp) -> bytes:
     return payload
 
 
-def request(fdp, p: Pool, command: int) -> tuple[bytes, list[int]]:
+def request(fdp, p: fuzzutil.FdPool, command: int) -> tuple[bytes, list[int]]:
     fds: list[int] = []
     if command == Command.VERSION:
         payload = _version(fdp)
@@ -202,7 +174,7 @@ def request(fdp, p: Pool, command: int) -> tuple[bytes, list[int]]:
     return payload, fds
 
 
-def script(fdp, p: Pool) -> list[tuple[int, bytes, list[int], int]]:
+def script(fdp, p: fuzzutil.FdPool) -> list[tuple[int, bytes, list[int], int]]:
     """What QEMU and a guest driver do: version, map RAM, MSI, bus master, a transfer."""
     msi = MSI_OFFSET
     src, dst = GPA + interesting(fdp, 16, (0, 0x1000)), GPA + interesting(fdp, 16, (0x8000,))
@@ -227,7 +199,7 @@ def script(fdp, p: Pool) -> list[tuple[int, bytes, list[int], int]]:
     ]
 
 
-def build_stream(fdp, p: Pool) -> list[tuple[int, int, bytes, int, list[int]]]:
+def build_stream(fdp, p: fuzzutil.FdPool) -> list[tuple[int, int, bytes, int, list[int]]]:
     """[(command, flags, payload, size, fds)]."""
     out = []
     if fdp.ConsumeIntInRange(0, 3):
@@ -258,7 +230,7 @@ def build_stream(fdp, p: Pool) -> list[tuple[int, int, bytes, int, list[int]]]:
 # --- the property ----------------------------------------------------------------------------
 
 class Harness:
-    def __init__(self, p: Pool, baseline: set[int]) -> None:
+    def __init__(self, p: fuzzutil.FdPool, baseline: set[int]) -> None:
         self.p, self.baseline = p, baseline
         self.device = DmaEndpoint()
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -353,7 +325,7 @@ class Harness:
 def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     p = pool()
-    p.reset()
+    p.reset(RAM_IMAGE)
     stream = build_stream(fdp, p)
     before = fuzzutil.open_fds()
     h = Harness(p, p.held())

@@ -59,42 +59,8 @@ MAX_STREAM = 64 * 1024
 KNOWN_BUGS: dict[str, str] = {}
 
 
-class Pool:
-    """fds created once; messages carry them (the kernel duplicates them on the way)."""
-
-    def __init__(self) -> None:
-        self.ram = os.memfd_create("viommu-fuzz-ram")
-        os.ftruncate(self.ram, MEM_SIZE)
-        self.small = os.memfd_create("viommu-fuzz-small")
-        os.ftruncate(self.small, 0x1000)
-        self.events = [os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)]
-        self.fds = [self.ram, self.small, *self.events]
-        self.names = {os.readlink(f"/proc/self/fd/{fd}") for fd in self.fds}
-
-    def reset(self, image: bytes) -> None:
-        os.pwrite(self.ram, image, 0)
-        os.lseek(self.ram, 0, os.SEEK_SET)
-        os.lseek(self.small, 0, os.SEEK_SET)
-        for fd in self.events:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                pass
-
-    def held(self) -> set[int]:
-        """fds of this process that are copies of pool objects (not the pool's own)."""
-        return {fd for fd, what in fuzzutil.open_fds().items()
-                if what in self.names and fd not in self.fds}
-
-
-_pool: Pool | None = None
-
-
-def pool() -> Pool:
-    global _pool
-    if _pool is None:
-        _pool = Pool()
-    return _pool
+def pool() -> fuzzutil.FdPool:
+    return fuzzutil.fd_pool("ram", MEM_SIZE)
 
 
 def guest_image(fdp) -> bytes:
@@ -137,7 +103,7 @@ def _state(fdp, likely_num=()) -> bytes:
                        interesting(fdp, 32, likely_num))
 
 
-def _mem_table(fdp, p: Pool) -> tuple[bytes, list[int]]:
+def _mem_table(fdp, p: fuzzutil.FdPool) -> tuple[bytes, list[int]]:
     n = pick(fdp, [1, 1, 1, 1, 0, 2, 8, 9])
     regions, fds = b"", []
     for _ in range(min(n, 9)):
@@ -162,7 +128,7 @@ def _vring_addr(fdp) -> bytes:
     return struct.pack("<IIQQQQ", q, interesting(fdp, 32, (0,)), desc, used, avail, 0)
 
 
-def _ring_fd(fdp, p: Pool) -> tuple[bytes, list[int]]:
+def _ring_fd(fdp, p: fuzzutil.FdPool) -> tuple[bytes, list[int]]:
     value = interesting(fdp, 64, (0, 1, 0, 1, 0x100, 0x101, 2))
     fds = [pick(fdp, p.events)] if fdp.ConsumeIntInRange(0, 7) else [
         pick(fdp, p.fds) for _ in range(fdp.ConsumeIntInRange(0, 3))]
@@ -184,7 +150,7 @@ def _config(fdp, write: bool) -> bytes:
     return struct.pack("<III", offset, size, interesting(fdp, 32, (0,))) + data
 
 
-def message(fdp, p: Pool, request: int) -> tuple[int, bytes, list[int]]:
+def message(fdp, p: fuzzutil.FdPool, request: int) -> tuple[int, bytes, list[int]]:
     """(request, payload, fds) for one message of this kind, fields fuzzed."""
     fds: list[int] = []
     if request == Request.SET_FEATURES:
@@ -221,7 +187,7 @@ STARTUP = [Request.SET_FEATURES, Request.SET_MEM_TABLE,
 KNOWN_REQUESTS = sorted(Request)
 
 
-def startup_message(fdp, p: Pool, request: int, q: int) -> tuple[int, bytes, list[int]]:
+def startup_message(fdp, p: fuzzutil.FdPool, request: int, q: int) -> tuple[int, bytes, list[int]]:
     """The message QEMU's vhost_dev_start sends, exactly (queue q)."""
     desc, avail, used = RINGS[q]
     if request == Request.SET_FEATURES:
@@ -241,7 +207,7 @@ def startup_message(fdp, p: Pool, request: int, q: int) -> tuple[int, bytes, lis
     return request, struct.pack("<II", q, 1), []  # SET_VRING_ENABLE
 
 
-def build_stream(fdp, p: Pool) -> list[tuple[int, int, bytes, int, list[int]]]:
+def build_stream(fdp, p: fuzzutil.FdPool) -> list[tuple[int, int, bytes, int, list[int]]]:
     """[(request, flags, payload, size, fds)]."""
     out = []
     if fdp.ConsumeIntInRange(0, 3):
@@ -274,7 +240,7 @@ def build_stream(fdp, p: Pool) -> list[tuple[int, int, bytes, int, list[int]]]:
 # --- the property ----------------------------------------------------------------------------
 
 class Harness:
-    def __init__(self, fdp, p: Pool, baseline: set[int]) -> None:
+    def __init__(self, fdp, p: fuzzutil.FdPool, baseline: set[int]) -> None:
         self.fdp, self.p, self.baseline = fdp, p, baseline
         self.backend = Backend("/nonexistent/vu.sock", None, ENDPOINTS)
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

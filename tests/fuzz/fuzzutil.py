@@ -148,3 +148,42 @@ def interesting(fdp, bits: int, likely=()) -> int:
         return pick(fdp, [0, 1, 2, 4, 0x7F, 0x80, 0xFF, 0x1000, top >> 1, (top >> 1) + 1,
                           top - 1, top]) & top
     return fdp.ConsumeIntInRange(0, top)
+
+
+class FdPool:
+    """fds created once per harness; messages carry them (the kernel duplicates them on the
+    way), so after each input the harness can tell which copies the code under test kept."""
+
+    def __init__(self, name: str, mem_size: int) -> None:
+        self.ram = os.memfd_create(f"viommu-fuzz-{name}")
+        os.ftruncate(self.ram, mem_size)
+        self.small = os.memfd_create(f"viommu-fuzz-{name}-small")
+        os.ftruncate(self.small, 0x1000)
+        self.events = [os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)]
+        self.fds = [self.ram, self.small, *self.events]
+        self.names = {os.readlink(f"/proc/self/fd/{fd}") for fd in self.fds}
+
+    def reset(self, image: bytes) -> None:
+        """The RAM memfd holds `image` again; file offsets and eventfd counters are zero."""
+        os.pwrite(self.ram, image, 0)
+        for fd in (self.ram, self.small):
+            os.lseek(fd, 0, os.SEEK_SET)
+        for fd in self.events:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                pass
+
+    def held(self) -> set[int]:
+        """fds of this process that are copies of pool objects (not the pool's own)."""
+        return {fd for fd, what in open_fds().items()
+                if what in self.names and fd not in self.fds}
+
+
+_pools: dict[str, FdPool] = {}
+
+
+def fd_pool(name: str, mem_size: int) -> FdPool:
+    if name not in _pools:
+        _pools[name] = FdPool(name, mem_size)
+    return _pools[name]
