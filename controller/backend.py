@@ -8,6 +8,7 @@ controller's process; `viommu backend` runs it as its own process.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
@@ -334,12 +335,12 @@ class Backend:
                            help="Endpoints, their domains and modes"))
         c.register(Command("query-domains", self._cmd_query_domains,
                            help="Domains with their endpoints and mappings"))
-        c.register(Command("query-events", self._cmd_query_events,
-                           (Arg("limit", (int,), help="newest trace entries to return"),),
+        c.register(Command("query-events", self._cmd_query_events, _TRACE_ARGS,
                            help="Event counters and trace"))
-        c.register(Command("query-requests", self._cmd_query_requests,
-                           (Arg("limit", (int,), help="newest trace entries to return"),),
+        c.register(Command("query-requests", self._cmd_query_requests, _TRACE_ARGS,
                            help="Request counters and trace"))
+        c.register(Command("query-translations", self._cmd_query_translations, _TRACE_ARGS,
+                           help="Endpoints' DMA translations (one entry a transfer)"))
         c.register(Command("query-status", self._cmd_query_status,
                            help="Front-end connection, queues, features, resets"))
         c.register(Command("add-endpoint", self._cmd_add_endpoint,
@@ -454,16 +455,18 @@ class Backend:
         return [d.to_dict() for _, d in sorted(self.device.domains.items())]
 
     def _cmd_query_events(self, args: dict) -> dict:
-        limit = _limit(args)
-        trace = list(self.relay.trace)[-limit:] if limit else []
+        trace = _trace_slice(self.relay.trace, lambda e: e.seq, args)
         return {**self.relay.counters(), "page_requests": self.page_requests.counters(),
                 "trace": [e.to_dict() for e in trace]}
 
     def _cmd_query_requests(self, args: dict) -> dict:
-        limit = _limit(args)
-        trace = list(self.device.request_trace)[-limit:] if limit else []
+        trace = _trace_slice(self.device.request_trace, lambda e: e["seq"], args)
         return {"counts": dict(self.device.request_counts),
                 "status": dict(self.device.status_counts), "trace": trace}
+
+    def _cmd_query_translations(self, args: dict) -> dict:
+        trace = _trace_slice(self.translator.dma_trace, lambda e: e["seq"], args)
+        return {"transfers": self.translator.dma_count, "trace": trace}
 
     def _cmd_query_status(self, args: dict) -> dict:
         conn = self.connection
@@ -651,6 +654,23 @@ def _limit(args: dict) -> int:
     if limit < 0:
         raise CommandError(f"limit must be >= 0, got {limit}")
     return limit
+
+
+_TRACE_ARGS = (
+    Arg("limit", (int,), help="trace entries to return (default 100): the newest, or with "
+                              "`since` the oldest after it"),
+    Arg("since", (int,), help="only entries with a larger seq: a cursor for following the trace"),
+)
+
+
+def _trace_slice(trace: Iterable[Any], seq: Callable[[Any], int], args: dict) -> list:
+    """The newest `limit` entries; with `since`, the oldest `limit` after it, so a client
+    polling with the last seq it saw as its cursor misses nothing that is still kept."""
+    limit = _limit(args)
+    if "since" not in args:
+        return list(trace)[-limit:] if limit else []
+    since = args["since"]
+    return list(itertools.islice((e for e in trace if seq(e) > since), limit))
 
 
 def _version_tuple() -> tuple[int, int, int]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 
 from viommu._dataplane import READ, WRITE, Engine, GuestMemory
@@ -22,6 +24,7 @@ from viommu.smmuv3 import EventClass, EventId, EventRecord
 log = logging.getLogger("viommu.translation")
 
 PAGE_SIZE = 4096
+DMA_TRACE_LEN = 1024
 
 
 class Translator:
@@ -31,6 +34,9 @@ class Translator:
         self.submit_event = submit_event
         self.engine: Engine | None = None
         self.mem: GuestMemory | None = None
+        # One entry per endpoint transfer (not per page): what `viommu trace` shows.
+        self.dma_trace: deque[dict] = deque(maxlen=DMA_TRACE_LEN)
+        self.dma_count = 0
         # UNMAP needs no hook: removing from a MappingTable drops its cached translations.
         device.on_stream_change.append(self.sync_stream)
         device.on_invalidate.append(self._invalidate)
@@ -70,6 +76,12 @@ class Translator:
             self.engine.invalidate_range(endpoint_id, iova, size)
         else:
             self.engine.invalidate_stream(endpoint_id)
+
+    def note_dma(self, sid: int, ssid: int, src: int, dst: int, length: int, done: int) -> None:
+        self.dma_count += 1
+        self.dma_trace.append({"seq": self.dma_count, "time": time.time(), "sid": sid,
+                               "pasid": None if ssid < 0 else ssid, "src": src, "dst": dst,
+                               "length": length, "done": done})
 
     def dma_port(self, sid: int, pri: PriState | None = None,
                  page_requests: PageRequestRelay | None = None) -> TranslatingDma:
@@ -164,6 +176,7 @@ class TranslatingDma:
         pages before it are copied, as a real DMA would) and goes to the relay."""
         done, record, iova, write = self.translator.engine.dma_copy(self.sid, ssid, src, dst,
                                                                     length)
+        self.translator.note_dma(self.sid, ssid, src, dst, length, done)
         if done == length:
             return None
         if record is None:  # terminated without an event (STE abort, CD.R = 0)
