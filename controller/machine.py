@@ -24,9 +24,9 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from viommu import paths
+from viommu import paths, runs
 from viommu.backend import Backend
-from viommu.console import CommandResult, Console
+from viommu.console import CommandResult, Console, ConsoleError
 from viommu.profile import Profile, load_profile
 from viommu.viot import bdf, build_viot
 
@@ -63,23 +63,36 @@ def detect_accel() -> str:
     forced = os.environ.get("VIOMMU_ACCEL")
     if forced:
         return forced
+    return "tcg" if kvm_unusable_reason() else "kvm"
+
+
+def kvm_unusable_reason() -> str | None:
+    """Why KVM cannot run our guests here, or None when it can."""
     if os.path.exists("/sys/module/kvm_pvm"):
-        return "tcg"
+        return "the host's KVM is kvm_pvm, on which Linux guests die with an emulation failure"
     try:
         fd = os.open("/dev/kvm", os.O_RDWR)
-    except OSError:
-        return "tcg"
+    except OSError as exc:
+        return f"/dev/kvm: {exc.strerror}"
     os.close(fd)
-    return "kvm"
+    return None
 
 
 class Machine:
     def __init__(self, profile: Profile | str = "default", *, workdir: Path | str | None = None,
                  accel: str = "auto", name: str = "vm", boot_timeout: float = 120,
-                 backend_in_process: bool = False, iommu: str | None = None) -> None:
+                 backend_in_process: bool = False, iommu: str | None = None,
+                 run_dir: Path | str | None = None) -> None:
         """`iommu` overrides the profile's: "viommu" (ours), "qemu" (QEMU's in-process
-        virtio-iommu-pci, to compare against) or "none"."""
+        virtio-iommu-pci, to compare against) or "none".
+
+        `run_dir` makes a detached VM (`viommu up`): QEMU and the backend run in sessions of
+        their own and outlive this process; sockets, logs and state.json live in `run_dir`,
+        and `Machine.attach(run_dir)` drives the VM again from another process."""
         self.profile = load_profile(profile) if isinstance(profile, str) else profile
+        self._profile_ref = profile if isinstance(profile, str) else self.profile.name
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._attached = False  # found again by attach(): connections are made on first use
         if iommu is not None:
             self.profile = dataclasses.replace(self.profile, iommu=iommu)
         self.accel = detect_accel() if accel == "auto" else accel
@@ -91,12 +104,13 @@ class Machine:
         self.inprocess_backend: Backend | None = None
         self._backend_log_handler: logging.Handler | None = None
         if workdir is None:
-            workdir = tempfile.mkdtemp(prefix=f"viommu-{name}-")
+            workdir = self.run_dir or tempfile.mkdtemp(prefix=f"viommu-{name}-")
+        # Unix socket paths are limited to ~107 bytes: keep them in a short private dir.
+        self._sockdir = self.run_dir or Path(tempfile.mkdtemp(prefix="viommu-"))
+        self._sockdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self._sockdir, 0o700)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        # Unix socket paths are limited to ~107 bytes: keep them in a short private dir.
-        self._sockdir = Path(tempfile.mkdtemp(prefix="viommu-"))
-        os.chmod(self._sockdir, 0o700)
         self.vhost_socket = str(self._sockdir / "vhost-user.sock")
         self.control_socket = str(self._sockdir / "control.sock")
         self._qmp_socket = str(self._sockdir / "qmp.sock")
@@ -148,6 +162,8 @@ class Machine:
             self._start_qemu()
             self._wait_for_shell(since=0)
             self.boot_seconds = time.monotonic() - started
+            if self.run_dir is not None:
+                self._save_run_state()
         except BaseException:
             self.shutdown()
             raise
@@ -155,9 +171,12 @@ class Machine:
 
     def _wait_for_shell(self, since: int) -> None:
         self.console.wait_for(READY_LINE, timeout=self.boot_timeout, since=since)
+        self._take_shell()
+
+    def _take_shell(self, timeout: float = 30) -> None:
         # The controller's session: no echo (busybox then skips line editing), no prompt.
         self.console.send_line("stty -echo; PS1=''")
-        self.run("true").check()
+        self.console.run("true", timeout).check()
 
     def reboot(self) -> float:
         """Reboot the guest (a guest-initiated reset, as `reboot -f` does on hardware);
@@ -178,7 +197,8 @@ class Machine:
             cmd += ["--endpoint", str(ep)]
         with open(self.workdir / "backend.log", "ab") as out:
             self._backend_proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                                  stdin=subprocess.DEVNULL)
+                                                  stdin=subprocess.DEVNULL,
+                                                  start_new_session=self.run_dir is not None)
         self._backend_qmp = QEMUMonitorProtocol(self.control_socket)
         _wait_for_path(self.control_socket, 15, self._backend_proc, "the viommu backend",
                        self.workdir / "backend.log")
@@ -211,9 +231,9 @@ class Machine:
             # vhost-user needs guest RAM it can map: a shared memfd.
             "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
             "-display", "none",
-            "-chardev", f"socket,id=serial,path={self._serial_socket},server=on,wait=on",
+            "-chardev", self._serial_chardev(),
             "-serial", "chardev:serial",
-            "-chardev", f"socket,id=mon,path={self._qmp_socket}",
+            "-chardev", self._monitor_chardev(),
             "-mon", "chardev=mon,mode=control",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", p.kernel_cmdline,
         ] + self._iommu_args()
@@ -238,35 +258,59 @@ class Machine:
                            f"config_size=40,bus=pcie.0,addr={p.iommu_addr:#x}",
                 "-acpitable", f"file={viot}"]
 
+    def _serial_chardev(self) -> str:
+        spec = f"socket,id=serial,path={self._serial_socket},server=on,wait=on"
+        if self.run_dir is None:
+            return spec
+        # Detached: QEMU logs the console itself, so it is kept while nobody is attached.
+        return f"{spec},logfile={self.workdir / 'console.log'},logappend=on"
+
+    def _monitor_chardev(self) -> str:
+        # QEMU connects to our QMP server; a detached QEMU listens, for whoever attaches.
+        spec = f"socket,id=mon,path={self._qmp_socket}"
+        return f"{spec},server=on,wait=off" if self.run_dir is not None else spec
+
     def _start_qemu(self) -> None:
         cmd = self.qemu_command()
         (self.workdir / "qemu-cmdline.txt").write_text(shlex.join(cmd) + "\n")
-        self._qmp = QEMUMonitorProtocol(self._qmp_socket, server=True)
+        detached = self.run_dir is not None
+        self._qmp = QEMUMonitorProtocol(self._qmp_socket, server=not detached)
         with open(self.workdir / "qemu.log", "ab") as out:
             self._qemu_proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL)
+                                               stdin=subprocess.DEVNULL,
+                                               start_new_session=detached)
         # QEMU waits for the serial client (wait=on) before it connects to our QMP socket,
         # so no console output is lost.
         _wait_for_path(self._serial_socket, 30, self._qemu_proc, "QEMU",
                        self.workdir / "qemu.log")
+        self.console = self._open_console()
+        if detached:
+            _wait_for_path(self._qmp_socket, 30, self._qemu_proc, "QEMU",
+                           self.workdir / "qemu.log")
+            self._qmp.connect()
+        else:
+            self._qmp.accept(timeout=30)
+
+    def _open_console(self) -> Console:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(self._serial_socket)
-        self.console = Console(sock, self.workdir / "console.log")
-        self._qmp.accept(timeout=30)
+        # A detached QEMU writes console.log itself (logfile=): do not write it twice.
+        log_path = self.workdir / "console.log" if self.run_dir is None else Path(os.devnull)
+        return Console(sock, log_path)
 
     def shutdown(self, timeout: float = 15) -> None:
         """Power the guest off (QMP quit if it will not), then collect the backend's trace."""
         self._save_backend_trace()
-        if self._qemu_proc is not None and self._qemu_proc.poll() is None and self.console:
+        if self._qemu_proc is not None and self._qemu_proc.poll() is None:
             try:
-                self.console.send_line("poweroff -f")
+                self._console().send_line("poweroff -f")
                 self._qemu_proc.wait(timeout / 2)
             except Exception:  # noqa: BLE001 - fall back to QMP quit below
                 pass
         if self._qemu_proc is not None and self._qemu_proc.poll() is None:
             try:
-                if self._qmp is not None:
-                    self._qmp.cmd_raw("quit")
+                if self._qmp_client() is not None:
+                    self._qmp_client().cmd_raw("quit")
             except Exception:  # noqa: BLE001 - QEMU may already be going away
                 pass
             _wait_or_kill(self._qemu_proc, timeout)
@@ -291,8 +335,9 @@ class Machine:
                 logging.getLogger(name).removeHandler(self._backend_log_handler)
             self._backend_log_handler.close()
             self._backend_log_handler = None
-        for path in (self.vhost_socket, self.control_socket, self._qmp_socket,
-                     self._serial_socket):
+        state = [str(self.run_dir / runs.STATE_FILE)] if self.run_dir is not None else []
+        for path in [self.vhost_socket, self.control_socket, self._qmp_socket,
+                     self._serial_socket, *state]:
             if os.path.exists(path):
                 os.unlink(path)
         try:
@@ -328,6 +373,14 @@ class Machine:
         return self._console().lines_since(since, GUEST_FAULT_LINE)
 
     def _console(self) -> Console:
+        if self.console is None and self._attached:
+            self.console = self._open_console()
+            try:
+                self._take_shell(timeout=10)
+            except ConsoleError as exc:
+                raise MachineError(f"{self.name}'s guest shell did not answer within 10 s: "
+                                   "the serial console takes one client at a time; leave "
+                                   "`viommu console` (Ctrl-]) and try again") from exc
         if self.console is None:
             raise MachineError(f"{self.name} is not running")
         return self.console
@@ -339,7 +392,58 @@ class Machine:
         return _execute(self._backend_qmp, "backend", command, args)
 
     def qmp(self, command: str, **args: Any) -> Any:
-        return _execute(self._qmp, "QEMU", command, args)
+        return _execute(self._qmp_client(), "QEMU", command, args)
+
+    def _qmp_client(self) -> QEMUMonitorProtocol | None:
+        if self._qmp is None and self._attached:
+            self._qmp = QEMUMonitorProtocol(self._qmp_socket)
+            self._qmp.connect()
+        return self._qmp
+
+    # --- detached VMs (viommu up) ---------------------------------------------------------------
+
+    def _save_run_state(self) -> None:
+        runs.RunState(
+            name=self.name, profile=self._profile_ref, accel=self.accel,
+            qemu_pid=self._qemu_proc.pid,
+            backend_pid=self._backend_proc.pid if self._backend_proc else None,
+            started=time.time(), workdir=str(self.workdir),
+            sockets={"qmp": self._qmp_socket, "serial": self._serial_socket,
+                     "control": self.control_socket, "vhost-user": self.vhost_socket},
+        ).save(self.run_dir)
+
+    @classmethod
+    def attach(cls, run_dir: Path | str) -> Machine:
+        """The detached VM in `run_dir`, driven from this process. The backend's control
+        socket is connected now; the console and QEMU's QMP on first use (each takes one
+        client at a time). `release()` lets go of it, `shutdown()` ends it."""
+        state = runs.RunState.load(Path(run_dir))
+        vm = cls(state.profile, workdir=state.workdir, accel=state.accel, name=state.name,
+                 run_dir=run_dir)
+        vm._attached = True
+        vm._qemu_proc = runs.PidProcess(state.qemu_pid, vm._qmp_socket)
+        if vm._qemu_proc.poll() is not None:
+            raise MachineError(f"{state.name}'s QEMU (pid {state.qemu_pid}) is gone; see "
+                               f"{state.workdir}/qemu.log")
+        if state.backend_pid is not None:
+            vm._backend_proc = runs.PidProcess(state.backend_pid, vm.control_socket)
+            vm._backend_qmp = QEMUMonitorProtocol(vm.control_socket)
+            vm._backend_qmp.connect()
+        return vm
+
+    def release(self) -> None:
+        """Let go of a detached VM and leave it running: the guest's shell gets its echo and
+        prompt back (for `viommu console`), and this process's connections close."""
+        if self.console is not None:
+            # run(), not send_line(): QEMU drops what it has not read when a client leaves.
+            self.console.run("stty echo; . /etc/profile")
+            self.console.close()
+            self.console = None
+        for client in (self._qmp, self._backend_qmp):
+            if client is not None:
+                client.close()
+        self._qmp = self._backend_qmp = None
+        self._attached = True  # what is used next connects again
 
     # --- endpoints on a running VM ----------------------------------------------------------
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache"
 QEMU_CONFIGS = ROOT / "qemu-configs"
 GUEST_DIR = CACHE / "guest"
+# vhost-user-test-device-pci with config space and vfio-user-pci arrived in 10.2.
+MIN_QEMU_VERSION = (10, 2)
 
 
 class SetupMissing(RuntimeError):
@@ -35,3 +39,14 @@ def guest_image() -> tuple[Path, Path, dict]:
         raise SetupMissing("no guest image: run ./scripts/setup (it builds .cache/guest)")
     manifest = json.loads(manifest_path.read_text())
     return GUEST_DIR / manifest["kernel"], GUEST_DIR / manifest["initramfs"], manifest
+
+
+def qemu_version(binary: str) -> tuple[int, int] | None:
+    """(major, minor) from `binary --version`; None if it does not run."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"version (\d+)\.(\d+)", out)
+    return (int(match[1]), int(match[2])) if match else None

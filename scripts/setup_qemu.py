@@ -7,7 +7,6 @@ through the prefix's own dynamic loader, leaving the system untouched.
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -16,22 +15,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from debapt import PrivateApt, extract, progress  # noqa: E402
 
+from viommu.paths import MIN_QEMU_VERSION, qemu_version  # noqa: E402 - set-up installed it
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache"
 LAUNCHER = CACHE / "bin" / "qemu-system-x86_64"
 PREFIX = CACHE / "qemu"
-MIN_VERSION = (10, 2)
 NEEDED_DEVICES = ("vhost-user-test-device-pci", "vfio-user-pci", "pcie-root-port")
-
-
-def qemu_version(binary: str) -> tuple[int, int] | None:
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    match = re.search(r"version (\d+)\.(\d+)", out)
-    return (int(match[1]), int(match[2])) if match else None
 
 
 def has_devices(binary: str) -> bool:
@@ -42,7 +32,7 @@ def has_devices(binary: str) -> bool:
 
 def usable(binary: str) -> bool:
     version = qemu_version(binary)
-    return version is not None and version >= MIN_VERSION and has_devices(binary)
+    return version is not None and version >= MIN_QEMU_VERSION and has_devices(binary)
 
 
 def install_private_qemu() -> None:
