@@ -1,0 +1,250 @@
+"""The command line without a VM: parsing, every subcommand's --help, run directories and
+stale VMs, errors that say what to do, and the trace cursor the `trace` command follows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from viommu import cli, runs, views
+from viommu.backend import Backend
+from viommu.smmuv3 import EventId, EventRecord
+from viommu.tracing import TraceFollower, format_entry
+
+SUBCOMMANDS = ["up", "ls", "down", "console", "inject", "trace", "state", "attach", "detach",
+               "shell", "demo", "backend"]
+NAMED = ["down", "console", "trace", "state", "shell"]
+
+
+@pytest.fixture(autouse=True)
+def run_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "run"
+    monkeypatch.setenv("VIOMMU_RUN_DIR", str(root))
+    return root
+
+
+def fake_vm(name: str, qemu_pid: int, qmp_token: str = "") -> Path:
+    directory = runs.run_dir(name)
+    directory.mkdir()
+    runs.RunState(name=name, profile="default", accel="tcg", qemu_pid=qemu_pid,
+                  backend_pid=None, started=0.0, workdir=str(directory),
+                  sockets={"qmp": qmp_token or str(directory / "qmp.sock")}).save(directory)
+    return directory
+
+
+@pytest.fixture
+def live_vm(tmp_path: Path):
+    """A 'QEMU': a process whose command line holds the VM's QMP socket path, as QEMU's does."""
+    token = str(runs.run_root() / "alive" / "qmp.sock")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", token])
+    deadline = time.monotonic() + 10
+    while not runs.process_alive(proc.pid, token):  # /proc shows argv once exec is done
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    directory = fake_vm("alive", proc.pid, token)
+    yield directory
+    proc.kill()
+    proc.wait()
+
+
+# --- parsing and help ---------------------------------------------------------------------
+
+
+def test_every_subcommand_has_help_with_examples(capsys: pytest.CaptureFixture) -> None:
+    for name in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([name, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert f"usage: viommu {name}" in out and "examples:" in out, name
+
+
+def test_top_level_help_lists_the_subcommands(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in SUBCOMMANDS)
+
+
+def test_inject_help_lists_every_smmuv3_event(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["inject", "--help"])
+    out = capsys.readouterr().out
+    assert all(e.name in out for e in EventId)
+
+
+def test_inject_parses_names_in_any_case_and_numbers_in_hex() -> None:
+    args = cli.build_parser().parse_args(
+        ["inject", "vm", "f_translation", "--sid", "0x100", "--addr", "0x10000", "--access",
+         "write", "--class", "TT"])
+    assert (args.event, args.sid, args.addr, args.access, args.event_class) == (
+        "F_TRANSLATION", 0x100, 0x10000, "write", "TT")
+
+
+def test_inject_refuses_an_unknown_event(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["inject", "vm", "C_BAD_THING"])
+    assert exit_info.value.code == 2
+    assert "C_BAD_STE" in capsys.readouterr().err
+
+
+def test_attach_needs_a_port() -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["attach", "vm"])
+    args = cli.build_parser().parse_args(["attach", "vm", "--port", "2", "--pri"])
+    assert (args.port, args.pri, args.vfio) == (2, True, False)
+
+
+# --- names, run directories, stale VMs --------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", NAMED + ["inject", "attach", "detach"])
+def test_unknown_vm_name_lists_the_running_ones(command: str, live_vm: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    extra = {"inject": ["C_BAD_STE"], "attach": ["--port", "1"], "detach": ["dma1"]}
+    assert cli.main([command, "nope", *extra.get(command, [])]) == 1
+    err = capsys.readouterr().err
+    assert "no VM named 'nope'" in err and "running: alive" in err
+
+
+def test_unknown_vm_name_with_none_running_says_how_to_start_one(
+        capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["state", "nope"]) == 1
+    assert "viommu up default" in capsys.readouterr().err
+
+
+def test_bad_vm_names_are_refused_before_any_path_is_built(
+        capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["down", "../etc"]) == 1
+    assert "use 1-32 letters" in capsys.readouterr().err
+
+
+def test_ls_shows_running_and_stale_vms_and_prune_removes_stale(
+        live_vm: Path, capsys: pytest.CaptureFixture) -> None:
+    stale = fake_vm("gone", 2**22 + 1)  # above the default pid_max: no such process
+    assert cli.main(["ls"]) == 0
+    out = capsys.readouterr().out
+    assert "alive" in out and "running" in out and "stale" in out
+    assert cli.main(["ls", "--prune"]) == 0
+    assert "stale: removed" in capsys.readouterr().out
+    assert not stale.exists() and live_vm.exists()
+    assert cli.main(["ls", "--json"]) == 0
+    [entry] = json.loads(capsys.readouterr().out)
+    assert (entry["name"], entry["alive"]) == ("alive", True)
+
+
+def test_using_a_stale_vm_says_so_and_down_cleans_it(capsys: pytest.CaptureFixture) -> None:
+    stale = fake_vm("gone", 2**22 + 1)
+    assert cli.main(["state", "gone"]) == 1
+    assert "stale" in capsys.readouterr().err
+    assert cli.main(["down", "gone"]) == 0
+    assert not stale.exists()
+
+
+def test_up_refuses_a_name_that_is_running(live_vm: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["up", "default", "--name", "alive"]) == 1
+    assert "viommu down alive" in capsys.readouterr().err
+
+
+def test_run_root_follows_xdg_runtime_dir_else_a_private_temp_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VIOMMU_RUN_DIR")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert runs.run_root() == tmp_path / "viommu"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    root = runs.run_root()
+    assert root.parent == tmp_path / "tmp" and root.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_process_that_reused_the_pid_is_not_the_vm(live_vm: Path) -> None:
+    state = runs.RunState.load(live_vm)
+    assert state.alive
+    assert not runs.process_alive(state.qemu_pid, "/some/other/qmp.sock")
+
+
+# --- errors that say what to do -----------------------------------------------------------
+
+
+def test_too_old_qemu_points_at_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture) -> None:
+    old = tmp_path / "qemu-system-x86_64"
+    old.write_text("#!/bin/sh\necho 'QEMU emulator version 8.2.2'\n")
+    old.chmod(0o755)
+    monkeypatch.setenv("VIOMMU_QEMU", str(old))
+    assert cli.main(["up", "default", "--name", "old"]) == 1
+    err = capsys.readouterr().err
+    assert "is 8.2" in err and "./scripts/setup" in err
+
+
+def test_unknown_profile_lists_the_known_ones(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["up", "no-such-profile"]) == 1
+    assert "known: default" in capsys.readouterr().err
+
+
+def test_attach_to_a_taken_port_names_the_free_ones() -> None:
+    class FakeVm:
+        from viommu.profile import load_profile
+        profile = load_profile("default")
+
+    state = runs.RunState("vm", "default", "tcg", 1, None, 0.0, "/x",
+                          endpoints=[{"name": "dma1", "endpoint_id": 0x200, "port": 1}])
+    with pytest.raises(cli.CliError, match=r"taken by ep0; free ports: 2, 3"):
+        cli._check_port_free(FakeVm(), state, 0)
+    with pytest.raises(cli.CliError, match="taken by dma1"):
+        cli._check_port_free(FakeVm(), state, 1)
+
+
+# --- trace cursors and tables ---------------------------------------------------------------
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Backend:
+    return Backend(str(tmp_path / "vu.sock"), None, [0x100])
+
+
+def test_query_commands_return_what_follows_a_since_cursor(backend: Backend) -> None:
+    for _ in range(5):
+        backend.relay.submit(EventRecord(EventId.C_BAD_STE, sid=0x100))
+    backend.translator.note_dma(0x100, -1, 0x1000, 0x2000, 64, 64)
+    seqs = [e["seq"] for e in backend._cmd_query_events({"since": 2, "limit": 2})["trace"]]
+    assert seqs == [3, 4]  # the oldest after the cursor: a poller misses nothing
+    assert [e["seq"] for e in backend._cmd_query_events({"limit": 2})["trace"]] == [4, 5]
+    assert backend._cmd_query_events({"since": 5})["trace"] == []
+    [dma] = backend._cmd_query_translations({"since": 0})["trace"]
+    assert (dma["sid"], dma["pasid"], dma["length"], dma["done"]) == (0x100, None, 64, 64)
+
+
+def test_follower_reports_only_new_entries_once(backend: Backend) -> None:
+    backend.relay.submit(EventRecord(EventId.C_BAD_STE, sid=0x100))
+
+    def call(command: str, **args: object) -> dict:
+        handler = {"query-events": backend._cmd_query_events,
+                   "query-requests": backend._cmd_query_requests,
+                   "query-translations": backend._cmd_query_translations,
+                   "query-page-requests": backend._cmd_query_page_requests}[command]
+        return handler(args)
+
+    follower = TraceFollower(call)
+    assert follower.poll() == []  # what happened before is not followed
+    backend.relay.submit(EventRecord(EventId.F_TRANSLATION, sid=0x100, address=0x5000,
+                                     rnw=True))
+    [entry] = follower.poll()
+    assert entry["kind"] == "fault" and entry["type"] == "F_TRANSLATION"
+    assert "F_TRANSLATION sid=0x100" in format_entry(entry)
+    assert follower.poll() == []
+    assert len(TraceFollower(call, from_start=True).poll()) == 2
+
+
+def test_table_aligns_columns_and_marks_empty_ones() -> None:
+    assert views.table(("a", "bb"), [(1, None), ("long", 2)]).splitlines() == [
+        "a     bb", "1     -", "long  2"]
+    assert views.table(("a",), []).endswith("(none)")
