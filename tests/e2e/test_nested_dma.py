@@ -17,6 +17,7 @@ import pytest
 
 from guest_dma import DST_IOVA, SRC_IOVA, TableArea, run_dma
 from viommu.machine import Endpoint, Machine
+from viommu.pytest_plugin import plugged_endpoint
 from viommu.smmuv3 import EventId
 
 PORT = 1
@@ -26,11 +27,8 @@ PORT = 1
 def endpoint(viommu_vm: Machine) -> Iterator[Endpoint]:
     """The DMA endpoint, plugged into the shared guest for this module and bound to vfio-pci;
     unplugged afterwards so the guest is left as it was."""
-    ep = viommu_vm.add_endpoint(PORT)
-    viommu_vm.run(f"viommu-vfio bind {ep.sysfs_name}").check()
-    yield ep
-    viommu_vm.run(f"echo {ep.sysfs_name} > /sys/bus/pci/drivers/vfio-pci/unbind")
-    viommu_vm.remove_endpoint(ep)
+    with plugged_endpoint(viommu_vm, PORT, vfio=True) as ep:
+        yield ep
 
 
 def guest_fault(guest: Machine, text: str, since: int) -> str:

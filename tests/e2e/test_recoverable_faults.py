@@ -14,6 +14,7 @@ import pytest
 
 from guest_dma import DST_IOVA, SRC_IOVA, TableArea, finish_dma, start_dma
 from viommu.machine import Endpoint, Machine
+from viommu.pytest_plugin import plugged_endpoint
 from viommu.smmuv3 import EventId
 
 PORT = 3  # bus 4: endpoint 0x400
@@ -22,12 +23,9 @@ FILL_IOVA = DST_IOVA + 0x100000  # nothing maps it until the host-side fill
 
 @pytest.fixture(scope="module")
 def endpoint(viommu_vm: Machine) -> Iterator[Endpoint]:
-    ep = viommu_vm.add_endpoint(PORT, name="dma-pri", pri=True)
-    viommu_vm.run(f"viommu-vfio bind {ep.sysfs_name}").check()
-    yield ep
-    viommu_vm.backend("set-page-request-policy", policy="invalid")
-    viommu_vm.run(f"echo {ep.sysfs_name} > /sys/bus/pci/drivers/vfio-pci/unbind")
-    viommu_vm.remove_endpoint(ep)
+    with plugged_endpoint(viommu_vm, PORT, name="dma-pri", pri=True, vfio=True) as ep:
+        yield ep
+        viommu_vm.backend("set-page-request-policy", policy="invalid")
 
 
 def wait_for_group(guest: Machine, timeout: float = 20) -> dict:
