@@ -1,8 +1,10 @@
 """The viommu backend process: a virtio-iommu served over vhost-user, plus its control server.
 
-One asyncio loop runs everything (vhost-user messages, queue kicks, control commands), so
-device state needs no locks. `Backend.start_in_thread()` runs the same loop inside the
-controller's process; `viommu backend` runs it as its own process.
+One asyncio loop runs the control plane (vhost-user messages, eventq, control commands) and
+every device decision. The requestq has a thread of its own (viommu.requestq) that serves
+MAP/UNMAP without the GIL and hands the rest to the loop; the loop holds the data-plane
+lock outside its waits, so loop code never races it. `Backend.run()` runs the loop (as
+`viommu backend` does); `Backend.start_in_thread()` runs it inside the controller's process.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from viommu import __version__
-from viommu._dataplane import GuestMemory, RingError, VirtQueue
+from viommu._dataplane import DataplaneLock, GuestMemory, RingError, VirtQueue
 from viommu.control import Arg, Command, CommandError, ControlServer
 from viommu.device import DeviceConfig, ResourceLimit, VirtioIommuDevice
 from viommu.endpoint import DmaEndpoint
@@ -25,6 +27,7 @@ from viommu.iommufd import FaultGroup, FaultQueue, PriMustBeDisabled, VeventQueu
 from viommu.page_requests import PageRequestRelay
 from viommu.pri import PageRequest, ResponseCode
 from viommu.relay import EventRelay
+from viommu.requestq import DEFAULT_POLL_US, RequestService, dataplane_event_loop
 from viommu.smmuv3 import ADDRESS_EVENTS, FETCH_EVENTS, EventClass, EventId, EventRecord
 from viommu.sockets import listen_private_unix, unlink_quietly
 from viommu.spec import VHOST_USER_F_PROTOCOL_FEATURES, VIOMMU_F_PAGE_REQUEST, PageRespCode
@@ -53,8 +56,11 @@ class Backend:
 
     def __init__(self, socket_path: str, control_path: str | None, endpoints: Iterable[int],
                  config: DeviceConfig | None = None, event_capacity: int = 1024,
-                 exit_on_disconnect: bool = True, page_request_policy: str = "invalid"
-                 ) -> None:
+                 exit_on_disconnect: bool = True, page_request_policy: str = "invalid",
+                 request_thread: bool = True, poll_us: float = DEFAULT_POLL_US) -> None:
+        """`request_thread`: serve the requestq on its own thread (viommu.requestq) when
+        the loop is `run()`'s; else on the loop, in Python. `poll_us`: that thread's
+        busy-poll window after a request."""
         self.socket_path = socket_path
         self.control_path = control_path
         self.device = VirtioIommuDevice(endpoints, config)
@@ -75,6 +81,11 @@ class Backend:
         self.queues: dict[int, tuple[VirtQueue, Callable[[], None], Callable[[], bool]]] = {}
         self.resets = 0
         self.broken: str | None = None
+        self.lock = DataplaneLock()
+        self.request_thread = request_thread
+        self.poll_us = poll_us
+        self.requestq: RequestService | None = None
+        self._loop_holds_lock = False  # run() made the loop: the request thread may run
         self.loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
         self._stopped: asyncio.Event | None = None
@@ -110,6 +121,15 @@ class Backend:
             except RuntimeError:  # closed between the check and the call
                 pass
 
+    def run(self) -> None:
+        """Serve on a new event loop in this thread until `stop()`."""
+        self._run(self.serve())
+
+    def _run(self, main: Coroutine[Any, Any, None]) -> None:
+        self._loop_holds_lock = True
+        with asyncio.Runner(loop_factory=lambda: dataplane_event_loop(self.lock)) as runner:
+            runner.run(main)
+
     def start_in_thread(self) -> None:
         """Run the backend inside this process; returns once both sockets listen."""
         ready = threading.Event()
@@ -121,7 +141,7 @@ class Backend:
             ready.set()
             await task
 
-        self._thread = threading.Thread(target=asyncio.run, args=(main(),),
+        self._thread = threading.Thread(target=self._run, args=(main(),),
                                         name="viommu-backend", daemon=True)
         self._thread.start()
         if not ready.wait(10):
@@ -179,6 +199,8 @@ class Backend:
         answers = self.device.negotiated(VIOMMU_F_PAGE_REQUEST)
         self.relay.extended = answers  # 32-byte records with PASID and group ID
         self.page_requests.guest_can_answer = answers
+        if self.requestq is not None:
+            self.requestq.configure()
 
     def get_config(self) -> bytes:
         return self.device.config_bytes()
@@ -190,11 +212,22 @@ class Backend:
         self.translator.memory_changed(mem)
 
     def queue_started(self, index: int, vq: VirtQueue, notify: Callable[[], None],
-                      signal_error: Callable[[], bool]) -> None:
+                      signal_error: Callable[[], bool], kick_fd: int) -> bool:
         self.queues[index] = (vq, notify, signal_error)
-        log.info("queue %d started (size %d)", index, vq.num)
+        threaded = index == REQUESTQ and self.request_thread and self._loop_holds_lock
+        log.info("queue %d started (size %d%s)", index, vq.num,
+                 ", served by the request thread" if threaded else "")
+        if threaded:
+            self.requestq = RequestService(self.device, self.lock, vq, kick_fd,
+                                           self._serve_requests, notify, self.loop.add_reader,
+                                           self.loop.remove_reader, self.poll_us)
+            self.requestq.pause(bool(self.broken))
+        return threaded
 
     def queue_stopped(self, index: int) -> None:
+        if index == REQUESTQ and self.requestq is not None:
+            self.requestq.stop()
+            self.requestq = None
         self.queues.pop(index, None)
         log.info("queue %d stopped", index)
 
@@ -207,6 +240,8 @@ class Backend:
     def reset(self, reason: str) -> None:
         self.resets += 1
         self.broken = None
+        if self.requestq is not None:
+            self.requestq.pause(False)
         for sid in {g.key[0] for g in self.page_requests.pending.values()}:
             self.page_requests.drain(sid)  # nobody is left to answer them
         lost = self.relay.drop_pending(f"dropped by device reset: {reason}")
@@ -308,6 +343,8 @@ class Backend:
         # The driver corrupted a ring: stop serving it rather than guess. The next guest
         # reset restarts the rings and clears this.
         self.broken = why
+        if self.requestq is not None:
+            self.requestq.pause()
         signalled = signal_error()
         log.error("device broken until the guest resets it: %s (vring error fd %s)", why,
                   "signalled" if signalled else "absent")
@@ -460,6 +497,8 @@ class Backend:
                 "trace": [e.to_dict() for e in trace]}
 
     def _cmd_query_requests(self, args: dict) -> dict:
+        if self.requestq is not None:
+            self.requestq.drain()
         trace = _trace_slice(self.device.request_trace, lambda e: e["seq"], args)
         return {"counts": dict(self.device.request_counts),
                 "status": dict(self.device.status_counts), "trace": trace}
@@ -482,6 +521,8 @@ class Backend:
             "resets": self.resets,
             "broken": self.broken,
             "vhost_user_messages": conn.messages_seen if conn else 0,
+            # None: the requestq is served on the loop (no thread, or not running)
+            "request_thread": self.requestq.counters() if self.requestq else None,
         }
 
     def _cmd_add_endpoint(self, args: dict) -> dict:

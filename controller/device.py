@@ -12,6 +12,7 @@ import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from viommu.mappings import Mapping, MappingTable, OverlapError, SplitError
 from viommu.spec import (
@@ -49,6 +50,25 @@ _PRIVATE_TYPES = {
     RequestType.VIRTIO_IOMMU_T_INVALIDATE: VIOMMU_F_ATTACH_TABLE,
     RequestType.VIRTIO_IOMMU_T_PAGE_RESP: VIOMMU_F_PAGE_REQUEST,
 }
+
+
+class ServedRequest(NamedTuple):
+    """A MAP or UNMAP served by the request thread, as the trace records requests."""
+
+    type: RequestType
+    domain: int
+    virt_start: int
+    virt_end: int
+    phys_start: int
+    flags: int
+
+    @property
+    def type_name(self) -> str:
+        return self.name_of(self.type)
+
+    @staticmethod
+    def name_of(req_type: int) -> str:
+        return RequestType(req_type).name.removeprefix("VIRTIO_IOMMU_T_")
 
 
 class ResourceLimit(RuntimeError):
@@ -123,11 +143,11 @@ class VirtioIommuDevice:
         self.bypass = self.config.bypass
         self.endpoints = {ep: Endpoint(ep) for ep in endpoints}
         self.domains: dict[int, Domain] = {}
-        self.mapping_count = 0  # over every domain, against config.max_mappings
         self.driver_features = 0
         self.request_counts: Counter[str] = Counter()
         self.status_counts: Counter[str] = Counter()
         self.request_trace: deque[dict] = deque(maxlen=trace_len)
+        self.trace_dropped = 0  # served, counted, but not in request_trace
         self._seq = 0
         self.on_request: list[Callable[[dict], None]] = []
         # Translation follows the device: told which stream changed configuration.
@@ -150,6 +170,8 @@ class VirtioIommuDevice:
         # Told to drop cached translations of a stream: (endpoint, iova, size), size 0 =
         # everything of the stream.
         self.on_invalidate: list[Callable[[int, int, int], None]] = []
+        # A domain came or went (the request thread's list of MAP domains follows).
+        self.on_domains_change: list[Callable[[], None]] = []
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -176,7 +198,7 @@ class VirtioIommuDevice:
         Negotiated features are left alone: over vhost-user the front-end sends SET_FEATURES
         before the ring restart that reveals the reset, and again on every start."""
         self.domains.clear()
-        self.mapping_count = 0
+        self._domains_changed()
         for ep in self.endpoints.values():
             ep.domain = None
             ep.probed = False
@@ -203,6 +225,28 @@ class VirtioIommuDevice:
         for listener in self.on_stream_change:
             listener(endpoint_id)
 
+    def _domains_changed(self) -> None:
+        for listener in self.on_domains_change:
+            listener()
+
+    @property
+    def mapping_count(self) -> int:
+        """Mappings over every domain, against config.max_mappings. Counted, not kept: the
+        request thread (ext/requestq.pxi) adds and removes mappings too."""
+        return sum(len(domain.mappings) for domain in self.domains.values())
+
+    def map_domains(self) -> list[tuple[int, MappingTable]]:
+        """The domains MAP and UNMAP apply to (not bypass, not page-table)."""
+        return [(d.domain_id, d.mappings) for d in self.domains.values()
+                if not d.bypass and d.table is None]
+
+    def known_map_flags(self) -> int:
+        # Plain ints: ~ on an IntFlag complements only the flags the enum defines.
+        flags = int(MapFlag.READ | MapFlag.WRITE)
+        if self.negotiated(Feature.F_MMIO):
+            flags |= int(MapFlag.MMIO)
+        return flags
+
     # --- requests ---------------------------------------------------------------------------------
 
     def handle_request(self, req) -> Reply | None:
@@ -219,11 +263,24 @@ class VirtioIommuDevice:
         self._record(req, status)
         return int(status), payload
 
-    def _record(self, req, status: int) -> None:
+    def record_served(self, when: float, req_type: int, domain: int, virt_start: int,
+                      virt_end: int, phys_start: int, flags: int) -> None:
+        """A MAP or UNMAP the request thread served (S_OK), into the trace and counters."""
+        self._record(ServedRequest(RequestType(req_type), domain, virt_start, virt_end,
+                                   phys_start, flags), Status.S_OK, when)
+
+    def count_unrecorded(self, req_type: int, count: int) -> None:
+        """Requests served with S_OK whose trace entries were lost (a full record buffer)."""
+        if count:
+            self.request_counts[ServedRequest.name_of(req_type)] += count
+            self.status_counts[Status.S_OK.name] += count
+            self.trace_dropped += count
+
+    def _record(self, req, status: int, when: float | None = None) -> None:
         self._seq += 1
         name = req.type_name
-        entry = {"seq": self._seq, "time": time.time(), "type": name,
-                 "status": Status(status).name}
+        entry = {"seq": self._seq, "time": time.time() if when is None else when,
+                 "type": name, "status": Status(status).name}
         if req.type != RequestType.VIRTIO_IOMMU_T_PROBE:
             entry["domain"] = req.domain
         if req.type not in (RequestType.VIRTIO_IOMMU_T_MAP, RequestType.VIRTIO_IOMMU_T_UNMAP,
@@ -279,7 +336,9 @@ class VirtioIommuDevice:
         if ep.domain is not None and ep.domain != domain.domain_id:
             self._detach_endpoint(ep)
         self._unbind_pasids(ep.endpoint_id, None)  # the stream is reprogrammed
-        self.domains[domain.domain_id] = domain
+        if domain.domain_id not in self.domains:
+            self.domains[domain.domain_id] = domain
+            self._domains_changed()
         domain.endpoints.add(ep.endpoint_id)
         ep.domain = domain.domain_id
         ep.table = table
@@ -377,8 +436,8 @@ class VirtioIommuDevice:
         ep.domain = None
         ep.table = None
         if not domain.endpoints:  # the domain ceases to exist with its mappings
-            self.mapping_count -= len(domain.mappings)
             del self.domains[domain.domain_id]
+            self._domains_changed()
 
     def _map(self, req) -> Reply:
         if not self.negotiated(Feature.F_MAP_UNMAP):
@@ -386,11 +445,7 @@ class VirtioIommuDevice:
         domain = self.domains.get(req.domain)
         if domain is None:
             return Status.S_NOENT, b""
-        # Plain ints: ~ on an IntFlag complements only the flags the enum defines.
-        known_flags = int(MapFlag.READ | MapFlag.WRITE)
-        if self.negotiated(Feature.F_MMIO):
-            known_flags |= int(MapFlag.MMIO)
-        if (domain.bypass or domain.table is not None or req.flags & ~known_flags
+        if (domain.bypass or domain.table is not None or req.flags & ~self.known_map_flags()
                 or req.virt_end < req.virt_start):
             return Status.S_INVAL, b""
         granule = self.config.granule
@@ -410,7 +465,6 @@ class VirtioIommuDevice:
             domain.mappings.add(Mapping(req.virt_start, req.virt_end, req.phys_start, req.flags))
         except OverlapError:
             return Status.S_INVAL, b""
-        self.mapping_count += 1
         return Status.S_OK, b""
 
     def _unmap(self, req) -> Reply:
@@ -424,10 +478,9 @@ class VirtioIommuDevice:
         if domain.bypass or domain.table is not None or req.virt_end < req.virt_start:
             return Status.S_INVAL, b""
         try:
-            removed = domain.mappings.remove_range(req.virt_start, req.virt_end)
+            domain.mappings.remove_range(req.virt_start, req.virt_end)
         except SplitError:
             return Status.S_RANGE, b""
-        self.mapping_count -= len(removed)
         return Status.S_OK, b""
 
     def _probe(self, req) -> Reply | tuple[Status, bytes]:

@@ -19,6 +19,9 @@ cdef extern from "barrier.h":
     void viommu_mb() nogil
     uint16_t viommu_load16(const void *p) nogil
     void viommu_store16(void *p, uint16_t v) nogil
+    int viommu_load_flag(const int *p) nogil
+    void viommu_store_flag(int *p, int v) nogil
+    void viommu_cpu_relax() nogil
 
 
 # --- virtio split ring (virtio spec 2.7) ---------------------------------------------------
@@ -27,6 +30,7 @@ cdef enum:
     VRING_DESC_F_WRITE = 2
     VRING_DESC_F_INDIRECT = 4
     VRING_AVAIL_F_NO_INTERRUPT = 1
+    VRING_USED_F_NO_NOTIFY = 1
     VRING_DESC_SIZE = 16
     VIRTQUEUE_MAX_SIZE = 32768
 
@@ -63,7 +67,14 @@ cdef enum:
     MAX_REGIONS = 32
 
 # A request whose writable part is larger than this cannot be a virtio-iommu request.
-MAX_WRITABLE_LEN = 65536 + REQ_TAIL_SIZE
+cdef enum:
+    MAX_WRITABLE_LEN = 65536 + REQ_TAIL_SIZE
+
+
+cdef enum RingErrorKind:
+    RING_OK = 0
+    RING_AVAIL_AHEAD = 1
+    RING_BAD_HEAD = 2
 
 
 class RingError(Exception):
@@ -216,6 +227,11 @@ cdef class VirtQueue:
     cdef uint32_t *seg_len
     cdef uint8_t *seg_write
     cdef unsigned int nseg
+    # a chain the request thread popped but could not serve (`_keep_pending`)
+    cdef bint has_pending
+    cdef uint16_t pending_head
+    cdef int ring_error
+    cdef uint32_t ring_error_value
 
     def __cinit__(self, GuestMemory mem not None, int index):
         self.mem = mem
@@ -248,6 +264,7 @@ cdef class VirtQueue:
             raise MemoryError()
         self.num = num
         self.started = False
+        self.has_pending = False
 
     def set_addr(self, uint64_t desc, uint64_t avail, uint64_t used):
         """Ring addresses are front-end virtual addresses (vhost-user SET_VRING_ADDR)."""
@@ -270,31 +287,53 @@ cdef class VirtQueue:
         if self.desc == NULL or self.avail == NULL or self.used == NULL:
             self.started = False
             raise ValueError(f"virtqueue {self.index}: ring outside the memory table")
+        self.ring_error = RING_OK
         self.started = True
 
     def stop(self):
+        if self.has_pending:  # popped but never answered: back to the driver's ring
+            self.has_pending = False
+            self.last_avail -= 1
+            self.chains_seen -= 1
         self.started = False
         self.desc = self.avail = self.used = NULL
 
     def avail_pending(self) -> int:
         """Buffers the driver made available that the device has not consumed yet."""
-        if not self.started:
-            return 0
-        return <uint16_t>(viommu_load16(self.avail + 2) - self.last_avail)
+        return self._avail_pending()
 
     def needs_interrupt(self) -> bool:
         """The driver wants used-buffer notifications (VIRTIO_F_EVENT_IDX is not offered)."""
+        return self._needs_interrupt()
+
+    cdef bint _needs_interrupt(self) noexcept nogil:
         if not self.started:
             return False
         viommu_mb()
         return (viommu_load16(self.avail) & VRING_AVAIL_F_NO_INTERRUPT) == 0
 
-    cdef int _pop(self, uint16_t *head_out) except -3:
-        """Take the next chain into the segment arrays.
+    cdef uint16_t _avail_pending(self) noexcept nogil:
+        if not self.started:
+            return 0
+        return <uint16_t>(viommu_load16(self.avail + 2) - self.last_avail)
+
+    cdef void _suppress_kicks(self, bint suppress) noexcept nogil:
+        """VRING_USED_F_NO_NOTIFY: the device is polling, the driver need not kick. Without
+        VIRTIO_F_EVENT_IDX the driver reads this flag before every kick (spec 2.7.10)."""
+        if self.started:
+            viommu_store16(self.used, VRING_USED_F_NO_NOTIFY if suppress else 0)
+            viommu_mb()
+
+    @property
+    def kicks_suppressed(self) -> bool:
+        return self.started and (viommu_load16(self.used) & VRING_USED_F_NO_NOTIFY) != 0
+
+    cdef int _pop_chain(self, uint16_t *head_out) noexcept nogil:
+        """Take the next chain into the segment arrays, without the GIL.
 
         Returns 1 for a valid chain, 0 when the ring is empty, -1 for a malformed chain
-        whose head can still be returned with used length 0. Raises RingError when the
-        ring itself is corrupt.
+        whose head can still be returned with used length 0, and -2 when the ring itself
+        is corrupt (`ring_error` says how; `_pop` turns it into RingError).
         """
         cdef uint16_t avail_idx, head
         cdef unsigned int i, count = 0
@@ -306,17 +345,26 @@ cdef class VirtQueue:
         cdef uint8_t *p
         if not self.started:
             return 0
+        if self.ring_error != RING_OK:  # stays broken until the ring restarts
+            return -2
+        if self.has_pending:  # a chain popped by the request thread, left for Python
+            self.has_pending = False
+            head_out[0] = self.pending_head
+            return 1
         avail_idx = viommu_load16(self.avail + 2)
         if avail_idx == self.last_avail:
             return 0
         if <uint16_t>(avail_idx - self.last_avail) > self.num:
-            raise RingError(f"virtqueue {self.index}: avail index {avail_idx} is more than "
-                            f"{self.num} ahead of {self.last_avail}")
+            self.ring_error = RING_AVAIL_AHEAD
+            self.ring_error_value = avail_idx
+            return -2
         viommu_mb()
         head = rd16(self.avail + 4 + 2 * (self.last_avail % self.num))
         self.last_avail += 1
         if head >= self.num:
-            raise RingError(f"virtqueue {self.index}: head index {head} >= size {self.num}")
+            self.ring_error = RING_BAD_HEAD
+            self.ring_error_value = head
+            return -2
         head_out[0] = head
         self.chains_seen += 1
         self.nseg = 0
@@ -354,7 +402,28 @@ cdef class VirtQueue:
                 self.chains_malformed += 1
                 return -1
 
-    cdef void _push_used(self, uint16_t head, uint32_t length) noexcept:
+    cdef void _keep_pending(self, uint16_t head) noexcept nogil:
+        """Leave the chain just popped (still in the segment arrays) for the next `_pop`."""
+        self.pending_head = head
+        self.has_pending = True
+
+    cdef int _pop(self, uint16_t *head_out) except -3:
+        """`_pop_chain`, raising RingError when the driver broke the ring."""
+        cdef int rc = self._pop_chain(head_out)
+        if rc == -2:
+            raise RingError(self.ring_error_text())
+        return rc
+
+    def ring_error_text(self) -> str:
+        if self.ring_error == RING_AVAIL_AHEAD:
+            return (f"virtqueue {self.index}: avail index {self.ring_error_value} is more "
+                    f"than {self.num} ahead of {self.last_avail}")
+        if self.ring_error == RING_BAD_HEAD:
+            return (f"virtqueue {self.index}: head index {self.ring_error_value} >= size "
+                    f"{self.num}")
+        return ""
+
+    cdef void _push_used(self, uint16_t head, uint32_t length) noexcept nogil:
         cdef uint8_t *elem = self.used + 4 + 8 * (self.used_idx % self.num)
         wr32(elem, head)
         wr32(elem + 4, length)
@@ -442,6 +511,18 @@ cdef class VirtQueue:
             return True
 
 
+# A popped chain as a request: its readable bytes (up to the largest request) and where
+# its writable part lies.
+cdef struct Chain:
+    uint8_t buf[MAX_READABLE]
+    uint32_t got                # bytes of buf filled
+    uint64_t readable
+    uint64_t writable
+    uint8_t *wseg_ptr[MAX_WRITABLE_SEGMENTS]
+    uint32_t wseg_len[MAX_WRITABLE_SEGMENTS]
+    unsigned int nwseg
+
+
 cdef class Request:
     """One decoded virtio-iommu request. Fields the type does not have read as 0."""
 
@@ -472,9 +553,7 @@ cdef class Request:
     cdef readonly uint16_t code
     cdef readonly uint32_t readable_len
     cdef readonly uint32_t writable_len
-    cdef uint8_t *wseg_ptr[MAX_WRITABLE_SEGMENTS]
-    cdef uint32_t wseg_len[MAX_WRITABLE_SEGMENTS]
-    cdef unsigned int nwseg
+    cdef Chain chain
 
     @property
     def type_name(self) -> str:
@@ -490,26 +569,11 @@ cdef class Request:
         if <uint64_t>n + REQ_TAIL_SIZE > self.writable_len:
             raise ValueError(f"payload of {n} bytes does not fit {self.writable_len} writable")
         if n:
-            self._scatter(0, &payload[0], n)
+            _scatter(&self.chain, 0, &payload[0], n)
         memset(tail, 0, REQ_TAIL_SIZE)
         tail[0] = status
-        self._scatter(n, tail, REQ_TAIL_SIZE)
+        _scatter(&self.chain, n, tail, REQ_TAIL_SIZE)
         return n + REQ_TAIL_SIZE
-
-    cdef void _scatter(self, uint32_t offset, const uint8_t *src, uint32_t n) noexcept:
-        cdef unsigned int k = 0
-        cdef uint32_t chunk
-        while n and k < self.nwseg:
-            if offset >= self.wseg_len[k]:
-                offset -= self.wseg_len[k]
-                k += 1
-                continue
-            chunk = min(self.wseg_len[k] - offset, n)
-            memcpy(self.wseg_ptr[k] + offset, src, chunk)
-            src += chunk
-            n -= chunk
-            offset = 0
-            k += 1
 
     def __repr__(self):
         return (f"<Request {self.type_name} domain={self.domain} endpoint={self.endpoint} "
@@ -517,7 +581,7 @@ cdef class Request:
                 f"flags={self.flags:#x}>")
 
 
-cdef int _readable_size(uint8_t req_type) noexcept:
+cdef int _readable_size(uint8_t req_type) noexcept nogil:
     if req_type == VIRTIO_IOMMU_T_ATTACH:
         return ATTACH_READABLE
     if req_type == VIRTIO_IOMMU_T_DETACH:
@@ -537,40 +601,67 @@ cdef int _readable_size(uint8_t req_type) noexcept:
     return -1
 
 
-cdef Request _parse_request(VirtQueue vq, uint16_t head):
-    """Decode the chain in vq's segment arrays; None when the spec says "cannot parse"
-    (unknown type, readable part too small for its type, no room for the tail)."""
-    cdef uint8_t buf[MAX_READABLE]
-    cdef uint32_t got = 0, chunk
-    cdef uint64_t readable = 0, writable = 0
+cdef int _gather(VirtQueue vq, Chain *c) noexcept nogil:
+    """Collect the chain in vq's segment arrays; its request type, or -1 when the spec says
+    "cannot parse" (unknown type, readable part too small for its type, no room for the
+    tail)."""
+    cdef uint32_t chunk
     cdef unsigned int k
     cdef int need
-    cdef Request req = Request.__new__(Request)
-    req.vq = vq
-    req.head = head
-    req.nwseg = 0
+    c.got = 0
+    c.readable = 0
+    c.writable = 0
+    c.nwseg = 0
     for k in range(vq.nseg):
         if vq.seg_write[k]:
-            if req.nwseg == MAX_WRITABLE_SEGMENTS:
-                return None
-            req.wseg_ptr[req.nwseg] = vq.seg_ptr[k]
-            req.wseg_len[req.nwseg] = vq.seg_len[k]
-            req.nwseg += 1
-            writable += vq.seg_len[k]
+            if c.nwseg == MAX_WRITABLE_SEGMENTS:
+                return -1
+            c.wseg_ptr[c.nwseg] = vq.seg_ptr[k]
+            c.wseg_len[c.nwseg] = vq.seg_len[k]
+            c.nwseg += 1
+            c.writable += vq.seg_len[k]
         else:
-            readable += vq.seg_len[k]
-            if got < MAX_READABLE:
-                chunk = min(vq.seg_len[k], MAX_READABLE - got)
-                memcpy(buf + got, vq.seg_ptr[k], chunk)
-                got += chunk
-    if got < REQ_HEAD_SIZE or writable < REQ_TAIL_SIZE or writable > MAX_WRITABLE_LEN:
+            c.readable += vq.seg_len[k]
+            if c.got < MAX_READABLE:
+                chunk = min(vq.seg_len[k], MAX_READABLE - c.got)
+                memcpy(c.buf + c.got, vq.seg_ptr[k], chunk)
+                c.got += chunk
+    if c.got < REQ_HEAD_SIZE or c.writable < REQ_TAIL_SIZE or c.writable > MAX_WRITABLE_LEN:
+        return -1
+    need = _readable_size(c.buf[0])
+    if need < 0 or c.got < <uint32_t>need:
+        return -1
+    return c.buf[0]
+
+
+cdef void _scatter(Chain *c, uint32_t offset, const uint8_t *src, uint32_t n) noexcept nogil:
+    """Copy n bytes into the chain's writable part, from `offset` on."""
+    cdef unsigned int k = 0
+    cdef uint32_t chunk
+    while n and k < c.nwseg:
+        if offset >= c.wseg_len[k]:
+            offset -= c.wseg_len[k]
+            k += 1
+            continue
+        chunk = min(c.wseg_len[k] - offset, n)
+        memcpy(c.wseg_ptr[k] + offset, src, chunk)
+        src += chunk
+        n -= chunk
+        offset = 0
+        k += 1
+
+
+cdef Request _parse_request(VirtQueue vq, uint16_t head):
+    """Decode the chain in vq's segment arrays; None when it cannot be parsed."""
+    cdef Request req = Request.__new__(Request)
+    cdef uint8_t *buf = req.chain.buf
+    req.vq = vq
+    req.head = head
+    if _gather(vq, &req.chain) < 0:
         return None
     req.type = buf[0]
-    need = _readable_size(req.type)
-    if need < 0 or got < <uint32_t>need:
-        return None
-    req.readable_len = <uint32_t>min(readable, <uint64_t>0xffffffff)
-    req.writable_len = <uint32_t>writable
+    req.readable_len = <uint32_t>min(req.chain.readable, <uint64_t>0xffffffff)
+    req.writable_len = <uint32_t>req.chain.writable
     req.reserved_zero = True
     if req.type == VIRTIO_IOMMU_T_ATTACH:
         req.domain = rd32(buf + 4)
@@ -622,7 +713,7 @@ cdef Request _parse_request(VirtQueue vq, uint16_t head):
     return req
 
 
-cdef bint _all_zero(const uint8_t *p, int n) noexcept:
+cdef bint _all_zero(const uint8_t *p, int n) noexcept nogil:
     cdef int i
     for i in range(n):
         if p[i]:
@@ -631,3 +722,4 @@ cdef bint _all_zero(const uint8_t *p, int n) noexcept:
 
 
 include "engine.pxi"
+include "requestq.pxi"

@@ -279,6 +279,47 @@ cdef const MapEntry *map_lookup(const MapData *d, uint64_t iova) noexcept nogil:
     return NULL
 
 
+cdef int map_insert(MapData *d, size_t i, uint64_t start, uint64_t end, uint64_t phys,
+                    uint64_t flags) noexcept nogil:
+    """Insert at index i (where the sort order puts it); -1 when memory runs out."""
+    cdef size_t cap
+    cdef MapEntry *grown
+    cdef MapEntry *e
+    if d.n == d.cap:
+        cap = max(2 * d.cap, <size_t>8)
+        grown = <MapEntry *>realloc(d.entries, cap * sizeof(MapEntry))
+        if grown == NULL:
+            return -1
+        d.entries = grown
+        d.cap = cap
+    e = &d.entries[i]
+    memmove(e + 1, e, (d.n - i) * sizeof(MapEntry))
+    e.virt_start = start
+    e.virt_end = end
+    e.phys_start = phys
+    e.flags = flags
+    d.n += 1
+    return 0
+
+cdef size_t map_covered_end(const MapData *d, size_t lo, uint64_t virt_start,
+                            uint64_t virt_end) noexcept nogil:
+    """Index past the mappings from `lo` on inside [virt_start, virt_end], or (size_t)-1
+    when one of them sticks out of it (UNMAP would split it)."""
+    cdef size_t hi = lo
+    while hi < d.n and d.entries[hi].virt_start <= virt_end:
+        if d.entries[hi].virt_start < virt_start or d.entries[hi].virt_end > virt_end:
+            return <size_t>-1
+        hi += 1
+    return hi
+
+cdef void map_remove(MapData *d, size_t lo, size_t hi) noexcept nogil:
+    """Remove entries [lo, hi); cached translations of them go stale (generation)."""
+    if hi > lo:
+        memmove(d.entries + lo, d.entries + hi, (d.n - hi) * sizeof(MapEntry))
+        d.n -= hi - lo
+        d.generation += 1
+
+
 cdef object _mappings_module = None
 
 cdef object _mappings():
@@ -329,18 +370,6 @@ cdef class MappingTable:
         cdef MapEntry *e = &self.data.entries[i]
         return _mappings().Mapping(e.virt_start, e.virt_end, e.phys_start, e.flags)
 
-    cdef void _reserve(self, size_t n) except *:
-        cdef size_t cap
-        cdef MapEntry *grown
-        if n <= self.data.cap:
-            return
-        cap = max(n, 2 * self.data.cap, 8)
-        grown = <MapEntry *>realloc(self.data.entries, cap * sizeof(MapEntry))
-        if grown == NULL:
-            raise MemoryError()
-        self.data.entries = grown
-        self.data.cap = cap
-
     def add(self, mapping) -> None:
         """Insert `mapping` (a viommu.mappings.Mapping); OverlapError if it touches another."""
         cdef uint64_t start = mapping.virt_start, end = mapping.virt_end
@@ -354,33 +383,25 @@ cdef class MappingTable:
             e = &self.data.entries[i]
             raise _mappings().OverlapError(f"[{start:#x}, {end:#x}] overlaps "
                                            f"[{e.virt_start:#x}, {e.virt_end:#x}]")
-        self._reserve(self.data.n + 1)
-        e = &self.data.entries[i]
-        memmove(e + 1, e, (self.data.n - i) * sizeof(MapEntry))
-        e.virt_start = start
-        e.virt_end = end
-        e.phys_start = phys
-        e.flags = flags
-        self.data.n += 1
+        if map_insert(self.data, i, start, end, phys, flags) < 0:
+            raise MemoryError()
 
     def remove_range(self, uint64_t virt_start, uint64_t virt_end) -> list:
         """Remove every mapping inside [virt_start, virt_end]; all or nothing."""
         cdef size_t lo = map_first_ending_at_or_after(self.data, virt_start)
-        cdef size_t hi = lo, k
+        cdef size_t hi = map_covered_end(self.data, lo, virt_start, virt_end), k
         cdef MapEntry *e
-        while hi < self.data.n and self.data.entries[hi].virt_start <= virt_end:
+        if hi == <size_t>-1:
+            hi = lo
+            while not (self.data.entries[hi].virt_start < virt_start
+                       or self.data.entries[hi].virt_end > virt_end):
+                hi += 1
             e = &self.data.entries[hi]
-            if e.virt_start < virt_start or e.virt_end > virt_end:
-                raise _mappings().SplitError(
-                    f"[{virt_start:#x}, {virt_end:#x}] would split mapping "
-                    f"[{e.virt_start:#x}, {e.virt_end:#x}]")
-            hi += 1
+            raise _mappings().SplitError(
+                f"[{virt_start:#x}, {virt_end:#x}] would split mapping "
+                f"[{e.virt_start:#x}, {e.virt_end:#x}]")
         removed = [self._mapping(k) for k in range(lo, hi)]
-        if hi > lo:
-            e = self.data.entries
-            memmove(e + lo, e + hi, (self.data.n - hi) * sizeof(MapEntry))
-            self.data.n -= hi - lo
-            self.data.generation += 1
+        map_remove(self.data, lo, hi)
         return removed
 
     def lookup(self, uint64_t iova):

@@ -42,7 +42,10 @@ class VhostUserDevice(Protocol):
     def set_config(self, offset: int, data: bytes) -> None: ...
     def memory_changed(self, mem: GuestMemory) -> None: ...
     def queue_started(self, index: int, vq: VirtQueue, notify: Callable[[], None],
-                      signal_error: Callable[[], bool]) -> None: ...
+                      signal_error: Callable[[], bool], kick_fd: int) -> bool:
+        """A ring runs; True when the device waits for its kicks itself (on `kick_fd`,
+        which stays the connection's), False to have `queue_kicked` called on each."""
+        ...
     def queue_stopped(self, index: int) -> None: ...
     def queue_kicked(self, index: int) -> None: ...
     def reset(self, reason: str) -> None: ...
@@ -64,6 +67,7 @@ class Vring:
         # ring addresses, is a guest reset (QEMU sends no RESET_DEVICE for one).
         self.stopped_at: int | None = None
         self.running = False
+        self.kick_watched = False  # the loop reads kick_fd (the device did not take it)
 
     def close_fds(self) -> None:
         for name in ("kick_fd", "call_fd", "err_fd"):
@@ -389,11 +393,13 @@ class VhostUserConnection:
             return
         vring.running = True
         vring.stopped_at = None
-        self._add_reader(vring.kick_fd, lambda: self._on_kick(vring))
-        self.device.queue_started(vring.index, vring.vq, lambda: self._notify(vring),
-                                  lambda: self.signal_error(vring.index))
-        # Buffers made available before the kick fd existed are served now.
-        self.device.queue_kicked(vring.index)
+        owned = self.device.queue_started(vring.index, vring.vq, lambda: self._notify(vring),
+                                          lambda: self.signal_error(vring.index), vring.kick_fd)
+        vring.kick_watched = not owned
+        if vring.kick_watched:
+            self._add_reader(vring.kick_fd, lambda: self._on_kick(vring))
+            # Buffers made available before the kick fd existed are served now.
+            self.device.queue_kicked(vring.index)
 
     def _resolve(self, vring: Vring) -> bool:
         try:
@@ -407,10 +413,11 @@ class VhostUserConnection:
         if not vring.running:
             return
         vring.running = False
-        if vring.kick_fd is not None:
+        if vring.kick_watched:
             self._remove_reader(vring.kick_fd)
+            vring.kick_watched = False
+        self.device.queue_stopped(vring.index)  # first: a device thread may still use it
         vring.vq.stop()
-        self.device.queue_stopped(vring.index)
 
     def _on_kick(self, vring: Vring) -> None:
         try:

@@ -1,0 +1,483 @@
+# The requestq on a thread of its own: kicks, MAP/UNMAP and the used ring without the GIL.
+#
+# The guest driver spins on the used ring after every request, so request latency is what
+# a guest feels. `RequestServer` waits for kicks with epoll, serves MAP and UNMAP that
+# succeed entirely here (the spec's S_OK path against the domain's MappingTable), then
+# polls the avail ring for a short window with kicks suppressed (VRING_USED_F_NO_NOTIFY),
+# so a guest issuing requests back to back never exits to notify. Everything else is
+# handed to Python, which stays the only place that decides statuses: the chain is left
+# pending in the VirtQueue and the backend's loop serves it (and the rest of the ring)
+# with `VirtQueue.process_requests`.
+#
+# Sharing: the thread touches the VirtQueue, guest memory and the MAP tables only while it
+# holds the `DataplaneLock`; the backend's loop holds that lock whenever it is not waiting
+# in select (`viommu.dataplane_loop`), so Python code on the loop may change any of them.
+
+from libc.stdint cimport int64_t
+from posix.time cimport clock_gettime, CLOCK_MONOTONIC, CLOCK_REALTIME, timespec
+from posix.unistd cimport close, dup, read, write
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+    int pthread_cond_init(pthread_cond_t *cond, const void *attr)
+    int pthread_cond_destroy(pthread_cond_t *cond)
+    int pthread_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex)
+    int pthread_cond_broadcast(pthread_cond_t *cond)
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_CLOEXEC
+        EFD_NONBLOCK
+
+cdef extern from "<sys/epoll.h>" nogil:
+    union epoll_data_t "epoll_data":
+        int fd
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    enum:
+        EPOLLIN
+        EPOLL_CTL_ADD
+        EPOLL_CLOEXEC
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+
+cdef enum:
+    VIRTIO_IOMMU_S_OK = 0
+    DEFAULT_TRACE_CAPACITY = 16384
+
+
+cdef inline int64_t monotonic_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+cdef inline double wall_time() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+cdef void eventfd_signal(int fd) noexcept nogil:
+    cdef uint64_t one = 1
+    write(fd, &one, 8)  # EAGAIN only when the counter is saturated: already signalled
+
+cdef void eventfd_clear(int fd) noexcept nogil:
+    cdef uint64_t value
+    read(fd, &value, 8)
+
+
+cdef class DataplaneLock:
+    """The lock between the request thread and Python. Use `with lock:` (it waits without
+    the GIL); the thread steps back while Python is waiting for it, so a request thread
+    that is polling cannot keep the loop out."""
+
+    cdef pthread_mutex_t mutex
+    cdef pthread_cond_t cond
+    cdef int python_waiting
+
+    def __cinit__(self):
+        pthread_mutex_init(&self.mutex, NULL)
+        pthread_cond_init(&self.cond, NULL)
+
+    def __dealloc__(self):
+        pthread_cond_destroy(&self.cond)
+        pthread_mutex_destroy(&self.mutex)
+
+    def acquire(self) -> None:
+        with nogil:
+            viommu_store_flag(&self.python_waiting, 1)
+            pthread_mutex_lock(&self.mutex)
+            viommu_store_flag(&self.python_waiting, 0)
+
+    def release(self) -> None:
+        pthread_mutex_unlock(&self.mutex)
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    cdef void lock_for_thread(self) noexcept nogil:
+        while viommu_load_flag(&self.python_waiting):
+            viommu_cpu_relax()
+        pthread_mutex_lock(&self.mutex)
+
+
+cdef struct FastDomain:
+    uint32_t domain_id
+    MapData *map
+
+# One MAP or UNMAP served here, for the device's request trace.
+cdef struct ServedRecord:
+    double time
+    uint64_t virt_start
+    uint64_t virt_end
+    uint64_t phys_start
+    uint32_t domain
+    uint32_t flags
+    uint8_t type
+
+
+cdef class RequestServer:
+    """Serves one requestq on its own thread (see the top of requestq.pxi).
+
+    Python drives it from the loop, holding the lock: `configure` and `set_domains` say
+    which MAP/UNMAP may succeed here, `wake_fd` becomes readable when the thread needs
+    Python (`take_wake`: a chain handed off, the driver wants an interrupt, the trace wants
+    draining), `resume` lets the thread go on after a hand-off, `drain` returns what it
+    served. `poll_us` is the busy-poll window after the last request (0: kicks only).
+    """
+
+    cdef DataplaneLock lock
+    cdef VirtQueue vq
+    cdef int kick_fd, stop_fd, epoll_fd
+    cdef readonly int wake_fd
+    cdef readonly int64_t poll_ns
+    # what may succeed here (Python's rules, as numbers)
+    cdef bint map_unmap
+    cdef uint64_t known_map_flags
+    cdef uint64_t granule_mask
+    cdef bint check_input_range
+    cdef uint64_t input_lo, input_hi, resv_lo, resv_hi
+    cdef size_t max_per_domain, max_total
+    cdef FastDomain *domains        # sorted by domain_id
+    cdef size_t ndomains
+    cdef list _domain_owners        # the MappingTables owning the MapData above
+    # shared with Python under the lock
+    cdef bint handoff, notify_needed, drain_wanted, stopping, paused
+    cdef bint wake_sent             # wake_fd signalled, Python has not taken it yet
+    cdef ServedRecord *served
+    cdef size_t served_cap, served_len
+    cdef uint64_t dropped_map, dropped_unmap   # served but not recorded (buffer full)
+    # counters
+    cdef readonly uint64_t fast_requests, handoffs, sleeps, kicks_seen
+    cdef object _thread
+
+    def __cinit__(self, DataplaneLock lock not None, VirtQueue vq not None, int kick_fd,
+                  double poll_us=200.0, size_t trace_capacity=DEFAULT_TRACE_CAPACITY):
+        cdef epoll_event ev
+        self.lock = lock
+        self.vq = vq
+        self.poll_ns = <int64_t>(poll_us * 1000)
+        self.kick_fd = self.stop_fd = self.wake_fd = self.epoll_fd = -1
+        self._domain_owners = []
+        self.served_cap = max(trace_capacity, <size_t>1)
+        self.served = <ServedRecord *>malloc(self.served_cap * sizeof(ServedRecord))
+        if self.served == NULL:
+            raise MemoryError()
+        self.kick_fd = dup(kick_fd)
+        self.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        self.epoll_fd = epoll_create1(EPOLL_CLOEXEC)
+        if min(self.kick_fd, self.stop_fd, self.wake_fd, self.epoll_fd) < 0:
+            self._close_fds()
+            raise OSError("request thread: cannot create its eventfds and epoll")
+        for fd in (self.kick_fd, self.stop_fd):
+            ev.events = EPOLLIN
+            ev.data.fd = fd
+            epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, fd, &ev)
+
+    def __dealloc__(self):
+        self._close_fds()
+        free(self.served)
+        free(self.domains)
+
+    cdef void _close_fds(self) noexcept:
+        for fd in (self.kick_fd, self.stop_fd, self.wake_fd, self.epoll_fd):
+            if fd >= 0:
+                close(fd)
+        self.kick_fd = self.stop_fd = self.wake_fd = self.epoll_fd = -1
+
+    # --- Python side (holding the lock) -------------------------------------------------
+
+    def configure(self, bint map_unmap, uint64_t known_map_flags, uint64_t granule,
+                  input_range, tuple resv, size_t max_per_domain, size_t max_total) -> None:
+        """The device's rules for MAP/UNMAP: granule (a power of 2), the input range when
+        F_INPUT_RANGE is negotiated (else None), the reserved [start, end] window, limits."""
+        if granule == 0 or granule & (granule - 1):
+            raise ValueError(f"granule {granule:#x} is not a power of 2")
+        self.map_unmap = map_unmap
+        self.known_map_flags = known_map_flags
+        self.granule_mask = granule - 1
+        self.check_input_range = input_range is not None
+        if input_range is not None:
+            self.input_lo, self.input_hi = input_range
+        self.resv_lo, self.resv_hi = resv
+        self.max_per_domain = max_per_domain
+        self.max_total = max_total
+
+    def set_domains(self, domains) -> None:
+        """The MAP domains, as (domain ID, MappingTable); bypass and page-table domains are
+        left out (Python refuses MAP/UNMAP to them)."""
+        cdef list items = sorted(domains, key=lambda item: item[0])
+        cdef FastDomain *table = <FastDomain *>malloc(max(len(items), 1) * sizeof(FastDomain))
+        cdef MappingTable mappings
+        if table == NULL:
+            raise MemoryError()
+        for i, (domain_id, mappings) in enumerate(items):
+            table[i].domain_id = domain_id
+            table[i].map = mappings.data
+        free(self.domains)
+        self.domains = table
+        self.ndomains = len(items)
+        self._domain_owners = [mappings for _, mappings in items]
+
+    def start(self) -> None:
+        import threading
+        self._thread = threading.Thread(target=self._thread_main, daemon=True,
+                                        name=f"viommu-requestq{self.vq.index}")
+        self._thread.start()
+
+    def _thread_main(self) -> None:
+        with nogil:
+            self._run()
+
+    def stop(self) -> None:
+        """End the thread. The caller holds the lock; it is let go while the thread ends.
+        Kicks are re-enabled so whoever serves the ring next hears them."""
+        self.stopping = True
+        self.vq._suppress_kicks(False)
+        pthread_cond_broadcast(&self.lock.cond)
+        eventfd_signal(self.stop_fd)
+        if self._thread is not None and self._thread.is_alive():
+            self.lock.release()
+            try:
+                self._thread.join()
+            finally:
+                self.lock.acquire()
+        self._thread = None
+
+    def close(self) -> None:
+        self._close_fds()
+
+    def take_wake(self) -> tuple:
+        """Why the thread woke Python: (a chain is handed off, the driver wants an
+        interrupt). Clears the wake eventfd and the interrupt request."""
+        eventfd_clear(self.wake_fd)
+        self.wake_sent = False
+        notify = self.notify_needed
+        self.notify_needed = False
+        self.drain_wanted = False
+        return self.handoff, notify
+
+    def resume(self) -> None:
+        """Python served the handed-off chain: the thread goes on."""
+        self.handoff = False
+        pthread_cond_broadcast(&self.lock.cond)
+
+    def pause(self, bint paused=True) -> None:
+        """Stop serving (a broken ring) until `pause(False)`."""
+        self.paused = paused
+
+    @property
+    def handing_off(self) -> bool:
+        return self.handoff
+
+    def drain(self) -> tuple:
+        """The MAP/UNMAP served here since the last drain, oldest first, as tuples
+        (time, type, domain, virt_start, virt_end, phys_start, flags); then how many more
+        MAP and UNMAP were served but not recorded because the record buffer was full."""
+        cdef size_t i
+        cdef ServedRecord *r
+        records = []
+        for i in range(self.served_len):
+            r = &self.served[i]
+            records.append((r.time, r.type, r.domain, r.virt_start, r.virt_end,
+                            r.phys_start, r.flags))
+        self.served_len = 0
+        dropped = (self.dropped_map, self.dropped_unmap)
+        self.dropped_map = self.dropped_unmap = 0
+        return records, *dropped
+
+    @property
+    def pending_records(self) -> int:
+        return self.served_len
+
+    # --- the thread --------------------------------------------------------------------
+
+    cdef void _run(self) noexcept nogil:
+        cdef int64_t last_work = monotonic_ns()
+        cdef bint polling = False
+        cdef bint pending
+        cdef int served
+        self.lock.lock_for_thread()
+        self.vq._suppress_kicks(False)  # a previous server may have left them off
+        pthread_mutex_unlock(&self.lock.mutex)
+        while True:
+            self.lock.lock_for_thread()
+            if self.stopping:
+                pthread_mutex_unlock(&self.lock.mutex)
+                return
+            served = self._serve_available()
+            if (self.handoff or self.notify_needed or self.drain_wanted) and not self.wake_sent:
+                self.wake_sent = True
+                eventfd_signal(self.wake_fd)
+            while self.handoff and not self.stopping:
+                pthread_cond_wait(&self.lock.cond, &self.lock.mutex)
+            if served:
+                last_work = monotonic_ns()
+            if self.poll_ns > 0 and monotonic_ns() - last_work < self.poll_ns:
+                if not polling:
+                    self.vq._suppress_kicks(True)
+                    polling = True
+                pthread_mutex_unlock(&self.lock.mutex)
+                viommu_cpu_relax()
+                continue
+            # Going to sleep: kicks back on, then look once more, or a request made
+            # available just before the flag cleared would wait for the next kick.
+            self.vq._suppress_kicks(False)
+            polling = False
+            pending = self.vq._avail_pending() != 0 and not self.paused
+            pthread_mutex_unlock(&self.lock.mutex)
+            if not pending:
+                self._wait_for_kick()
+
+    cdef void _wait_for_kick(self) noexcept nogil:
+        cdef epoll_event ev
+        self.sleeps += 1
+        if epoll_wait(self.epoll_fd, &ev, 1, -1) == 1 and ev.data.fd == self.kick_fd:
+            eventfd_clear(self.kick_fd)
+            self.kicks_seen += 1
+
+    cdef int _serve_available(self) noexcept nogil:
+        """Serve chains until the ring is empty or one needs Python; the number served."""
+        cdef uint16_t head
+        cdef int rc, req_type, served = 0
+        cdef Chain chain
+        cdef uint8_t tail[REQ_TAIL_SIZE]
+        if self.paused or self.handoff:
+            return 0
+        while True:
+            rc = self.vq._pop_chain(&head)
+            if rc == 0:
+                break
+            if rc == -2:  # a broken ring: Python raises RingError and marks the device
+                self.handoff = True
+                self.handoffs += 1
+                break
+            served += 1
+            if rc < 0:
+                self.vq._push_used(head, 0)
+                continue
+            req_type = _gather(self.vq, &chain)
+            if req_type < 0:
+                self.vq._push_used(head, 0)  # the spec's answer to an unparsable request
+                continue
+            if not self._serve_here(req_type, &chain):
+                self.vq._keep_pending(head)
+                self.handoff = True
+                self.handoffs += 1
+                served -= 1
+                break
+            memset(tail, 0, REQ_TAIL_SIZE)
+            tail[0] = VIRTIO_IOMMU_S_OK
+            _scatter(&chain, 0, tail, REQ_TAIL_SIZE)
+            self.vq._push_used(head, REQ_TAIL_SIZE)
+            self.fast_requests += 1
+        if served and self.vq._needs_interrupt():
+            self.notify_needed = True
+        return served
+
+    cdef bint _serve_here(self, int req_type, Chain *c) noexcept nogil:
+        """Apply a MAP or UNMAP that succeeds; False (nothing changed) for anything else."""
+        cdef const uint8_t *b = c.buf
+        cdef MapData *d
+        cdef bint done
+        if not self.map_unmap:
+            return False
+        if req_type == VIRTIO_IOMMU_T_MAP:
+            d = self._domain(rd32(b + 4))
+            done = d != NULL and self._map(d, rd64(b + 8), rd64(b + 16), rd64(b + 24),
+                                           rd32(b + 32))
+        elif req_type == VIRTIO_IOMMU_T_UNMAP:
+            d = self._domain(rd32(b + 4))
+            done = (d != NULL and rd32(b + 24) == 0
+                    and self._unmap(d, rd64(b + 8), rd64(b + 16)))
+        else:
+            return False
+        if done:
+            self._record(req_type, c)
+        return done
+
+    cdef MapData *_domain(self, uint32_t domain_id) noexcept nogil:
+        cdef size_t lo = 0, hi = self.ndomains, mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.domains[mid].domain_id < domain_id:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.ndomains and self.domains[lo].domain_id == domain_id:
+            return self.domains[lo].map
+        return NULL
+
+    cdef bint _map(self, MapData *d, uint64_t start, uint64_t end, uint64_t phys,
+                   uint32_t flags) noexcept nogil:
+        """virtio spec 5.13.6.6, the S_OK case only; device.py has every other status."""
+        cdef size_t i
+        if flags & ~self.known_map_flags or end < start:
+            return False
+        if (start | phys | (end + 1)) & self.granule_mask:
+            return False
+        if self.check_input_range and (start < self.input_lo or end > self.input_hi):
+            return False
+        if start <= self.resv_hi and self.resv_lo <= end:
+            return False
+        i = map_first_ending_at_or_after(d, start)
+        if i < d.n and d.entries[i].virt_start <= end:
+            return False
+        if d.n >= self.max_per_domain or self._mapping_count() >= self.max_total:
+            return False
+        return map_insert(d, i, start, end, phys, flags) == 0
+
+    cdef bint _unmap(self, MapData *d, uint64_t start, uint64_t end) noexcept nogil:
+        """virtio spec 5.13.6.7, the S_OK case only: whole mappings inside the range."""
+        cdef size_t lo, hi
+        if end < start:
+            return False
+        lo = map_first_ending_at_or_after(d, start)
+        hi = map_covered_end(d, lo, start, end)
+        if hi == <size_t>-1:
+            return False
+        map_remove(d, lo, hi)
+        return True
+
+    cdef size_t _mapping_count(self) noexcept nogil:
+        cdef size_t i, total = 0
+        for i in range(self.ndomains):
+            total += self.domains[i].map.n
+        return total
+
+    cdef void _record(self, int req_type, const Chain *c) noexcept nogil:
+        cdef ServedRecord *r
+        if self.served_len == self.served_cap:
+            if req_type == VIRTIO_IOMMU_T_MAP:
+                self.dropped_map += 1
+            else:
+                self.dropped_unmap += 1
+            return
+        r = &self.served[self.served_len]
+        self.served_len += 1
+        r.time = wall_time()
+        r.type = <uint8_t>req_type
+        r.domain = rd32(c.buf + 4)
+        r.virt_start = rd64(c.buf + 8)
+        r.virt_end = rd64(c.buf + 16)
+        r.phys_start = rd64(c.buf + 24) if req_type == VIRTIO_IOMMU_T_MAP else 0
+        r.flags = rd32(c.buf + 32) if req_type == VIRTIO_IOMMU_T_MAP else 0
+        if self.served_len * 4 >= self.served_cap * 3:
+            self.drain_wanted = True
