@@ -2,7 +2,10 @@
 through our device and through QEMU's in-process virtio-iommu-pci (same guest kernel), boot
 time with and without our vIOMMU, endpoint DMA throughput, and the fault round trip.
 
-    .venv/bin/python benchmarks/guest.py [--json] [--maps 2000]
+Each round boots one VM of each kind, interleaved so that a slow patch of the machine hits
+all of them; figures are medians over the rounds, and the JSON keeps every round.
+
+    .venv/bin/python benchmarks/guest.py [--json] [--rounds 3] [--maps 2000]
 """
 
 from __future__ import annotations
@@ -20,18 +23,21 @@ from viommu.machine import Machine
 BDF = "0000:01:00.0"
 DMA_LEN = 64 * 1024
 DMA_REPEAT = 200
+# name in the results -> Machine arguments
+DEVICES = {"viommu": {"iommu": "viommu"}, "qemu_virtio_iommu_pci": {"iommu": "qemu"}}
 
 
-def _vm(workdir: Path, name: str, iommu: str) -> Machine:
-    return Machine("default", workdir=workdir / name, name=name, iommu=iommu)
-
-
-def map_latency(vm: Machine, count: int) -> tuple[float, float]:
-    """Median guest VFIO map and unmap of 4 KiB, in µs (viommu-vfio maplat)."""
+def map_latency(vm: Machine, count: int) -> dict:
+    """Guest VFIO map and unmap of 4 KiB, `count` times (viommu-vfio maplat): medians and
+    percentiles 0..100, in µs."""
     vm.run(f"viommu-vfio bind {BDF}").check()
     out = vm.run(f"viommu-vfio maplat {BDF} {count}", timeout=600).check().output
-    match = re.search(r"map_median_ns=(\d+) unmap_median_ns=(\d+)", out)
-    return int(match[1]) / 1000, int(match[2]) / 1000
+    result = {}
+    for op in ("map", "unmap"):
+        result[f"{op}_median_us"] = int(re.search(rf"{op}_median_ns=(\d+)", out)[1]) / 1000
+        line = re.search(rf"{op}_percentiles_ns=([\d,]+)", out)[1]
+        result[f"{op}_percentiles_us"] = [int(v) / 1000 for v in line.split(",")]
+    return result
 
 
 def dma_throughput(vm: Machine) -> float:
@@ -57,41 +63,83 @@ def fault_roundtrip(vm: Machine, count: int = 8) -> float:
     return statistics.median(samples)
 
 
-def measure(maps: int) -> dict:
-    results: dict = {}
-    with tempfile.TemporaryDirectory(prefix="viommu-bench-") as tmp:
-        workdir = Path(tmp)
-        with _vm(workdir, "none", "none") as vm:
-            results["boot_s_without_viommu"] = vm.boot_seconds
-        with _vm(workdir, "qemu", "qemu") as vm:
-            results["boot_s_qemu_virtio_iommu"] = vm.boot_seconds
-            qemu_map, qemu_unmap = map_latency(vm, maps)
-        with _vm(workdir, "viommu", "viommu") as vm:
-            results["boot_s_with_viommu"] = vm.boot_seconds
-            ours_map, ours_unmap = map_latency(vm, maps)
-            results["fault_roundtrip_ms"] = fault_roundtrip(vm)
-            results["dma_mbps"] = dma_throughput(vm)
-            results["machine"] = {"accel": vm.accel,
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": values}
+
+
+def run_round(workdir: Path, index: int, maps: int, last: bool) -> dict:
+    """One VM of each kind: boot times, map latencies; on the last round, the figures
+    that need one VM only (DMA, fault round trip, machine)."""
+    out: dict = {"boot_s": {}, "latency": {}}
+    with Machine("default", workdir=workdir / f"none-{index}", name=f"none{index}",
+                 iommu="none") as vm:
+        out["boot_s"]["none"] = vm.boot_seconds
+    for name, kwargs in DEVICES.items():
+        with Machine("default", workdir=workdir / f"{name}-{index}", name=f"{name}{index}",
+                     **kwargs) as vm:
+            out["boot_s"][name] = vm.boot_seconds
+            out["latency"][name] = map_latency(vm, maps)
+            if last and name == "viommu":
+                out["fault_roundtrip_ms"] = fault_roundtrip(vm)
+                out["dma_mbps"] = dma_throughput(vm)
+                out["request_thread"] = vm.backend("query-status")["request_thread"]
+                out["machine"] = {"accel": vm.accel,
                                   "kernel": vm.run("uname -r").check().output.strip()}
-    results["map_latency_us"] = {"viommu": ours_map, "qemu_virtio_iommu_pci": qemu_map}
-    results["unmap_latency_us"] = {"viommu": ours_unmap, "qemu_virtio_iommu_pci": qemu_unmap}
-    results["map_latency_ratio_vs_qemu"] = ours_map / qemu_map
-    results["unmap_latency_ratio_vs_qemu"] = ours_unmap / qemu_unmap
+    return out
+
+
+def summarize(rounds: list[dict], maps: int) -> dict:
+    last = rounds[-1]
+    results: dict = {key: last[key] for key in ("fault_roundtrip_ms", "dma_mbps", "machine",
+                                                  "request_thread")}
+    results["rounds"] = len(rounds)
+    results["maps_per_round"] = maps
+    for op in ("map", "unmap"):
+        per_device = {name: spread([r["latency"][name][f"{op}_median_us"] for r in rounds])
+                      for name in DEVICES}
+        results[f"{op}_latency_us"] = {name: s["median"] for name, s in per_device.items()}
+        results[f"{op}_latency_spread_us"] = per_device
+        results[f"{op}_latency_percentiles_us"] = {
+            name: [r["latency"][name][f"{op}_percentiles_us"] for r in rounds]
+            for name in DEVICES}
+        ratios = [r["latency"]["viommu"][f"{op}_median_us"]
+                  / r["latency"]["qemu_virtio_iommu_pci"][f"{op}_median_us"] for r in rounds]
+        results[f"{op}_latency_ratio_vs_qemu"] = (results[f"{op}_latency_us"]["viommu"]
+                                                  / results[f"{op}_latency_us"][
+                                                      "qemu_virtio_iommu_pci"])
+        results[f"{op}_latency_ratio_spread"] = spread(ratios)
+    boots = {kind: spread([r["boot_s"][kind] for r in rounds])
+             for kind in ("none", "viommu", "qemu_virtio_iommu_pci")}
+    results["boot_s_without_viommu"] = boots["none"]["median"]
+    results["boot_s_with_viommu"] = boots["viommu"]["median"]
+    results["boot_s_qemu_virtio_iommu"] = boots["qemu_virtio_iommu_pci"]["median"]
+    results["boot_spread_s"] = boots
     results["boot_ratio"] = results["boot_s_with_viommu"] / results["boot_s_without_viommu"]
+    results["boot_ratio_spread"] = spread([r["boot_s"]["viommu"] / r["boot_s"]["none"]
+                                           for r in rounds])
     return results
+
+
+def measure(maps: int, rounds: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="viommu-bench-") as tmp:
+        done = [run_round(Path(tmp), i, maps, last=i == rounds - 1) for i in range(rounds)]
+    return summarize(done, maps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--maps", type=int, default=2000, help="map/unmap iterations")
+    parser.add_argument("--maps", type=int, default=2000, help="map/unmap iterations a round")
+    parser.add_argument("--rounds", type=int, default=3, help="VMs of each kind booted")
     args = parser.parse_args()
-    results = measure(args.maps)
+    results = measure(args.maps, args.rounds)
     if args.json:
         print(json.dumps(results))
         return
     for key, value in results.items():
-        print(f"{key:32} {value}")
+        if not key.endswith("percentiles_us"):
+            print(f"{key:32} {value}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from array import array
@@ -131,18 +132,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--seconds", type=float, default=0.3, help="time per measurement")
+    parser.add_argument("--repeat", type=int, default=5, help="runs; figures are medians")
     args = parser.parse_args()
-    mops = measure(args.seconds)
+    runs = [measure(args.seconds) for _ in range(args.repeat)]
+    mops = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     scenarios = ("iotlb_hit", "map_miss", "nested_walk")
-    speedup = {s: mops[s] / mops[f"python_{s}"] for s in scenarios}
-    speedup.update({f"{s}_c_loop": mops[f"{s}_c_loop"] / mops[f"python_{s}"] for s in scenarios})
+    speedups = [{**{s: run[s] / run[f"python_{s}"] for s in scenarios},
+                 **{f"{s}_c_loop": run[f"{s}_c_loop"] / run[f"python_{s}"] for s in scenarios}}
+                for run in runs]
+    speedup = {key: statistics.median(run[key] for run in speedups) for key in speedups[0]}
     if args.json:
-        print(json.dumps({"translate_mops": {k: round(v, 4) for k, v in mops.items()},
-                          "translate_speedup_vs_python": {k: round(v, 1)
-                                                          for k, v in speedup.items()}}))
+        print(json.dumps({
+            "translate_mops": {k: round(v, 4) for k, v in mops.items()},
+            "translate_speedup_vs_python": {k: round(v, 1) for k, v in speedup.items()},
+            "translate_speedup_spread": {k: [round(run[k], 1) for run in speedups]
+                                         for k in speedup},
+        }))
         return
     print(f"{'scenario':<14}{'engine':>12}{'engine C loop':>15}{'python ref':>13}"
-          f"{'ratio':>9}{'ratio C':>10}   (million translations/s)")
+          f"{'ratio':>9}{'ratio C':>10}   (million translations/s, medians of "
+          f"{args.repeat})")
     for s in scenarios:
         print(f"{s:<14}{mops[s]:>12.3f}{mops[s + '_c_loop']:>15.3f}{mops['python_' + s]:>13.4f}"
               f"{speedup[s]:>8.0f}x{speedup[s + '_c_loop']:>9.0f}x")

@@ -57,11 +57,15 @@ class Backend:
     def __init__(self, socket_path: str, control_path: str | None, endpoints: Iterable[int],
                  config: DeviceConfig | None = None, event_capacity: int = 1024,
                  exit_on_disconnect: bool = True, page_request_policy: str = "invalid",
-                 request_thread: bool = True, poll_us: float = DEFAULT_POLL_US) -> None:
+                 request_thread: bool = True, poll_us: float = DEFAULT_POLL_US,
+                 listen_fds: tuple[int, int | None] | None = None) -> None:
         """`request_thread`: serve the requestq on its own thread (viommu.requestq) when
         the loop is `run()`'s; else on the loop, in Python. `poll_us`: that thread's
-        busy-poll window after a request."""
+        busy-poll window after a request. `listen_fds`: the vhost-user and control sockets,
+        already bound at the two paths and listening (the launcher made them, so QEMU
+        could start without waiting for this process)."""
         self.socket_path = socket_path
+        self.listen_fds = listen_fds
         self.control_path = control_path
         self.device = VirtioIommuDevice(endpoints, config)
         self.relay = EventRelay(capacity=event_capacity)
@@ -99,7 +103,8 @@ class Backend:
         self._stopped = asyncio.Event()
         self._listen_vhost_user()
         if self.control_path:
-            await self.control.listen_unix(self.control_path)
+            control_fd = self.listen_fds[1] if self.listen_fds else None
+            await self.control.listen_unix(self.control_path, control_fd)
         await self._stopped.wait()
         await self.control.close()
         for server in self.endpoint_servers.values():
@@ -152,7 +157,11 @@ class Backend:
             self._thread.join(timeout)
 
     def _listen_vhost_user(self) -> None:
-        self._listener = listen_private_unix(self.socket_path)
+        if self.listen_fds is not None:
+            self._listener = socket.socket(fileno=self.listen_fds[0])
+            self._listener.setblocking(False)
+        else:
+            self._listener = listen_private_unix(self.socket_path)
         self.loop.add_reader(self._listener.fileno(), self._accept)
         log.info("vhost-user: listening on %s", self.socket_path)
 

@@ -68,12 +68,23 @@ def cmd_backend(args: argparse.Namespace) -> int:
                       DeviceConfig(bypass=args.bypass), event_capacity=args.event_fifo,
                       exit_on_disconnect=not args.persist,
                       page_request_policy=args.page_request_policy,
-                      request_thread=not args.no_request_thread, poll_us=args.poll_us)
+                      request_thread=not args.no_request_thread, poll_us=args.poll_us,
+                      listen_fds=_listen_fds(args))
     try:
         backend.run()
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _listen_fds(args: argparse.Namespace) -> tuple[int, int | None] | None:
+    if args.socket_fd is None:
+        if args.control_fd is not None:
+            raise CliError("--control-fd needs --socket-fd too")
+        return None
+    if args.control and args.control_fd is None:
+        raise CliError("with --socket-fd, give the control socket as --control-fd too")
+    return args.socket_fd, args.control_fd
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -565,6 +576,11 @@ viommu backend --socket vu.sock --control ctl.sock --endpoint 0x100""")
                          "for comparison and debugging)")
     backend.add_argument("--persist", action="store_true",
                          help="keep serving after the front-end disconnects")
+    backend.add_argument("--socket-fd", type=int, metavar="FD",
+                         help="serve on this inherited socket, already listening at --socket "
+                         "(a launcher binds both sockets first and starts QEMU at once)")
+    backend.add_argument("--control-fd", type=int, metavar="FD",
+                         help="the same for --control")
 
 
 def build_parser() -> argparse.ArgumentParser:

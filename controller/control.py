@@ -12,6 +12,7 @@ import codecs
 import dataclasses
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -86,9 +87,10 @@ class ControlServer:
     def register(self, command: Command) -> None:
         self.commands[command.name] = command
 
-    async def listen_unix(self, path: str) -> None:
-        self._server = await asyncio.start_unix_server(self._serve,
-                                                       sock=listen_private_unix(path))
+    async def listen_unix(self, path: str, fd: int | None = None) -> None:
+        """Serve on `path`; or on `fd`, a socket already listening there."""
+        sock = listen_private_unix(path) if fd is None else socket.socket(fileno=fd)
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock)
         log.info("control: QMP server on %s", path)
 
     async def close(self) -> None:

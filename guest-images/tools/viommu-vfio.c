@@ -12,6 +12,7 @@
  *                                            map SIZE bytes at IOVA, wait until FILE exists
  *                                            (or return at once), unmap
  *   viommu-vfio maplat BDF COUNT             map+unmap 4 KiB COUNT times, print medians
+ *                                            and percentiles 0..100
  *   viommu-vfio dma BDF SRC DST LEN [src=rw|ro|none] [dst=rw|ro|none] [pasid=N]
  *                   [--steps N] [--wait PREFIX] [--repeat N]
  *                                            run the DMA endpoint's copy SRC -> DST: map the
@@ -180,6 +181,15 @@ static int cmp_u64(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
+/* The distribution of sorted samples: percentiles 0 to 100, one line. */
+static void print_percentiles(const char *name, const uint64_t *sorted, long count)
+{
+	printf("viommu-vfio: %s_percentiles_ns=", name);
+	for (int p = 0; p <= 100; p++)
+		printf("%s%llu", p ? "," : "", (unsigned long long)sorted[(count - 1) * p / 100]);
+	printf("\n");
+}
+
 static int cmd_maplat(const char *bdf, long count)
 {
 	if (count < 1)
@@ -201,6 +211,8 @@ static int cmd_maplat(const char *bdf, long count)
 	qsort(unmap_ns, count, sizeof(*unmap_ns), cmp_u64);
 	printf("viommu-vfio: maplat count=%ld map_median_ns=%llu unmap_median_ns=%llu\n", count,
 	       (unsigned long long)map_ns[count / 2], (unsigned long long)unmap_ns[count / 2]);
+	print_percentiles("map", map_ns, count);
+	print_percentiles("unmap", unmap_ns, count);
 	return 0;
 }
 
