@@ -111,11 +111,13 @@ def decode_fields(buf: bytes, readable: int, writable: int) -> dict:
 class RingModel:
     """A split virtqueue over a bytearray (guest RAM at `base` in it), as virtio 1.x 2.7 and
     the data plane's docstrings state it: malformed chains are returned with used length 0,
-    a corrupt ring (avail index too far ahead, head >= size) is RingError."""
+    a corrupt ring (avail index too far ahead, head >= size) is RingError, and stays so
+    until the ring is started again (`broken`)."""
 
     def __init__(self, ram: bytearray, base: int, num: int, rings: tuple[int, int, int],
-                 last_avail: int, used_idx: int) -> None:
+                 last_avail: int, used_idx: int, broken: bool = False) -> None:
         self.ram, self.base, self.num = ram, base, num
+        self.broken = broken
         self.desc, self.avail, self.used = rings
         self.last_avail, self.used_idx = last_avail, used_idx
         self.chains_seen = self.chains_malformed = self.buffers_too_small = 0
@@ -128,14 +130,18 @@ class RingModel:
     def pop(self):
         """(EMPTY|RINGERROR, None, None) or (MALFORMED|CHAIN, head, [(off, len, writable)])."""
         r, a = self.ram, self.base + self.avail
+        if self.broken:
+            return RINGERROR, None, None
         avail_idx = _u16(r, a + 2)
         if avail_idx == self.last_avail:
             return EMPTY, None, None
         if (avail_idx - self.last_avail) & 0xFFFF > self.num:
+            self.broken = True
             return RINGERROR, None, None
         head = _u16(r, a + 4 + 2 * (self.last_avail % self.num))
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if head >= self.num:
+            self.broken = True
             return RINGERROR, None, None
         self.chains_seen += 1
         segs, seen_writable, i = [], False, head
@@ -509,6 +515,7 @@ def one_input(data: bytes) -> None:
         return
     check(aligned and inside, f"start() accepted rings {[hex(u) for u in uaddrs]} of size {num}")
     rings = tuple(u - UADDR for u in uaddrs)
+    ring_broken = False  # a RingError sticks until the ring is started again
 
     device = VirtioIommuDevice(ENDPOINTS, DeviceConfig(probe_size=PROBE_SIZE))
     features = VirtioIommuDevice.OFFERED_FEATURES
@@ -548,8 +555,10 @@ def one_input(data: bytes) -> None:
             if fdp.ConsumeBool():
                 vq.stop()
                 vq.start()
+                ring_broken = False
             continue
-        model = RingModel(bytearray(buf), GUARD, num, rings, vq.last_avail, vq.used_idx)
+        model = RingModel(bytearray(buf), GUARD, num, rings, vq.last_avail, vq.used_idx,
+                          ring_broken)
         model.chains_seen, model.chains_malformed = vq.chains_seen, vq.chains_malformed
         model.buffers_too_small = vq.buffers_too_small
         if op <= 7:
@@ -568,6 +577,7 @@ def one_input(data: bytes) -> None:
                              f"expects")
             check(outcome == want, f"process_requests: {outcome} != model {want}")
             compare(buf, model, vq, "process_requests")
+            ring_broken = model.broken
         else:
             record = fdp.ConsumeBytes(pick(fdp, [24, 32, 0, 1, 8, 40,
                                                  fdp.ConsumeIntInRange(0, 80)]))
@@ -580,6 +590,7 @@ def one_input(data: bytes) -> None:
             for _, length in model.used_entries:
                 check(length in (0, len(record)), f"event used length {length}")
             compare(buf, model, vq, "push_event")
+            ring_broken = model.broken
 
 
 if __name__ == "__main__":
