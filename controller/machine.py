@@ -27,7 +27,8 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from viommu import paths, runs
 from viommu.backend import Backend
 from viommu.console import CommandResult, Console, ConsoleError
-from viommu.profile import Profile, load_profile
+from viommu.network import PrivateNetwork, Tap
+from viommu.profile import NetworkSpec, Profile, load_profile
 from viommu.viot import bdf, build_viot
 
 log = logging.getLogger("viommu.machine")
@@ -82,9 +83,12 @@ class Machine:
     def __init__(self, profile: Profile | str = "default", *, workdir: Path | str | None = None,
                  accel: str = "auto", name: str = "vm", boot_timeout: float = 120,
                  backend_in_process: bool = False, iommu: str | None = None,
+                 network: PrivateNetwork | None = None,
                  run_dir: Path | str | None = None) -> None:
         """`iommu` overrides the profile's: "viommu" (ours), "qemu" (QEMU's in-process
-        virtio-iommu-pci, to compare against) or "none".
+        virtio-iommu-pci, to compare against) or "none". `network`: the segment the VM's NIC
+        joins (the profile's [network], or its defaults); VMs given the same one can talk.
+        A profile with [network] and no `network` gets a segment of its own.
 
         `run_dir` makes a detached VM (`viommu up`): QEMU and the backend run in sessions of
         their own and outlive this process; sockets, logs and state.json live in `run_dir`,
@@ -95,6 +99,9 @@ class Machine:
         self._attached = False  # found again by attach(): connections are made on first use
         if iommu is not None:
             self.profile = dataclasses.replace(self.profile, iommu=iommu)
+        self.network = network
+        self._own_network: PrivateNetwork | None = None
+        self._tap: Tap | None = None
         self.accel = detect_accel() if accel == "auto" else accel
         self.name = name
         self.boot_timeout = boot_timeout
@@ -243,7 +250,24 @@ class Machine:
         for ep in p.endpoints:
             opts = "".join(f",{k}={v}" for k, v in ep.options.items())
             cmd += ["-device", f"{ep.device},id={ep.name},bus=rp{ep.port}{opts}"]
-        return cmd + list(p.extra_args)
+        return cmd + self._network_args() + list(p.extra_args)
+
+    def _network_args(self) -> list[str]:
+        """The NIC, on pcie.0 (outside the VIOT's ranges, so outside the vIOMMU), on a tap of
+        the VM's segment that QEMU inherits as an fd (see `_pass_fds`)."""
+        if self.network is None and self.profile.network is None:
+            return []
+        spec = self.profile.network or NetworkSpec()
+        if self.network is None:
+            self.network = self._own_network = PrivateNetwork(spec.name)
+        if self._tap is None:
+            self._tap = self.network.add_tap()
+        return ["-netdev", f"tap,id={spec.name},fd={self._tap.fd}",
+                "-device", f"{spec.model},netdev={spec.name},bus=pcie.0,addr={spec.addr:#x},"
+                           f"mac={spec.mac(self._tap.index)}"]
+
+    def _pass_fds(self) -> tuple[int, ...]:
+        return (self._tap.fd,) if self._tap is not None else ()
 
     def _iommu_args(self) -> list[str]:
         p = self.profile
@@ -278,6 +302,7 @@ class Machine:
         with open(self.workdir / "qemu.log", "ab") as out:
             self._qemu_proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                                stdin=subprocess.DEVNULL,
+                                               pass_fds=self._pass_fds(),
                                                start_new_session=detached)
         # QEMU waits for the serial client (wait=on) before it connects to our QMP socket,
         # so no console output is lost.
@@ -344,6 +369,9 @@ class Machine:
             os.rmdir(self._sockdir)
         except OSError:
             pass
+        if self._own_network is not None:  # QEMU is gone: nothing holds the segment now
+            self._own_network.close()
+            self.network = self._own_network = self._tap = None
 
     def _save_backend_trace(self) -> None:
         if self._backend_qmp is None:

@@ -4,6 +4,7 @@ endpoint IDs, the VIOT ranges)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
@@ -17,6 +18,25 @@ class EndpointSpec:
     port: int
     device: str
     options: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSpec:
+    """The profile's [network] table: one NIC on a private network segment
+    (controller/network.py). The NIC sits on the root bus, which the VIOT does not cover: its
+    DMA bypasses the vIOMMU."""
+
+    name: str = "net0"  # the segment: the bridge's name, and QEMU's netdev id
+    model: str = "virtio-net-pci"
+    addr: int = 8  # slot on pcie.0
+    # The VM's MAC is this plus the tap's index on the segment: unique on the segment.
+    mac_prefix: str = "52:54:00:12:34"
+
+    def mac(self, index: int) -> str:
+        if not 0 <= index <= 0xff:
+            raise ValueError(f"network {self.name}: a segment has MACs for 256 VMs, "
+                             f"not {index + 1}")
+        return f"{self.mac_prefix}:{index:02x}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +58,7 @@ class Profile:
     # tests write page tables and context descriptors there.
     table_area_base: int = 0x1000_0000
     table_area_size: int = 0x100_0000
+    network: NetworkSpec | None = None
 
     @property
     def kernel_cmdline(self) -> str:
@@ -86,15 +107,34 @@ def load_profile(name_or_path: str | Path) -> Profile:
     endpoints = tuple(
         EndpointSpec(ep["name"], ep["port"], ep["device"], ep.get("options", {}))
         for ep in data.get("endpoints", []))
-    fields = {f.name for f in dataclasses.fields(Profile)}
+    network = _network_spec(path, data["network"]) if "network" in data else None
+    fields = {f.name for f in dataclasses.fields(Profile)} - {"network"}
     unknown = set(machine) - fields
     if unknown:
         raise ValueError(f"{path}: unknown [machine] keys {sorted(unknown)}")
-    profile = Profile(name=path.stem, endpoints=endpoints, **{
+    profile = Profile(name=path.stem, endpoints=endpoints, network=network, **{
         k: tuple(v) if isinstance(v, list) else v for k, v in machine.items()},
         **({"cmdline": kernel["cmdline"]} if "cmdline" in kernel else {}))
     for ep in profile.endpoints:
         profile.port_bus(ep.port)
     if profile.iommu not in ("viommu", "qemu", "none"):
         raise ValueError(f"{path}: iommu must be viommu, qemu or none, not {profile.iommu!r}")
+    taken = {profile.iommu_addr, *range(profile.root_port_first_addr,
+                                        profile.root_port_first_addr + profile.root_ports)}
+    if network is not None and network.addr in taken:
+        raise ValueError(f"{path}: [network] addr {network.addr:#x} is taken by the IOMMU or "
+                         f"a root port (taken: {sorted(taken)}); pick another pcie.0 slot")
     return profile
+
+
+def _network_spec(path: Path, table: dict) -> NetworkSpec:
+    fields = {f.name for f in dataclasses.fields(NetworkSpec)}
+    unknown = set(table) - fields
+    if unknown:
+        raise ValueError(f"{path}: unknown [network] keys {sorted(unknown)} "
+                         f"(known: {sorted(fields)})")
+    spec = NetworkSpec(**table)
+    if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){4}", spec.mac_prefix):
+        raise ValueError(f"{path}: [network] mac_prefix must be five octets like "
+                         f"52:54:00:12:34, not {spec.mac_prefix!r}")
+    return spec
