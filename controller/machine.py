@@ -20,16 +20,19 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from viommu import paths, runs
 from viommu.backend import Backend
 from viommu.console import CommandResult, Console, ConsoleError
-from viommu.network import PrivateNetwork, Tap
 from viommu.profile import NetworkSpec, Profile, load_profile
+from viommu.sockets import listen_private_unix
 from viommu.viot import bdf, build_viot
+
+if TYPE_CHECKING:
+    from viommu.network import PrivateNetwork, Tap
 
 log = logging.getLogger("viommu.machine")
 
@@ -166,7 +169,14 @@ class Machine:
         try:
             if self.profile.iommu == "viommu":
                 self._start_backend()
-            self._start_qemu()
+            try:
+                self._start_qemu()
+            except MachineError:
+                self._check_backend_alive()  # the likelier cause, when it died
+                raise
+            if self._backend_proc is not None:
+                self._check_backend_alive()
+                self._backend_qmp.connect()
             self._wait_for_shell(since=0)
             self.boot_seconds = time.monotonic() - started
             if self.run_dir is not None:
@@ -198,18 +208,31 @@ class Machine:
         if self.backend_in_process:
             self._start_backend_thread()
             return
+        # We bind both sockets and hand them over, so QEMU starts (and connects) while the
+        # backend is still starting: its start-up overlaps QEMU's instead of preceding it.
+        listeners = [listen_private_unix(p) for p in (self.vhost_socket, self.control_socket)]
+        fds = [sock.fileno() for sock in listeners]
         cmd = [sys.executable, "-m", "viommu", "backend", "--socket", self.vhost_socket,
-               "--control", self.control_socket]
+               "--control", self.control_socket, "--socket-fd", str(fds[0]),
+               "--control-fd", str(fds[1])]
         for ep in self.endpoint_ids:
             cmd += ["--endpoint", str(ep)]
-        with open(self.workdir / "backend.log", "ab") as out:
-            self._backend_proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                                  stdin=subprocess.DEVNULL,
-                                                  start_new_session=self.run_dir is not None)
+        try:
+            with open(self.workdir / "backend.log", "ab") as out:
+                self._backend_proc = subprocess.Popen(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    pass_fds=fds, start_new_session=self.run_dir is not None)
+        finally:
+            for sock in listeners:
+                sock.close()
         self._backend_qmp = QEMUMonitorProtocol(self.control_socket)
-        _wait_for_path(self.control_socket, 15, self._backend_proc, "the viommu backend",
-                       self.workdir / "backend.log")
-        self._backend_qmp.connect()
+
+    def _check_backend_alive(self) -> None:
+        if self._backend_proc is not None and self._backend_proc.poll() is not None:
+            log_path = self.workdir / "backend.log"
+            raise MachineError(f"the viommu backend exited with status "
+                               f"{self._backend_proc.returncode}; see {log_path}:\n"
+                               f"{_tail(log_path)}")
 
     def _start_backend_thread(self) -> None:
         handler = logging.FileHandler(self.workdir / "backend.log")
@@ -259,6 +282,8 @@ class Machine:
             return []
         spec = self.profile.network or NetworkSpec()
         if self.network is None:
+            from viommu.network import PrivateNetwork  # pyroute2: only when a NIC is wanted
+
             self.network = self._own_network = PrivateNetwork(spec.name)
         if self._tap is None:
             self._tap = self.network.add_tap()
