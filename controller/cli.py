@@ -23,12 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from viommu import __version__, paths, runs, views
+from viommu import __version__, backend_cli, paths, runs, views
 from viommu.console import ConsoleError
 from viommu.machine import Endpoint, Machine, MachineError, detect_accel, kvm_unusable_reason
-from viommu.page_requests import POLICIES
 from viommu.paths import SetupMissing
-from viommu.requestq import DEFAULT_POLL_US
 from viommu.smmuv3 import ADDRESS_EVENTS, FETCH_EVENTS, EventId
 from viommu.terminal import DETACH_KEY_NAME, interact, progress
 from viommu.tracing import TraceFollower, format_entry
@@ -53,38 +51,6 @@ def _note(text: str) -> None:
 
 
 # --- one-shot commands ------------------------------------------------------------------------
-
-
-def cmd_backend(args: argparse.Namespace) -> int:
-    from viommu.backend import Backend
-    from viommu.device import DeviceConfig
-
-    endpoints = args.endpoint or []
-    if not endpoints:
-        print("viommu backend: give at least one --endpoint ID (the VIOT endpoint IDs this "
-              "vIOMMU translates, e.g. 0x100 for 01:00.0)", file=sys.stderr)
-        return 2
-    backend = Backend(args.socket, args.control, endpoints,
-                      DeviceConfig(bypass=args.bypass), event_capacity=args.event_fifo,
-                      exit_on_disconnect=not args.persist,
-                      page_request_policy=args.page_request_policy,
-                      request_thread=not args.no_request_thread, poll_us=args.poll_us,
-                      listen_fds=_listen_fds(args))
-    try:
-        backend.run()
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-def _listen_fds(args: argparse.Namespace) -> tuple[int, int | None] | None:
-    if args.socket_fd is None:
-        if args.control_fd is not None:
-            raise CliError("--control-fd needs --socket-fd too")
-        return None
-    if args.control and args.control_fd is None:
-        raise CliError("with --socket-fd, give the control socket as --control-fd too")
-    return args.socket_fd, args.control_fd
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -556,31 +522,8 @@ viommu demo --accel tcg --logs /tmp/demo-logs""")
     demo.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     demo.add_argument("--logs", metavar="DIR", help="keep QEMU, console and backend logs here")
 
-    backend = _add(sub, "backend", cmd_backend, "serve a virtio-iommu over vhost-user", """
-viommu backend --socket vu.sock --control ctl.sock --endpoint 0x100""")
-    backend.add_argument("--socket", required=True, help="vhost-user socket to listen on")
-    backend.add_argument("--control", help="QMP control socket to listen on")
-    backend.add_argument("--endpoint", type=_int, action="append", metavar="ID",
-                         help="endpoint ID behind this vIOMMU (repeat)")
-    backend.add_argument("--bypass", action="store_true",
-                         help="unattached endpoints bypass translation (config `bypass`=1)")
-    backend.add_argument("--event-fifo", type=int, default=1024, metavar="N",
-                         help="fault records held while the guest has no eventq buffer")
-    backend.add_argument("--page-request-policy", choices=POLICIES,
-                         default="invalid", help="how page request groups are answered")
-    backend.add_argument("--poll-us", type=float, default=DEFAULT_POLL_US, metavar="US",
-                         help="the request thread busy-polls this long after a request, "
-                         "with the guest's kicks suppressed (0: sleep until kicked)")
-    backend.add_argument("--no-request-thread", action="store_true",
-                         help="serve the requestq on the event loop in Python (slower; "
-                         "for comparison and debugging)")
-    backend.add_argument("--persist", action="store_true",
-                         help="keep serving after the front-end disconnects")
-    backend.add_argument("--socket-fd", type=int, metavar="FD",
-                         help="serve on this inherited socket, already listening at --socket "
-                         "(a launcher binds both sockets first and starts QEMU at once)")
-    backend.add_argument("--control-fd", type=int, metavar="FD",
-                         help="the same for --control")
+    backend = _add(sub, "backend", backend_cli.run, backend_cli.HELP, backend_cli.EXAMPLES)
+    backend_cli.add_arguments(backend)
 
 
 def build_parser() -> argparse.ArgumentParser:

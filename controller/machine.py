@@ -212,7 +212,7 @@ class Machine:
         # backend is still starting: its start-up overlaps QEMU's instead of preceding it.
         listeners = [listen_private_unix(p) for p in (self.vhost_socket, self.control_socket)]
         fds = [sock.fileno() for sock in listeners]
-        cmd = [sys.executable, "-m", "viommu", "backend", "--socket", self.vhost_socket,
+        cmd = [sys.executable, "-m", "viommu.backend_cli", "--socket", self.vhost_socket,
                "--control", self.control_socket, "--socket-fd", str(fds[0]),
                "--control-fd", str(fds[1])]
         for ep in self.endpoint_ids:
