@@ -423,13 +423,20 @@ cdef class VirtQueue:
                     f"{self.num}")
         return ""
 
-    cdef void _push_used(self, uint16_t head, uint32_t length) noexcept nogil:
+    cdef void _add_used(self, uint16_t head, uint32_t length) noexcept nogil:
+        """Fill the next used element; the driver sees it at `_publish_used`."""
         cdef uint8_t *elem = self.used + 4 + 8 * (self.used_idx % self.num)
         wr32(elem, head)
         wr32(elem + 4, length)
         self.used_idx += 1
-        viommu_mb()
+
+    cdef void _publish_used(self) noexcept nogil:
+        viommu_mb()  # the elements before the index that reveals them
         viommu_store16(self.used + 2, self.used_idx)
+
+    cdef void _push_used(self, uint16_t head, uint32_t length) noexcept nogil:
+        self._add_used(head, length)
+        self._publish_used()
 
     def push_used(self, uint16_t head, uint32_t length):
         if not self.started:

@@ -371,11 +371,11 @@ cdef class RequestServer:
                 break
             served += 1
             if rc < 0:
-                self.vq._push_used(head, 0)
+                self.vq._add_used(head, 0)
                 continue
             req_type = _gather(self.vq, &chain)
             if req_type < 0:
-                self.vq._push_used(head, 0)  # the spec's answer to an unparsable request
+                self.vq._add_used(head, 0)  # the spec's answer to an unparsable request
                 continue
             if not self._serve_here(req_type, &chain):
                 self.vq._keep_pending(head)
@@ -386,10 +386,12 @@ cdef class RequestServer:
             memset(tail, 0, REQ_TAIL_SIZE)
             tail[0] = VIRTIO_IOMMU_S_OK
             _scatter(&chain, 0, tail, REQ_TAIL_SIZE)
-            self.vq._push_used(head, REQ_TAIL_SIZE)
+            self.vq._add_used(head, REQ_TAIL_SIZE)
             self.fast_requests += 1
-        if served and self.vq._needs_interrupt():
-            self.notify_needed = True
+        if served:
+            self.vq._publish_used()  # one index update for the batch
+            if self.vq._needs_interrupt():
+                self.notify_needed = True
         return served
 
     cdef bint _serve_here(self, int req_type, Chain *c) noexcept nogil:
