@@ -248,6 +248,22 @@ class _Stopped:
         pass
 
 
+def test_malformed_chains_get_used_length_0_from_the_thread_and_reach_no_handler(
+        t: ThreadHarness) -> None:
+    outside = t.driver.add_chain([(0x10, 36, False), (t.driver.alloc(4), 4, True)])
+    t.driver.publish(outside)  # a buffer outside guest RAM
+    unknown = t.driver.post(bytes([0x42]) + bytes(35), 4)[0]  # no such request type
+    short = t.driver.post(map_(1, 0, PAGE - 1, 0)[:20], 4)[0]  # MAP cut short
+    os.eventfd_write(t.kick, 1)
+    t.wait_used(3)
+    assert t.driver.take_used() == [(outside, 0), (unknown, 0), (short, 0)]
+    counters = t.counters()
+    assert counters["served_by_thread"] == 0 and counters["handed_to_python"] == 0
+    with t.lock:
+        t.service.drain()
+        assert not t.device.request_trace
+
+
 def test_broken_ring_is_handed_to_python_which_raises_ring_error(t: ThreadHarness) -> None:
     t.driver.set_avail_idx(1000)  # more than the ring size ahead
     os.eventfd_write(t.kick, 1)
