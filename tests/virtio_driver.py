@@ -39,6 +39,7 @@ class FakeDriver:
         self.vq.set_addr(UADDR_BASE + DESC, UADDR_BASE + AVAIL, UADDR_BASE + USED)
         self.vq.set_base(0)
         self.vq.start()
+        self._avail_words = memoryview(self.ram).cast("H")  # little-endian hosts only
         self._next_data = DATA
         self._free_desc = 0
         self._avail_idx = 0
@@ -69,7 +70,9 @@ class FakeDriver:
     def publish(self, head: int) -> None:
         struct.pack_into("<H", self.ram, AVAIL + 4 + 2 * (self._avail_idx % self.size), head)
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        struct.pack_into("<H", self.ram, AVAIL + 2, self._avail_idx)
+        # One 16-bit store, as a driver's: struct.pack_into zeroes its bytes before it
+        # writes them, and a device thread polling the index would see that 0.
+        self._avail_words[(AVAIL + 2) // 2] = self._avail_idx
 
     def set_avail_idx(self, idx: int) -> None:
         struct.pack_into("<H", self.ram, AVAIL + 2, idx)
