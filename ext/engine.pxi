@@ -301,16 +301,20 @@ cdef int map_insert(MapData *d, size_t i, uint64_t start, uint64_t end, uint64_t
     d.n += 1
     return 0
 
-cdef size_t map_covered_end(const MapData *d, size_t lo, uint64_t virt_start,
-                            uint64_t virt_end) noexcept nogil:
-    """Index past the mappings from `lo` on inside [virt_start, virt_end], or (size_t)-1
-    when one of them sticks out of it (UNMAP would split it)."""
+cdef size_t map_inside_end(const MapData *d, size_t lo, uint64_t virt_start,
+                           uint64_t virt_end) noexcept nogil:
+    """Index past the run of mappings from `lo` on that lie inside [virt_start, virt_end].
+    When the mapping there still overlaps the range (`map_overlaps_at`), it sticks out of
+    it: UNMAP would split it."""
     cdef size_t hi = lo
-    while hi < d.n and d.entries[hi].virt_start <= virt_end:
-        if d.entries[hi].virt_start < virt_start or d.entries[hi].virt_end > virt_end:
-            return <size_t>-1
+    while (hi < d.n and d.entries[hi].virt_start >= virt_start
+           and d.entries[hi].virt_end <= virt_end):
         hi += 1
     return hi
+
+cdef inline bint map_overlaps_at(const MapData *d, size_t i, uint64_t virt_end) noexcept nogil:
+    """Mapping i (one ending at or after the range's start) overlaps a range ending here."""
+    return i < d.n and d.entries[i].virt_start <= virt_end
 
 cdef void map_remove(MapData *d, size_t lo, size_t hi) noexcept nogil:
     """Remove entries [lo, hi); cached translations of them go stale (generation)."""
@@ -379,7 +383,7 @@ cdef class MappingTable:
         if end < start:
             raise ValueError(f"mapping [{start:#x}, {end:#x}] ends before it starts")
         i = map_first_ending_at_or_after(self.data, start)
-        if i < self.data.n and self.data.entries[i].virt_start <= end:
+        if map_overlaps_at(self.data, i, end):
             e = &self.data.entries[i]
             raise _mappings().OverlapError(f"[{start:#x}, {end:#x}] overlaps "
                                            f"[{e.virt_start:#x}, {e.virt_end:#x}]")
@@ -389,13 +393,9 @@ cdef class MappingTable:
     def remove_range(self, uint64_t virt_start, uint64_t virt_end) -> list:
         """Remove every mapping inside [virt_start, virt_end]; all or nothing."""
         cdef size_t lo = map_first_ending_at_or_after(self.data, virt_start)
-        cdef size_t hi = map_covered_end(self.data, lo, virt_start, virt_end), k
+        cdef size_t hi = map_inside_end(self.data, lo, virt_start, virt_end), k
         cdef MapEntry *e
-        if hi == <size_t>-1:
-            hi = lo
-            while not (self.data.entries[hi].virt_start < virt_start
-                       or self.data.entries[hi].virt_end > virt_end):
-                hi += 1
+        if map_overlaps_at(self.data, hi, virt_end):
             e = &self.data.entries[hi]
             raise _mappings().SplitError(
                 f"[{virt_start:#x}, {virt_end:#x}] would split mapping "
@@ -412,8 +412,8 @@ cdef class MappingTable:
         return self._mapping(e - self.data.entries)
 
     def overlaps(self, uint64_t virt_start, uint64_t virt_end) -> bool:
-        cdef size_t i = map_first_ending_at_or_after(self.data, virt_start)
-        return i < self.data.n and self.data.entries[i].virt_start <= virt_end
+        return map_overlaps_at(self.data, map_first_ending_at_or_after(self.data, virt_start),
+                               virt_end)
 
 
 # --- faults and event records ----------------------------------------------------------------

@@ -397,22 +397,28 @@ cdef class RequestServer:
     cdef bint _serve_here(self, int req_type, Chain *c) noexcept nogil:
         """Apply a MAP or UNMAP that succeeds; False (nothing changed) for anything else."""
         cdef const uint8_t *b = c.buf
+        cdef ServedRecord req             # the fields, read once: applied, then recorded
         cdef MapData *d
         cdef bint done
-        if not self.map_unmap:
+        if not self.map_unmap or (req_type != VIRTIO_IOMMU_T_MAP
+                                  and req_type != VIRTIO_IOMMU_T_UNMAP):
+            return False
+        req.type = <uint8_t>req_type
+        req.domain = rd32(b + 4)
+        req.virt_start = rd64(b + 8)
+        req.virt_end = rd64(b + 16)
+        d = self._domain(req.domain)
+        if d == NULL:
             return False
         if req_type == VIRTIO_IOMMU_T_MAP:
-            d = self._domain(rd32(b + 4))
-            done = d != NULL and self._map(d, rd64(b + 8), rd64(b + 16), rd64(b + 24),
-                                           rd32(b + 32))
-        elif req_type == VIRTIO_IOMMU_T_UNMAP:
-            d = self._domain(rd32(b + 4))
-            done = (d != NULL and rd32(b + 24) == 0
-                    and self._unmap(d, rd64(b + 8), rd64(b + 16)))
+            req.phys_start = rd64(b + 24)
+            req.flags = rd32(b + 32)
+            done = self._map(d, req.virt_start, req.virt_end, req.phys_start, req.flags)
         else:
-            return False
+            req.phys_start = req.flags = 0
+            done = rd32(b + 24) == 0 and self._unmap(d, req.virt_start, req.virt_end)
         if done:
-            self._record(req_type, c)
+            self._record(&req)
         return done
 
     cdef MapData *_domain(self, uint32_t domain_id) noexcept nogil:
@@ -440,7 +446,7 @@ cdef class RequestServer:
         if start <= self.resv_hi and self.resv_lo <= end:
             return False
         i = map_first_ending_at_or_after(d, start)
-        if i < d.n and d.entries[i].virt_start <= end:
+        if map_overlaps_at(d, i, end):
             return False
         if d.n >= self.max_per_domain or self._mapping_count() >= self.max_total:
             return False
@@ -452,8 +458,8 @@ cdef class RequestServer:
         if end < start:
             return False
         lo = map_first_ending_at_or_after(d, start)
-        hi = map_covered_end(d, lo, start, end)
-        if hi == <size_t>-1:
+        hi = map_inside_end(d, lo, start, end)
+        if map_overlaps_at(d, hi, end):
             return False
         map_remove(d, lo, hi)
         return True
@@ -464,22 +470,15 @@ cdef class RequestServer:
             total += self.domains[i].map.n
         return total
 
-    cdef void _record(self, int req_type, const Chain *c) noexcept nogil:
-        cdef ServedRecord *r
+    cdef void _record(self, ServedRecord *req) noexcept nogil:
         if self.served_len == self.served_cap:
-            if req_type == VIRTIO_IOMMU_T_MAP:
+            if req.type == VIRTIO_IOMMU_T_MAP:
                 self.dropped_map += 1
             else:
                 self.dropped_unmap += 1
             return
-        r = &self.served[self.served_len]
+        req.time = wall_time()
+        self.served[self.served_len] = req[0]
         self.served_len += 1
-        r.time = wall_time()
-        r.type = <uint8_t>req_type
-        r.domain = rd32(c.buf + 4)
-        r.virt_start = rd64(c.buf + 8)
-        r.virt_end = rd64(c.buf + 16)
-        r.phys_start = rd64(c.buf + 24) if req_type == VIRTIO_IOMMU_T_MAP else 0
-        r.flags = rd32(c.buf + 32) if req_type == VIRTIO_IOMMU_T_MAP else 0
         if self.served_len * 4 >= self.served_cap * 3:
             self.drain_wanted = True
