@@ -13,11 +13,8 @@ must answer within seconds (no hang) and leave no fd or thread behind.
 
 from __future__ import annotations
 
-import os
-import select
 import sys
 import threading
-import time
 
 import atheris
 import fuzzutil
@@ -26,9 +23,9 @@ from fuzzutil import check, pick
 sys.path.insert(0, str(fuzzutil.TESTS_DIR / "unit"))  # the request builders
 
 with fuzzutil.instrumented(__name__):
-    from viommu._dataplane import DataplaneLock, RingError
+    from threaded_ring import ThreadServedRing  # imports viommu.requestq: instrumented too
+    from viommu._dataplane import RingError
     from viommu.device import DeviceConfig, VirtioIommuDevice
-    from viommu.requestq import RequestService
 
 from test_requests import ALL_FEATURES, attach, detach, map_, probe, unmap  # noqa: E402
 from virtio_driver import FakeDriver  # noqa: E402
@@ -41,28 +38,21 @@ ANSWER_TIMEOUT = 5.0
 
 
 class Guest:
-    """One guest ring and its device; `served_by_thread` picks how the device serves it."""
+    """One guest ring and its device, served by the request thread or by Python."""
 
     def __init__(self, served_by_thread: bool, poll_us: float) -> None:
-        self.driver = FakeDriver(queue_size=64, mem_size=1 << 20)
-        self.device = VirtioIommuDevice(ENDPOINTS, CONFIG)
-        self.device.driver_features = ALL_FEATURES
-        self.ring_error = False
-        self.service = None
-        if served_by_thread:
-            self.lock = DataplaneLock()
-            self.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self.readers: dict[int, object] = {}
-            with self.lock:
-                self.service = RequestService(
-                    self.device, self.lock, self.driver.vq, self.kick, self.serve_in_python,
-                    lambda: None, self.readers.__setitem__, self.readers.pop, poll_us)
+        device = VirtioIommuDevice(ENDPOINTS, CONFIG)
+        device.driver_features = ALL_FEATURES
+        self.ring = ThreadServedRing(device, poll_us, mem_size=1 << 20) \
+            if served_by_thread else None
+        self.driver = self.ring.driver if self.ring else FakeDriver(queue_size=64,
+                                                                    mem_size=1 << 20)
+        self.device = device
+        self.python_ring_error = False
 
-    def serve_in_python(self) -> None:
-        try:
-            self.driver.vq.process_requests(self.device.handle_request)
-        except RingError:
-            self.ring_error = True
+    @property
+    def ring_error(self) -> bool:
+        return bool(self.ring.ring_errors) if self.ring else self.python_ring_error
 
     def post(self, chain: list[tuple[bytes | None, int, bool]]) -> list[tuple[int, int]]:
         """Publish one chain of (data or None for a buffer outside RAM, length, writable);
@@ -82,27 +72,22 @@ class Guest:
         return writable
 
     def serve(self, expected_used: int) -> None:
-        if self.service is None:
-            self.serve_in_python()
+        if self.ring is None:
+            try:
+                self.driver.vq.process_requests(self.device.handle_request)
+            except RingError:
+                self.python_ring_error = True
             return
-        os.eventfd_write(self.kick, 1)
-        deadline = time.monotonic() + ANSWER_TIMEOUT
-        while self.driver.used_idx() != expected_used and not self.ring_error:
-            check(time.monotonic() < deadline, "the request thread did not answer")
-            fds = list(self.readers)
-            if select.select(fds, [], [], 0.001)[0]:
-                with self.lock:
-                    self.service._on_wake()
+        self.ring.kick_now()
+        self.ring.wait_used(expected_used, ANSWER_TIMEOUT)
 
     def mappings(self) -> dict:
         return {d: [(m.virt_start, m.virt_end, m.phys_start, m.flags) for m in dom.mappings]
                 for d, dom in sorted(self.device.domains.items())}
 
     def close(self) -> None:
-        if self.service is not None:
-            with self.lock:
-                self.service.stop()
-            os.close(self.kick)
+        if self.ring is not None:
+            self.ring.close()
 
 
 def request(fdp: atheris.FuzzedDataProvider) -> bytes:
@@ -159,11 +144,11 @@ def one_input(data: bytes) -> None:
                 for (a, size), (b, _) in zip(mine, theirs, strict=True):
                     check(threaded.driver.read(a, size) == plain.driver.read(b, size),
                           f"writable buffer differs: {batch}")
-            with threaded.lock:
-                threaded.service.drain()
+            with threaded.ring.lock:
+                threaded.ring.service.drain()
                 check(threaded.mappings() == plain.mappings(), "mappings differ")
-        with threaded.lock:
-            threaded.service.drain()
+        with threaded.ring.lock:
+            threaded.ring.service.drain()
             check(threaded.device.request_counts == plain.device.request_counts,
                   f"request counts {threaded.device.request_counts} != "
                   f"{plain.device.request_counts}")

@@ -5,7 +5,6 @@ kicks suppressed only while it polls, and nothing lost when it stops mid hand-of
 from __future__ import annotations
 
 import os
-import select
 import time
 from collections.abc import Callable, Iterator
 
@@ -14,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from test_requests import ALL_FEATURES, EP, EP2, Harness, attach, detach, map_, unmap
-from viommu._dataplane import DataplaneLock, RingError
+from threaded_ring import ThreadServedRing
+from viommu._dataplane import DataplaneLock
 from viommu.device import DeviceConfig, VirtioIommuDevice
-from viommu.requestq import RequestService
 from viommu.spec import Feature, MapFlag, Status
 from virtio_driver import FakeDriver
 
@@ -24,55 +23,18 @@ PAGE = 0x1000
 MSI = 0xFEE0_0000
 
 
-class ThreadHarness:
-    """A FakeDriver ring served by a RequestService; the test thread plays the backend's
-    loop (it holds the lock while it acts, and serves the thread's wake-ups)."""
+class ThreadHarness(ThreadServedRing):
+    """Requests to a device with endpoints EP and EP2, through the request thread."""
 
     def __init__(self, poll_us: float = 0, features: int = ALL_FEATURES, **config) -> None:
-        self.driver = FakeDriver(queue_size=64, mem_size=4 << 20)
-        self.device = VirtioIommuDevice([EP, EP2], DeviceConfig(**config))
-        self.device.driver_features = features
-        self.lock = DataplaneLock()
-        self.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.readers: dict[int, object] = {}
-        self.ring_errors: list[str] = []
-        self.notifies = 0
-        with self.lock:
-            self.service = RequestService(
-                self.device, self.lock, self.driver.vq, self.kick, self._serve_in_python,
-                self._notify, self.readers.__setitem__, self.readers.pop, poll_us)
-
-    def _serve_in_python(self) -> None:
-        try:
-            self.driver.vq.process_requests(self.device.handle_request)
-        except RingError as exc:
-            self.ring_errors.append(str(exc))
-
-    def _notify(self) -> None:
-        self.notifies += 1
-
-    def close(self) -> None:
-        with self.lock:
-            self.service.stop()
-        os.close(self.kick)
-
-    def serve_wakeups(self, timeout: float = 0) -> None:
-        """What the loop does when the thread's wake fd is readable."""
-        fds = list(self.readers)
-        if fds and select.select(fds, [], [], timeout)[0]:
-            with self.lock:
-                self.service._on_wake()
-
-    def wait_used(self, count: int, timeout: float = 5) -> None:
-        deadline = time.monotonic() + timeout
-        while self.driver.used_idx() != count:
-            assert time.monotonic() < deadline, "the request thread did not answer"
-            self.serve_wakeups(0.001)
+        device = VirtioIommuDevice([EP, EP2], DeviceConfig(**config))
+        device.driver_features = features
+        super().__init__(device, poll_us)
 
     def submit(self, readable: bytes, kick: bool = True) -> Status:
         head, wgpa = self.driver.post(readable, 4)
         if kick:
-            os.eventfd_write(self.kick, 1)
+            self.kick_now()
         self.wait_used(self.driver._avail_idx)
         [(used_id, used_len)] = self.driver.take_used()
         assert (used_id, used_len) == (head, 4)
@@ -224,7 +186,7 @@ def test_request_published_as_the_thread_falls_asleep_is_still_served(
 
 def test_stopping_mid_hand_off_gives_the_chain_back_to_the_ring(t: ThreadHarness) -> None:
     t.driver.post(attach(1, EP), 4)
-    os.eventfd_write(t.kick, 1)
+    t.kick_now()
     deadline = time.monotonic() + 5
     while True:
         with t.lock:
@@ -254,7 +216,7 @@ def test_malformed_chains_get_used_length_0_from_the_thread_and_reach_no_handler
     t.driver.publish(outside)  # a buffer outside guest RAM
     unknown = t.driver.post(bytes([0x42]) + bytes(35), 4)[0]  # no such request type
     short = t.driver.post(map_(1, 0, PAGE - 1, 0)[:20], 4)[0]  # MAP cut short
-    os.eventfd_write(t.kick, 1)
+    t.kick_now()
     t.wait_used(3)
     assert t.driver.take_used() == [(outside, 0), (unknown, 0), (short, 0)]
     counters = t.counters()
@@ -266,7 +228,7 @@ def test_malformed_chains_get_used_length_0_from_the_thread_and_reach_no_handler
 
 def test_broken_ring_is_handed_to_python_which_raises_ring_error(t: ThreadHarness) -> None:
     t.driver.set_avail_idx(1000)  # more than the ring size ahead
-    os.eventfd_write(t.kick, 1)
+    t.kick_now()
     deadline = time.monotonic() + 5
     while not t.ring_errors:
         assert time.monotonic() < deadline
