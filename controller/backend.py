@@ -509,8 +509,10 @@ class Backend:
         if self.requestq is not None:
             self.requestq.drain()
         trace = _trace_slice(self.device.request_trace, lambda e: e["seq"], args)
+        # trace_dropped: served and counted, but their entries never reached the trace
         return {"counts": dict(self.device.request_counts),
-                "status": dict(self.device.status_counts), "trace": trace}
+                "status": dict(self.device.status_counts),
+                "trace_dropped": self.device.trace_dropped, "trace": trace}
 
     def _cmd_query_translations(self, args: dict) -> dict:
         trace = _trace_slice(self.translator.dma_trace, lambda e: e["seq"], args)

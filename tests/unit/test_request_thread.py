@@ -16,7 +16,7 @@ from test_requests import ALL_FEATURES, EP, EP2, Harness, attach, detach, map_, 
 from threaded_ring import ThreadServedRing
 from viommu._dataplane import DataplaneLock
 from viommu.device import DeviceConfig, VirtioIommuDevice
-from viommu.spec import Feature, MapFlag, Status
+from viommu.spec import Feature, MapFlag, RequestType, Status
 from virtio_driver import FakeDriver
 
 PAGE = 0x1000
@@ -264,6 +264,8 @@ def test_records_past_the_record_buffer_are_still_counted() -> None:
         server.close()
     os.close(kick)
     assert (len(records), dropped_map, dropped_unmap) == (2, 3, 0)
+    device.count_unrecorded(RequestType.VIRTIO_IOMMU_T_MAP, dropped_map)
+    assert (device.request_counts["MAP"], device.trace_dropped) == (3, 3)
 
 
 # --- the thread and Python agree on every status ------------------------------------------
