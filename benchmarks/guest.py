@@ -24,8 +24,9 @@ from viommu.machine import Machine
 BDF = "0000:01:00.0"
 DMA_LEN = 64 * 1024
 DMA_REPEAT = 200
-# name in the results -> Machine arguments
-DEVICES = {"viommu": {"iommu": "viommu"}, "qemu_virtio_iommu_pci": {"iommu": "qemu"}}
+# name in the results -> Machine's `iommu`; boot-time baseline first
+KINDS = {"none": "none", "viommu": "viommu", "qemu_virtio_iommu_pci": "qemu"}
+DEVICES = ("viommu", "qemu_virtio_iommu_pci")  # the two whose latencies are compared
 
 
 def map_latency(vm: Machine, count: int) -> dict:
@@ -73,13 +74,11 @@ def run_round(workdir: Path, index: int, maps: int, last: bool) -> dict:
     """One VM of each kind: boot times, map latencies; on the last round, the figures
     that need one VM only (DMA, fault round trip, machine)."""
     out: dict = {"boot_s": {}, "latency": {}}
-    with Machine("default", workdir=workdir / f"none-{index}", name=f"none{index}",
-                 iommu="none") as vm:
-        out["boot_s"]["none"] = vm.boot_seconds
-    for name, kwargs in DEVICES.items():
-        with Machine("default", workdir=workdir / f"{name}-{index}", name=f"{name}{index}",
-                     **kwargs) as vm:
+    for name in KINDS:
+        with _machine(workdir, name, f"round{index}") as vm:
             out["boot_s"][name] = vm.boot_seconds
+            if name not in DEVICES:
+                continue
             out["latency"][name] = map_latency(vm, maps)
             if last and name == "viommu":
                 out["fault_roundtrip_ms"] = fault_roundtrip(vm)
@@ -94,12 +93,15 @@ def boot_round(workdir: Path, index: int) -> dict:
     """Boot times only: boot varies by a few percent from one boot to the next, more than
     the vIOMMU adds, so the ratio needs more boots than the latency rounds give."""
     boots = {}
-    for kind, iommu in (("none", "none"), ("viommu", "viommu"),
-                        ("qemu_virtio_iommu_pci", "qemu")):
-        with Machine("default", workdir=workdir / f"boot-{kind}-{index}",
-                     name=f"boot{index}", iommu=iommu) as vm:
-            boots[kind] = vm.boot_seconds
+    for name in KINDS:
+        with _machine(workdir, name, f"boot{index}") as vm:
+            boots[name] = vm.boot_seconds
     return {"boot_s": boots}
+
+
+def _machine(workdir: Path, name: str, tag: str) -> Machine:
+    return Machine("default", workdir=workdir / f"{name}-{tag}", name=f"{name}-{tag}",
+                   iommu=KINDS[name])
 
 
 def summarize(rounds: list[dict], boot_only: list[dict], maps: int) -> dict:
@@ -123,8 +125,7 @@ def summarize(rounds: list[dict], boot_only: list[dict], maps: int) -> dict:
                                                       "qemu_virtio_iommu_pci"])
         results[f"{op}_latency_ratio_spread"] = spread(ratios)
     every_boot = rounds + boot_only
-    boots = {kind: spread([r["boot_s"][kind] for r in every_boot])
-             for kind in ("none", "viommu", "qemu_virtio_iommu_pci")}
+    boots = {kind: spread([r["boot_s"][kind] for r in every_boot]) for kind in KINDS}
     results["boot_s_without_viommu"] = boots["none"]["median"]
     results["boot_s_with_viommu"] = boots["viommu"]["median"]
     results["boot_s_qemu_virtio_iommu"] = boots["qemu_virtio_iommu_pci"]["median"]

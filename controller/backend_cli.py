@@ -20,14 +20,15 @@ viommu backend --socket vu.sock --control ctl.sock --endpoint 0x100
 viommu backend --socket vu.sock --endpoint 0x100 --endpoint 0x200 --poll-us 0"""
 
 
-def _integer(text: str) -> int:
-    return int(text, 0)  # 0x100 or 256
+def int_arg(text: str) -> int:
+    """An integer command-line argument, decimal or 0x-hex (IDs, addresses)."""
+    return int(text, 0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", required=True, help="vhost-user socket to listen on")
     parser.add_argument("--control", help="QMP control socket to listen on")
-    parser.add_argument("--endpoint", type=_integer, action="append",
+    parser.add_argument("--endpoint", type=int_arg, action="append",
                         metavar="ID", help="endpoint ID behind this vIOMMU (repeat)")
     parser.add_argument("--bypass", action="store_true",
                         help="unattached endpoints bypass translation (config `bypass`=1)")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from viommu import __version__, backend_cli, paths, runs, views
+from viommu.backend_cli import int_arg
 from viommu.console import ConsoleError
 from viommu.machine import Endpoint, Machine, MachineError, detect_accel, kvm_unusable_reason
 from viommu.paths import SetupMissing
@@ -36,10 +37,6 @@ EVENT_NAMES = [e.name for e in EventId]
 
 class CliError(RuntimeError):
     """A mistake on the command line; the message says what to do instead."""
-
-
-def _int(text: str) -> int:
-    return int(text, 0)
 
 
 def _say(text: str = "") -> None:
@@ -470,15 +467,15 @@ with a fetch address (--fetch-addr):
     _add_name(inject)
     inject.add_argument("event", metavar="EVENT", type=str.upper, choices=EVENT_NAMES,
                         help="SMMUv3 event name (list below)")
-    inject.add_argument("--sid", type=_int, help="StreamID = endpoint ID (default: the "
+    inject.add_argument("--sid", type=int_arg, help="StreamID = endpoint ID (default: the "
                         "profile's first endpoint)")
-    inject.add_argument("--ssid", type=_int, help="SubstreamID (PASID)")
-    inject.add_argument("--addr", type=_int, help="InputAddr of the faulting access")
+    inject.add_argument("--ssid", type=int_arg, help="SubstreamID (PASID)")
+    inject.add_argument("--addr", type=int_arg, help="InputAddr of the faulting access")
     inject.add_argument("--access", choices=("read", "write", "exec"))
     inject.add_argument("--privileged", action="store_true")
     inject.add_argument("--s2", action="store_true", help="a stage-2 fault")
-    inject.add_argument("--ipa", type=_int, help="IPA of a stage-2 fault")
-    inject.add_argument("--fetch-addr", type=_int, help="FetchAddr of a fetch fault")
+    inject.add_argument("--ipa", type=int_arg, help="IPA of a stage-2 fault")
+    inject.add_argument("--fetch-addr", type=int_arg, help="FetchAddr of a fetch fault")
     inject.add_argument("--class", dest="event_class", choices=("CD", "TT", "IN"))
     inject.add_argument("--stall", action="store_true")
     inject.add_argument("--count", type=int, help="a burst of this many")
