@@ -303,10 +303,6 @@ cdef class RequestServer:
         self.dropped_map = self.dropped_unmap = 0
         return records, *dropped
 
-    @property
-    def pending_records(self) -> int:
-        return self.served_len
-
     # --- the thread --------------------------------------------------------------------
 
     cdef void _run(self) noexcept nogil:
