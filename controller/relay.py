@@ -245,6 +245,8 @@ class EventRelay:
                 "pending": self.pending, "lost": self.lost,
                 "not_forwarded": self.not_forwarded, "drained": self.drained,
                 "upstream_lost": self.upstream_lost, "summaries": self.summaries,
+                # summary records queued behind the events, not yet delivered
+                "summaries_pending": len(self._fifo) - self.pending,
                 "capacity": self.capacity}
 
     def _log(self, entry: TraceEntry) -> None:

@@ -27,10 +27,12 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
 
 
 def wait_until_drained(vm: Machine, timeout: float = 60) -> dict:
+    """Until the FIFO is empty: the events, and the summary record queued behind them."""
     deadline = time.monotonic() + timeout
     while True:
         counters = vm.backend("query-events", limit=0)
-        if counters["pending"] == 0 or time.monotonic() > deadline:
+        drained = counters["pending"] == 0 and counters["summaries_pending"] == 0
+        if drained or time.monotonic() > deadline:
             return counters
         time.sleep(0.2)
 

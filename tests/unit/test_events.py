@@ -220,3 +220,16 @@ def test_a_huge_burst_costs_what_the_fifo_can_take_and_counts_the_rest_lost() ->
     guest = Guest(100)
     relay.flush(guest)
     assert FaultRecord.decode(guest.received[-1]).reason == FaultReason.UNKNOWN  # summary
+
+
+def test_summary_record_waiting_for_a_buffer_is_counted_pending() -> None:
+    relay = EventRelay(capacity=2)
+    for sid in (1, 2, 3):
+        relay.submit(bad_ste(sid))
+    relay.flush(Guest(2))  # the two kept events; the summary goes in behind them
+    counters = relay.counters()
+    assert (counters["pending"], counters["summaries_pending"], counters["summaries"]) == (
+        0, 1, 0)
+    relay.flush(Guest(1))
+    counters = relay.counters()
+    assert (counters["summaries_pending"], counters["summaries"]) == (0, 1)
