@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -705,7 +706,7 @@ def _limit(args: dict) -> int:
     limit = args.get("limit", 100)
     if limit < 0:
         raise CommandError(f"limit must be >= 0, got {limit}")
-    return limit
+    return min(limit, sys.maxsize)  # any larger limit means "all" (islice takes no more)
 
 
 _TRACE_ARGS = (

@@ -13,6 +13,7 @@ import pytest
 
 from viommu import cli, runs, views
 from viommu.backend import Backend
+from viommu.control import CommandError
 from viommu.smmuv3 import EventId, EventRecord
 from viommu.tracing import TraceFollower, format_entry
 
@@ -221,6 +222,15 @@ def test_query_commands_return_what_follows_a_since_cursor(backend: Backend) -> 
     assert backend._cmd_query_events({"since": 5})["trace"] == []
     [dma] = backend._cmd_query_translations({"since": 0})["trace"]
     assert (dma["sid"], dma["pasid"], dma["length"], dma["done"]) == (0x100, None, 64, 64)
+
+
+def test_trace_limit_past_any_list_size_returns_everything(backend: Backend) -> None:
+    for _ in range(3):
+        backend.relay.submit(EventRecord(EventId.C_BAD_STE, sid=0x100))
+    for args in ({"limit": 2**64}, {"limit": 2**64, "since": 0}):
+        assert len(backend._cmd_query_events(args)["trace"]) == 3
+    with pytest.raises(CommandError, match="limit must be >= 0"):
+        backend._cmd_query_events({"limit": -1})
 
 
 def test_follower_reports_only_new_entries_once(backend: Backend) -> None:
