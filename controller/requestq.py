@@ -64,6 +64,7 @@ class RequestService:
         self._serve_in_python = serve_in_python
         self._notify = notify
         self._remove_reader = remove_reader
+        self.stopped = False
         self.configure()
         self.sync_domains()
         device.on_domains_change.append(self.sync_domains)
@@ -93,6 +94,10 @@ class RequestService:
         self.device.count_unrecorded(RequestType.VIRTIO_IOMMU_T_UNMAP, dropped_unmap)
 
     def stop(self) -> None:
+        """End the thread and give back its fds; stopping again does nothing."""
+        if self.stopped:
+            return
+        self.stopped = True
         self.server.stop()
         self._remove_reader(self.server.wake_fd)
         self.drain()

@@ -201,13 +201,7 @@ def test_stopping_mid_hand_off_gives_the_chain_back_to_the_ring(t: ThreadHarness
         t.driver.vq.start()
         t.driver.vq.process_requests(t.device.handle_request)
     assert t.driver.take_used()[0][1] == 4
-    assert t.device.endpoints[EP].domain == 1
-    t.service = _Stopped()
-
-
-class _Stopped:
-    def stop(self) -> None:
-        pass
+    assert t.device.endpoints[EP].domain == 1  # the fixture's close stops it again: a no-op
 
 
 def test_malformed_chains_get_used_length_0_from_the_thread_and_reach_no_handler(
