@@ -41,6 +41,8 @@ BACKEND_LOGGERS = ("viommu.backend", "viommu.vhost_user", "viommu.control", "vio
                    "viommu.device", "viommu.vfio_user", "viommu.endpoint", "viommu.translation")
 # Linux virtio-iommu's fault line, without the "virtio_iommu virtioN: " prefix.
 GUEST_FAULT_LINE = r"virtio_iommu virtio\d+: (?:unknown|domain|page) fault from EP \d+.*$"
+# Linux's DEFAULT_RATELIMIT_INTERVAL for those lines, plus a margin for jiffies and delivery
+GUEST_FAULT_WINDOW_S = 5.0 + 0.3
 
 
 class MachineError(RuntimeError):
@@ -424,6 +426,17 @@ class Machine:
 
     def fault_lines(self, since: int) -> list[str]:
         return self._console().lines_since(since, GUEST_FAULT_LINE)
+
+    def wait_fault_window(self) -> float:
+        """Wait until the guest will print its next 10 fault lines: Linux rate-limits them
+        (dev_err_ratelimited: 10 per 5 s window, opened by the first line after the last
+        window ran out), so 5 s after the last event the backend sent, a fresh window opens.
+        Returns the seconds waited (0 when that is already past)."""
+        trace = self.backend("query-events", limit=1)["trace"]
+        wait = trace[-1]["time"] + GUEST_FAULT_WINDOW_S - time.time() if trace else 0.0
+        if wait > 0:
+            time.sleep(wait)
+        return max(wait, 0.0)
 
     def _console(self) -> Console:
         if self.console is None and self._attached:

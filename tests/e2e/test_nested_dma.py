@@ -4,8 +4,8 @@ tool; every DMA goes through the engine, and faults come from real translations.
 
 MAP mode: the guest's own VFIO mappings (virtio-iommu MAP). Page-table mode: SMMUv3 STE/CD
 and AArch64 tables the test writes into the guest's reserved table area, bound with
-attach-table. The lifecycle tests reboot the guest before this module, so Linux's fault-line
-rate limit (10 per 5 s) starts fresh; this module prints fewer lines than that.
+attach-table. The module starts in a fresh window of Linux's fault-line rate limit (10 per
+5 s) and prints fewer lines than that.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def endpoint(viommu_vm: Machine) -> Iterator[Endpoint]:
     """The DMA endpoint, plugged into the shared guest for this module and bound to vfio-pci;
     unplugged afterwards so the guest is left as it was."""
     with plugged_endpoint(viommu_vm, PORT, vfio=True) as ep:
+        viommu_vm.wait_fault_window()
         yield ep
 
 
