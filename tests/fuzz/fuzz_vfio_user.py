@@ -20,7 +20,6 @@ and after close the process has the fds it had before the input.
 
 from __future__ import annotations
 
-import array
 import json
 import os
 import socket
@@ -243,18 +242,7 @@ class Harness:
                 self.expected.append((msg.msg_id, msg.command))
             real_dispatch(msg, problem)
         self.conn._dispatch = dispatch
-        real_read = self.conn._read_message
-
-        def read_message():
-            held = self.held()
-            try:
-                return real_read()
-            except (OSError, m.ProtocolError):
-                extra = self.held() - held
-                check(not extra, f"fds {sorted(extra)} received with a message that never "
-                                 f"completed are still open")
-                raise
-        self.conn._read_message = read_message
+        fuzzutil.check_failed_reads_close_fds(self.conn, self.held, (OSError, m.ProtocolError))
 
     def held(self) -> set[int]:
         """Copies of pool fds this input made this process hold."""
@@ -268,9 +256,7 @@ class Harness:
     def send_all(self, stream) -> None:
         for n, (command, flags, payload, size, fds) in enumerate(stream):
             data = m.HEADER.pack(n, command, size & 0xFFFF_FFFF, flags, 0) + payload
-            anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                   if fds else [])
-            self.sock.sendmsg([data], anc)
+            fuzzutil.send_message(self.sock, data, fds)
         self.sock.shutdown(socket.SHUT_WR)
 
     def serve(self) -> None:

@@ -23,7 +23,6 @@ has the same fds as before the input.
 
 from __future__ import annotations
 
-import array
 import os
 import socket
 import struct
@@ -258,18 +257,7 @@ class Harness:
             real_dispatch(msg)  # an exception here escapes on_readable: the property fails
             self.check_fds(msg, fds)
         self.conn._dispatch = dispatch
-        real_read = self.conn._read_message
-
-        def read_message():
-            held = self.held()
-            try:
-                return real_read()
-            except (OSError, vu.ProtocolError):
-                extra = self.held() - held
-                check(not extra, f"fds {sorted(extra)} received with a message that never "
-                                 f"completed are still open")
-                raise
-        self.conn._read_message = read_message
+        fuzzutil.check_failed_reads_close_fds(self.conn, self.held, (OSError, vu.ProtocolError))
 
     def held(self) -> set[int]:
         """Copies of pool fds this input made this process hold."""
@@ -292,9 +280,7 @@ class Harness:
     def send_all(self, stream) -> None:
         for request, flags, payload, size, fds in stream:
             data = HEADER.pack(request, flags, size) + payload
-            anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                   if fds else [])
-            self.sock.sendmsg([data], anc)
+            fuzzutil.send_message(self.sock, data, fds)
         self.sock.shutdown(socket.SHUT_WR)
 
     def serve(self) -> None:

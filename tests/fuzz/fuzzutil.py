@@ -15,10 +15,13 @@ harness, each with the condition that recognises it precisely; `VIOMMU_FUZZ_STRI
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import os
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import atheris
@@ -178,6 +181,30 @@ class FdPool:
         """fds of this process that are copies of pool objects (not the pool's own)."""
         return {fd for fd, what in open_fds().items()
                 if what in self.names and fd not in self.fds}
+
+
+def send_message(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """One protocol message, its fds (if any) passed as SCM_RIGHTS."""
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([data], anc)
+
+
+def check_failed_reads_close_fds(conn, held: Callable[[], set[int]],
+                                 errors: tuple[type[Exception], ...]) -> None:
+    """Wrap `conn._read_message`: when a message never completes (one of `errors`), the fds
+    received with it must be closed again."""
+    real_read = conn._read_message
+
+    def read_message():
+        before = held()
+        try:
+            return real_read()
+        except errors:
+            extra = held() - before
+            check(not extra, f"fds {sorted(extra)} received with a message that never "
+                             f"completed are still open")
+            raise
+    conn._read_message = read_message
 
 
 _pools: dict[str, FdPool] = {}
