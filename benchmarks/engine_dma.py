@@ -20,9 +20,9 @@ sys.path[:0] = [str(TESTS), str(TESTS / "unit")]  # the test suite's guest-memor
 
 from pagetables import GuestRam  # noqa: E402
 from test_requests import ALL_FEATURES, EP, EP2, attach, map_  # noqa: E402
-from viommu.device import VirtioIommuDevice  # noqa: E402
-from viommu.spec import VIRTIO_IOMMU_ATTACH_F_BYPASS  # noqa: E402
-from viommu.translation import Translator  # noqa: E402
+from viommu.dataplane.translation import Translator  # noqa: E402
+from viommu.device.virtio_iommu import VirtioIommuDevice  # noqa: E402
+from viommu.uapi import VIRTIO_IOMMU_ATTACH_F_BYPASS  # noqa: E402
 from virtio_driver import FakeDriver  # noqa: E402
 
 LENGTH = 64 * 1024

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from viommu.machine import Machine
+from viommu.vm.machine import Machine
 
 BDF = "0000:01:00.0"
 DMA_LEN = 64 * 1024

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from plot import plot
 
-from viommu import paths
+from viommu.vm import paths
 
 HERE = Path(__file__).resolve().parent
 

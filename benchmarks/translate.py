@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from pagetables import GPA_BASE, GuestRam, ste, table_stream  # noqa: E402
 from viommu._dataplane import READ, Engine  # noqa: E402
-from viommu.mappings import Mapping, MappingTable  # noqa: E402
-from viommu.spec import MapFlag  # noqa: E402
-from viommu.translation_reference import ReferenceEngine  # noqa: E402
+from viommu.device.mappings import Mapping, MappingTable  # noqa: E402
+from viommu.testing.reference_walk import ReferenceEngine  # noqa: E402
+from viommu.uapi import MapFlag  # noqa: E402
 
 PAGE = 4096
 SID = 0x100

@@ -138,7 +138,7 @@ cpdef enum:
     S2_STRIDE = 9
 
 
-# SMMUv3 event types (IHI 0070 7.3); viommu.smmuv3.EventId is the Python view of the same.
+# SMMUv3 event types (IHI 0070 7.3); viommu.events.smmuv3.EventId is the Python view of the same.
 cdef enum:
     C_BAD_STREAMID = 0x02
     C_BAD_STE = 0x04
@@ -171,7 +171,7 @@ cdef enum:
     EVTQ_3_ADDR_MSB = 51
     EVENT_RECORD_SIZE = 32
 
-# virtio-iommu MAP flags (virtio spec 5.13.6.6; viommu.spec.MapFlag in Python)
+# virtio-iommu MAP flags (virtio spec 5.13.6.6; viommu.uapi.MapFlag in Python)
 cdef enum:
     VIRTIO_IOMMU_MAP_F_READ = 1
     VIRTIO_IOMMU_MAP_F_WRITE = 2
@@ -327,11 +327,11 @@ cdef void map_remove(MapData *d, size_t lo, size_t hi) noexcept nogil:
 cdef object _mappings_module = None
 
 cdef object _mappings():
-    """viommu.mappings (Mapping, OverlapError, SplitError), imported on first use because it
+    """viommu.device.mappings (Mapping, OverlapError, SplitError), imported on first use because it
     imports this module for MappingTable."""
     global _mappings_module
     if _mappings_module is None:
-        from viommu import mappings
+        from viommu.device import mappings
         _mappings_module = mappings
     return _mappings_module
 
@@ -375,7 +375,7 @@ cdef class MappingTable:
         return _mappings().Mapping(e.virt_start, e.virt_end, e.phys_start, e.flags)
 
     def add(self, mapping) -> None:
-        """Insert `mapping` (a viommu.mappings.Mapping); OverlapError if it touches another."""
+        """Insert `mapping` (a viommu.device.mappings.Mapping); OverlapError if it touches another."""
         cdef uint64_t start = mapping.virt_start, end = mapping.virt_end
         cdef uint64_t phys = mapping.phys_start, flags = mapping.flags
         cdef size_t i

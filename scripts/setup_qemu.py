@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from debapt import PrivateApt, extract, progress  # noqa: E402
 
-from viommu.paths import MIN_QEMU_VERSION, qemu_version  # noqa: E402 - set-up installed it
+from viommu.vm.paths import MIN_QEMU_VERSION, qemu_version  # noqa: E402 - set-up installed it
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache"

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 
 from pagetables import GuestRam, Stage1Tables, cd, ste
-from viommu.machine import Endpoint, Machine
+from viommu.vm.machine import Endpoint, Machine
 
 _steps = itertools.count(1)
 

@@ -7,8 +7,8 @@ import re
 import struct
 import sys
 
-from viommu.device import VirtioIommuDevice
-from viommu.spec import VIRTIO_F_VERSION_1, Feature, RequestType, Status
+from viommu.device.virtio_iommu import VirtioIommuDevice
+from viommu.uapi import VIRTIO_F_VERSION_1, Feature, RequestType, Status
 from virtio_driver import FakeDriver
 
 EP = 0x100

@@ -1,4 +1,5 @@
-"""A FakeDriver ring served by the requestq thread (viommu.requestq), for tests and fuzzing.
+"""A FakeDriver ring served by the requestq thread (viommu.dataplane.requestq), for tests
+and fuzzing.
 
 The caller plays the backend's loop: it holds the lock while it looks at or changes device
 state, and serves the thread's wake-ups (hand-offs to Python, trace draining).
@@ -11,8 +12,8 @@ import select
 import time
 
 from viommu._dataplane import DataplaneLock, RingError
-from viommu.device import VirtioIommuDevice
-from viommu.requestq import RequestService
+from viommu.dataplane.requestq import RequestService
+from viommu.device.virtio_iommu import VirtioIommuDevice
 from virtio_driver import FakeDriver
 
 

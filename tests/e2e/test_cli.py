@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from viommu import runs
+from viommu.vm import runs
 
 NAME = "cli"
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from viommu.machine import Machine
+from viommu.vm.machine import Machine
 
 EP = 0x100  # pci-testdev on the first root port: 01:00.0
 

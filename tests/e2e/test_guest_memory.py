@@ -3,7 +3,7 @@ read and write through its control API (tests put page tables there)."""
 
 from __future__ import annotations
 
-from viommu.machine import Machine
+from viommu.vm.machine import Machine
 
 
 def test_table_area_is_reserved_in_the_guest(guest: Machine) -> None:

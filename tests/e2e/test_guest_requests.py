@@ -8,7 +8,7 @@ from itertools import pairwise
 
 import pytest
 
-from viommu.machine import Machine
+from viommu.vm.machine import Machine
 
 EP, BDF = 0x100, "0000:01:00.0"
 

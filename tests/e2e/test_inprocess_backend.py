@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from viommu.machine import Machine
+from viommu.vm.machine import Machine
 
 
 def test_guest_boots_and_reacts_with_an_in_process_backend(tmp_path) -> None:

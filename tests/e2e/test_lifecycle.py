@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from viommu.machine import Machine
+from viommu.vm.machine import Machine
 
 EP = 0x100
 

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from guest_dma import DST_IOVA, SRC_IOVA, TableArea, run_dma
-from viommu.machine import Endpoint, Machine
-from viommu.pytest_plugin import plugged_endpoint
-from viommu.smmuv3 import EventId
+from viommu.events.smmuv3 import EventId
+from viommu.testing.pytest_plugin import plugged_endpoint
+from viommu.vm.machine import Endpoint, Machine
 
 PORT = 1
 

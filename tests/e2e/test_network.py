@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from viommu.machine import Machine
-from viommu.network import PrivateNetwork
+from viommu.vm.machine import Machine
+from viommu.vm.network import PrivateNetwork
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a private network namespace "
                                 "needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN)")

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 
 from guest_dma import DST_IOVA, SRC_IOVA, TableArea, finish_dma, start_dma
-from viommu.machine import Endpoint, Machine
-from viommu.pytest_plugin import plugged_endpoint
-from viommu.smmuv3 import EventId
+from viommu.events.smmuv3 import EventId
+from viommu.testing.pytest_plugin import plugged_endpoint
+from viommu.vm.machine import Endpoint, Machine
 
 PORT = 3  # bus 4: endpoint 0x400
 FILL_IOVA = DST_IOVA + 0x100000  # nothing maps it until the host-side fill

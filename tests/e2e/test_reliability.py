@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from viommu.machine import Machine
+from viommu.vm.machine import Machine
 
 EP = 0x100
 REBOOTS = 50

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from viommu import endpoint as ep
-from viommu.endpoint import DmaEndpoint
-from viommu.machine import Machine
-from viommu.vfio_user.server import EndpointServer
+from viommu.endpoints import dma_engine as ep
+from viommu.endpoints.dma_engine import DmaEndpoint
+from viommu.transport.vfio_user.server import EndpointServer
+from viommu.vm.machine import Machine
 
 EP = 0x200  # rp1's secondary bus is 2: requester ID 02:00.0
 SYSFS = "/sys/bus/pci/devices/0000:02:00.0"

@@ -1,4 +1,4 @@
-"""Fuzz the QMP control server (viommu.control.ControlServer) with the real Backend's
+"""Fuzz the QMP control server (viommu.transport.control.ControlServer) with the real Backend's
 commands registered, fed as `_serve` feeds it: bytes -> incremental UTF-8 decode
 (errors="replace") -> `_drain` -> `_execute`, replies to a fake client that serialises them
 exactly as `_Client.send` does.
@@ -43,12 +43,12 @@ import fuzzutil
 from fuzzutil import check, interesting, pick
 
 with fuzzutil.instrumented(__name__):
-    from viommu import backend as backend_module
-    from viommu import control
     from viommu._dataplane import GuestMemory
-    from viommu.backend import Backend
-    from viommu.page_requests import POLICIES
-    from viommu.vfio_user.server import EndpointServer
+    from viommu.backend import backend as backend_module
+    from viommu.backend.backend import Backend
+    from viommu.events.page_requests import POLICIES
+    from viommu.transport import control
+    from viommu.transport.vfio_user.server import EndpointServer
 
 GPA = 0x4000_0000
 UADDR = 0x7F00_0000_0000
@@ -90,7 +90,7 @@ class SandboxedEndpointServer(EndpointServer):
 
 @contextlib.contextmanager
 def sandboxed():
-    """Patch viommu.backend for one input only (the replay tests share a process with the
+    """Patch viommu.backend.backend for one input only (the replay tests share a process with the
     other tests): endpoint sockets in the sandbox."""
     saved = backend_module.EndpointServer
     backend_module.EndpointServer = SandboxedEndpointServer

@@ -1,5 +1,5 @@
-"""Fuzz the iommufd host edge (viommu.iommufd): byte streams into FaultQueue (IO page fault
-groups) and VeventQueue (SMMUv3 vEVENTQ), over SOCK_STREAM socketpairs, as
+"""Fuzz the iommufd host edge (viommu.transport.iommufd): byte streams into FaultQueue
+(IO page fault groups) and VeventQueue (SMMUv3 vEVENTQ), over SOCK_STREAM socketpairs, as
 tests/unit/test_iommufd.py feeds them; each queue either bare or attached to a real Backend
 (`attach_iommufd`, page request policy invalid/host/guest).
 
@@ -33,9 +33,12 @@ import fuzzutil
 from fuzzutil import check, interesting, pick
 
 with fuzzutil.instrumented(__name__):
-    from viommu import iommufd as fd_mod
-    from viommu.backend import Backend
-    from viommu.iommufd import (
+    from viommu.backend.backend import Backend
+    from viommu.events.page_requests import POLICIES
+    from viommu.events.pri import PASID_BITS, PRG_INDEX_BITS, ResponseCode
+    from viommu.events.smmuv3 import EventRecord
+    from viommu.transport import iommufd as fd_mod
+    from viommu.transport.iommufd import (
         HWPT_PGFAULT,
         IOMMU_PGFAULT_FLAGS_LAST_PAGE,
         IOMMU_PGFAULT_FLAGS_PASID_VALID,
@@ -47,9 +50,6 @@ with fuzzutil.instrumented(__name__):
         VeventHeader,
         VeventQueue,
     )
-    from viommu.page_requests import POLICIES
-    from viommu.pri import PASID_BITS, PRG_INDEX_BITS, ResponseCode
-    from viommu.smmuv3 import EventRecord
 
 DEV_TO_SID = {7: 256, 8: 512}
 INT_MAX = 0x7FFF_FFFF
@@ -103,7 +103,7 @@ def fault_stream(fdp) -> bytes:
 
 
 class FaultModel:
-    """The fault fd semantics of viommu.iommufd's docstring, over whole records."""
+    """The fault fd semantics of viommu.transport.iommufd's docstring, over whole records."""
 
     def __init__(self) -> None:
         self.partial: dict[int, list[HwptPgfault]] = {}
@@ -263,7 +263,7 @@ def vevent_stream(fdp) -> bytes:
 
 
 class VeventModel:
-    """The vEVENTQ rules of viommu.iommufd's docstring (VeventQueue's contract)."""
+    """The vEVENTQ rules of viommu.transport.iommufd's docstring (VeventQueue's contract)."""
 
     def __init__(self) -> None:
         self.buffer = b""

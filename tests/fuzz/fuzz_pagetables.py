@@ -1,5 +1,5 @@
 """Fuzz the translation engine (ext/engine.pxi) against its oracle
-(viommu.translation_reference.ReferenceEngine).
+(viommu.testing.reference_walk.ReferenceEngine).
 
 The fuzzer builds guest structures in a small GuestMemory: STE words, CDs (every field, valid
 or not), L1CD descriptors, and table memory (table, page, block, invalid and raw descriptors,
@@ -30,9 +30,9 @@ with fuzzutil.instrumented(__name__):
     from pagetables import Stage1Tables, cd, l1cd, ste
     from viommu import _dataplane as hw
     from viommu._dataplane import Engine, GuestMemory
-    from viommu.mappings import Mapping, MappingTable, OverlapError, SplitError
-    from viommu.smmuv3 import EventRecord
-    from viommu.translation_reference import ReferenceEngine
+    from viommu.device.mappings import Mapping, MappingTable, OverlapError, SplitError
+    from viommu.events.smmuv3 import EventRecord
+    from viommu.testing.reference_walk import ReferenceEngine
 
 GPA = 0x4000_0000  # 1 GiB aligned
 UADDR = 0x7F00_0000_0000

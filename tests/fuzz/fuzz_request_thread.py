@@ -1,4 +1,4 @@
-"""Fuzz the requestq thread (ext/requestq.pxi, viommu.requestq) against the Python path.
+"""Fuzz the requestq thread (ext/requestq.pxi, viommu.dataplane.requestq) against the Python path.
 
 The fuzzer writes the same chains into two guests' rings: MAP and UNMAP with any fields
 (domains that exist or not, any alignment, flags, reserved words, the reserved MSI window),
@@ -23,9 +23,11 @@ from fuzzutil import check, pick
 sys.path.insert(0, str(fuzzutil.TESTS_DIR / "unit"))  # the request builders
 
 with fuzzutil.instrumented(__name__):
-    from threaded_ring import ThreadServedRing  # imports viommu.requestq: instrumented too
+    from threaded_ring import (
+        ThreadServedRing,  # imports viommu.dataplane.requestq: instrumented too
+    )
     from viommu._dataplane import RingError
-    from viommu.device import DeviceConfig, VirtioIommuDevice
+    from viommu.device.virtio_iommu import DeviceConfig, VirtioIommuDevice
 
 from test_requests import ALL_FEATURES, attach, detach, map_, probe, unmap  # noqa: E402
 from virtio_driver import FakeDriver  # noqa: E402

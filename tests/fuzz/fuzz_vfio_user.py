@@ -1,5 +1,5 @@
 """Fuzz the vfio-user client surface: messages into a VfioUserConnection serving the DMA
-endpoint device (viommu.endpoint.DmaEndpoint), over a socketpair, as
+endpoint device (viommu.endpoints.dma_engine.DmaEndpoint), over a socketpair, as
 tests/unit/test_vfio_user.py drives it.
 
 An input is a message stream: header (id, command, size, flags, error) + payload, each with
@@ -31,11 +31,11 @@ import fuzzutil
 from fuzzutil import check, interesting, pick
 
 with fuzzutil.instrumented(__name__):
-    from viommu import endpoint as ep
-    from viommu.endpoint import DmaEndpoint
-    from viommu.vfio_user import connection as vc
-    from viommu.vfio_user import messages as m
-    from viommu.vfio_user.messages import Command, PciIrq, PciRegion
+    from viommu.endpoints import dma_engine as ep
+    from viommu.endpoints.dma_engine import DmaEndpoint
+    from viommu.transport.vfio_user import connection as vc
+    from viommu.transport.vfio_user import messages as m
+    from viommu.transport.vfio_user.messages import Command, PciIrq, PciRegion
 
 MEM_SIZE = 0x10000
 GPA = 0x10_0000

@@ -33,10 +33,10 @@ import fuzzutil
 from fuzzutil import check, interesting, pick
 
 with fuzzutil.instrumented(__name__):
-    from viommu.backend import Backend
-    from viommu.device import VirtioIommuDevice
-    from viommu.vhost_user import connection as vu
-    from viommu.vhost_user.messages import HEADER, MAX_PAYLOAD, Request
+    from viommu.backend.backend import Backend
+    from viommu.device.virtio_iommu import VirtioIommuDevice
+    from viommu.transport.vhost_user import connection as vu
+    from viommu.transport.vhost_user.messages import HEADER, MAX_PAYLOAD, Request
 
 from fuzz_virtqueue import make_request
 

@@ -29,8 +29,8 @@ from fuzzutil import check, interesting, pick
 
 with fuzzutil.instrumented(__name__):
     from viommu._dataplane import GuestMemory, RingError, VirtQueue
-    from viommu.device import DeviceConfig, VirtioIommuDevice
-    from viommu.spec import VIOMMU_F_ATTACH_TABLE, VIOMMU_F_PAGE_REQUEST, RequestType, Status
+    from viommu.device.virtio_iommu import DeviceConfig, VirtioIommuDevice
+    from viommu.uapi import VIOMMU_F_ATTACH_TABLE, VIOMMU_F_PAGE_REQUEST, RequestType, Status
 
 instrument = fuzzutil.maybe_instrument(__name__)
 

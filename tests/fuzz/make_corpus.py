@@ -78,7 +78,7 @@ class Virtqueue:
     @staticmethod
     @contextlib.contextmanager
     def observe(stats):
-        from viommu.device import VirtioIommuDevice
+        from viommu.device.virtio_iommu import VirtioIommuDevice
 
         def count(handle):
             def wrapped(self, req):
@@ -112,8 +112,8 @@ class VhostUser:
     @staticmethod
     @contextlib.contextmanager
     def observe(stats):
-        from viommu.backend import Backend
-        from viommu.device import VirtioIommuDevice
+        from viommu.backend.backend import Backend
+        from viommu.device.virtio_iommu import VirtioIommuDevice
 
         def started(fn):
             def wrapped(self, index, *args):
@@ -153,7 +153,7 @@ class VfioUser:
     @staticmethod
     @contextlib.contextmanager
     def observe(stats):
-        from viommu.endpoint import DmaEngine
+        from viommu.endpoints.dma_engine import DmaEngine
 
         def finish(fn):
             def wrapped(self, error, why):
@@ -166,7 +166,7 @@ class VfioUser:
                 stats["msi"] += 1
                 return fn(self)
             return wrapped
-        from viommu.endpoint import DmaEndpoint
+        from viommu.endpoints.dma_engine import DmaEndpoint
         with patched(DmaEngine, "_finish", finish), patched(DmaEndpoint, "_raise_msi", irq):
             yield
 
@@ -183,7 +183,7 @@ class Pagetables:
     @staticmethod
     @contextlib.contextmanager
     def observe(stats):
-        from viommu.translation_reference import ReferenceEngine
+        from viommu.testing.reference_walk import ReferenceEngine
 
         def walk(fn):
             def wrapped(self, cd, iova, access):
@@ -217,7 +217,7 @@ class Iommufd:
     @staticmethod
     @contextlib.contextmanager
     def observe(stats):
-        from viommu.page_requests import PageRequestRelay
+        from viommu.events.page_requests import PageRequestRelay
 
         def take(fn):
             def wrapped(self, record):

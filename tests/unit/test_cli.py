@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from viommu import cli, runs, views
-from viommu.backend import Backend
-from viommu.control import CommandError
-from viommu.smmuv3 import EventId, EventRecord
-from viommu.tracing import TraceFollower, format_entry
+from viommu.backend.backend import Backend
+from viommu.cli import main as cli
+from viommu.cli import views
+from viommu.cli.tracing import TraceFollower, format_entry
+from viommu.events.smmuv3 import EventId, EventRecord
+from viommu.transport.control import CommandError
+from viommu.vm import runs
 
 SUBCOMMANDS = ["up", "ls", "down", "console", "inject", "trace", "state", "attach", "detach",
                "shell", "demo", "backend"]
@@ -193,7 +195,7 @@ def test_unknown_profile_lists_the_known_ones(capsys: pytest.CaptureFixture) -> 
 
 def test_attach_to_a_taken_port_names_the_free_ones() -> None:
     class FakeVm:
-        from viommu.profile import load_profile
+        from viommu.vm.profile import load_profile
         profile = load_profile("default")
 
     state = runs.RunState("vm", "default", "tcg", 1, None, 0.0, "/x",

@@ -13,8 +13,8 @@ import time
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from viommu.backend import Backend
-from viommu.smmuv3 import EventId
+from viommu.backend.backend import Backend
+from viommu.events.smmuv3 import EventId
 
 # --- helpers ---------------------------------------------------------------------------------
 

@@ -25,10 +25,10 @@ from pagetables import (
 )
 from viommu import _dataplane as hw
 from viommu._dataplane import EXEC, PRIV, READ, WRITE, Engine
-from viommu.mappings import Mapping, MappingTable
-from viommu.smmuv3 import EventClass, EventId, EventRecord
-from viommu.spec import MapFlag
-from viommu.translation_reference import ReferenceEngine
+from viommu.device.mappings import Mapping, MappingTable
+from viommu.events.smmuv3 import EventClass, EventId, EventRecord
+from viommu.testing.reference_walk import ReferenceEngine
+from viommu.uapi import MapFlag
 
 SID = 0x100
 PAGE = 4096

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from viommu.faults import FaultRecord, NotForwarded, fault_from_event
-from viommu.relay import EventRelay
-from viommu.smmuv3 import FETCH_EVENTS, EventClass, EventId, EventRecord
-from viommu.spec import FaultFlag, FaultReason
+from viommu.events.faults import FaultRecord, NotForwarded, fault_from_event
+from viommu.events.relay import EventRelay
+from viommu.events.smmuv3 import FETCH_EVENTS, EventClass, EventId, EventRecord
+from viommu.uapi import FaultFlag, FaultReason
 
 
 def test_event_record_field_positions_match_the_architecture() -> None:

@@ -9,15 +9,15 @@ import struct
 
 import pytest
 
-from viommu.backend import Backend
-from viommu.iommufd import (
+from viommu.backend.backend import Backend
+from viommu.events.smmuv3 import EventId, EventRecord
+from viommu.transport.iommufd import (
     IOMMU_PGFAULT_FLAGS_LAST_PAGE,
     IOMMU_PGFAULT_PERM_WRITE,
     HwptPageResponse,
     HwptPgfault,
     VeventHeader,
 )
-from viommu.smmuv3 import EventId, EventRecord
 
 EP, DEV_ID = 0x200, 7
 

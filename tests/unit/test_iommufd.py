@@ -9,7 +9,9 @@ import struct
 
 import pytest
 
-from viommu.iommufd import (
+from viommu.events.pri import PageRequest, ResponseCode
+from viommu.events.smmuv3 import EventId, EventRecord
+from viommu.transport.iommufd import (
     IOMMU_FAULT_QUEUE_ALLOC,
     IOMMU_HWPT_ALLOC,
     IOMMU_PGFAULT_FLAGS_LAST_PAGE,
@@ -30,8 +32,6 @@ from viommu.iommufd import (
     VeventHeader,
     VeventQueue,
 )
-from viommu.pri import PageRequest, ResponseCode
-from viommu.smmuv3 import EventId, EventRecord
 
 DEV_ID = 7  # iommufd device object ID
 EP = 256  # virtio endpoint ID (01:00.0) = vSID

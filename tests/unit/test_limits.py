@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from test_requests import EP, EP2, Harness, attach, detach, map_, unmap
-from viommu.device import DeviceConfig, ResourceLimit, VirtioIommuDevice
-from viommu.spec import Status
+from viommu.device.virtio_iommu import DeviceConfig, ResourceLimit, VirtioIommuDevice
+from viommu.uapi import Status
 
 TESTS = Path(__file__).resolve().parents[1]
 RSS_BOUND_MIB = 64

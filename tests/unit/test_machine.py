@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from viommu import machine as machine_module
-from viommu.machine import GUEST_FAULT_WINDOW_S, Machine
+from viommu.vm import machine as machine_module
+from viommu.vm.machine import GUEST_FAULT_WINDOW_S, Machine
 
 
 @pytest.mark.parametrize(("last_event_age", "expected_wait"), [

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from viommu.mappings import Mapping, MappingTable, OverlapError, SplitError
+from viommu.device.mappings import Mapping, MappingTable, OverlapError, SplitError
 
 
 def test_lookup_finds_the_mapping_containing_an_address() -> None:

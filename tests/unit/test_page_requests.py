@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from viommu.faults import FaultRecord
-from viommu.page_requests import PageRequestRelay
-from viommu.pri import PageRequest, ResponseCode
-from viommu.relay import EventRelay
+from viommu.events.faults import FaultRecord
+from viommu.events.page_requests import PageRequestRelay
+from viommu.events.pri import PageRequest, ResponseCode
+from viommu.events.relay import EventRelay
 
 EP = 0x200
 

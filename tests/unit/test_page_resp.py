@@ -9,9 +9,9 @@ import struct
 import pytest
 
 from test_requests import ALL_FEATURES, EP, Harness
-from viommu.faults import fault_from_page_request
-from viommu.pri import PageRequest
-from viommu.spec import (
+from viommu.events.faults import fault_from_page_request
+from viommu.events.pri import PageRequest
+from viommu.uapi import (
     PAGE_RESP_F_PASID_VALID,
     VIOMMU_F_PAGE_REQUEST,
     ExtFaultFlag,

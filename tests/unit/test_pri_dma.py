@@ -8,14 +8,14 @@ import pytest
 
 from pagetables import GuestRam
 from test_requests import ALL_FEATURES, EP, attach, map_
-from viommu.device import VirtioIommuDevice
-from viommu.endpoint import DmaFault, DmaPending
-from viommu.page_requests import PageRequestRelay
-from viommu.pri import ResponseCode
-from viommu.relay import EventRelay
-from viommu.smmuv3 import EventId
-from viommu.spec import Status
-from viommu.translation import PriState, Translator
+from viommu.dataplane.translation import PriState, Translator
+from viommu.device.virtio_iommu import VirtioIommuDevice
+from viommu.endpoints.dma_engine import DmaFault, DmaPending
+from viommu.events.page_requests import PageRequestRelay
+from viommu.events.pri import ResponseCode
+from viommu.events.relay import EventRelay
+from viommu.events.smmuv3 import EventId
+from viommu.uapi import Status
 from virtio_driver import FakeDriver
 
 SRC, DST = 0x10000, 0x20000

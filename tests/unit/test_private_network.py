@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, netns
 
-from viommu.network import PrivateNetwork, remove_stale_namespaces
-from viommu.profile import NetworkSpec, load_profile
-from viommu.viot import bdf
+from viommu.vm.network import PrivateNetwork, remove_stale_namespaces
+from viommu.vm.profile import NetworkSpec, load_profile
+from viommu.vm.viot import bdf
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a private network namespace "
                                 "needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN)")
@@ -97,7 +97,7 @@ def test_without_privileges_the_error_says_what_to_do() -> None:
     before = set(netns.listnetns())
     result = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-         "from viommu.network import PrivateNetwork; PrivateNetwork()"],
+         "from viommu.vm.network import PrivateNetwork; PrivateNetwork()"],
         capture_output=True, text=True)
     assert result.returncode != 0
     assert "NetworkError" in result.stderr and "needs root" in result.stderr

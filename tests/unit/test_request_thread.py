@@ -1,5 +1,6 @@
-"""The requestq thread (ext/requestq.pxi, viommu.requestq): MAP/UNMAP served without the GIL,
-everything else handed to Python, the same statuses either way, the trace in ring order,
+"""The requestq thread (ext/requestq.pxi, viommu.dataplane.requestq): MAP/UNMAP served
+without the GIL, everything else handed to Python, the same statuses either way,
+the trace in ring order,
 kicks suppressed only while it polls, and nothing lost when it stops mid hand-off."""
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from hypothesis import strategies as st
 from test_requests import ALL_FEATURES, EP, EP2, Harness, attach, detach, map_, unmap
 from threaded_ring import ThreadServedRing
 from viommu._dataplane import DataplaneLock
-from viommu.device import DeviceConfig, VirtioIommuDevice
-from viommu.spec import Feature, MapFlag, RequestType, Status
+from viommu.device.virtio_iommu import DeviceConfig, VirtioIommuDevice
+from viommu.uapi import Feature, MapFlag, RequestType, Status
 from virtio_driver import FakeDriver
 
 PAGE = 0x1000

@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from viommu.device import DeviceConfig, VirtioIommuDevice
-from viommu.spec import (
+from viommu.device.virtio_iommu import DeviceConfig, VirtioIommuDevice
+from viommu.uapi import (
     VIRTIO_F_VERSION_1,
     VIRTIO_IOMMU_ATTACH_F_BYPASS,
     Feature,

@@ -11,9 +11,10 @@ import pytest
 from pagetables import GuestRam, Stage1Tables, cd, ste
 from test_requests import ALL_FEATURES, EP, EP2, Harness, attach, map_
 from viommu import _dataplane as hw
-from viommu.device import VirtioIommuDevice
-from viommu.smmuv3 import EventId, EventRecord
-from viommu.spec import (
+from viommu.dataplane.translation import Translator
+from viommu.device.virtio_iommu import VirtioIommuDevice
+from viommu.events.smmuv3 import EventId, EventRecord
+from viommu.uapi import (
     VIOMMU_F_ATTACH_TABLE,
     InvalidateCache,
     InvalidateScope,
@@ -21,7 +22,6 @@ from viommu.spec import (
     Status,
     TableFormat,
 )
-from viommu.translation import Translator
 from virtio_driver import FakeDriver
 
 TABLE_FEATURES = ALL_FEATURES | 1 << VIOMMU_F_ATTACH_TABLE

@@ -16,13 +16,13 @@ import struct
 
 import pytest
 
-from viommu import endpoint as ep
-from viommu.endpoint import DmaEndpoint, DmaEngine, DmaFault
-from viommu.smmuv3 import EventId
-from viommu.vfio_user import messages as m
-from viommu.vfio_user.connection import VfioUserConnection
-from viommu.vfio_user.messages import Command, PciIrq, PciRegion
-from viommu.vfio_user.server import EndpointServer
+from viommu.endpoints import dma_engine as ep
+from viommu.endpoints.dma_engine import DmaEndpoint, DmaEngine, DmaFault
+from viommu.events.smmuv3 import EventId
+from viommu.transport.vfio_user import messages as m
+from viommu.transport.vfio_user.connection import VfioUserConnection
+from viommu.transport.vfio_user.messages import Command, PciIrq, PciRegion
+from viommu.transport.vfio_user.server import EndpointServer
 
 GPA = 0x10_0000  # where the test maps its guest RAM
 MEM_SIZE = 0x10000

@@ -13,10 +13,10 @@ import struct
 
 import pytest
 
-from viommu.backend import Backend
-from viommu.smmuv3 import EventId, EventRecord
-from viommu.vhost_user.connection import VhostUserConnection
-from viommu.vhost_user.messages import HEADER, Request
+from viommu.backend.backend import Backend
+from viommu.events.smmuv3 import EventId, EventRecord
+from viommu.transport.vhost_user.connection import VhostUserConnection
+from viommu.transport.vhost_user.messages import HEADER, Request
 
 # --- helpers ---------------------------------------------------------------------------------
 

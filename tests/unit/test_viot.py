@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from viommu.profile import load_profile
-from viommu.viot import PciRange, bdf, build_viot
+from viommu.vm.profile import load_profile
+from viommu.vm.viot import PciRange, bdf, build_viot
 
 QEMU_HEADER = {"oem_id": b"BOCHS ", "oem_table_id": b"BXPC    ", "creator_id": b"BXPC"}
 

@@ -9,8 +9,8 @@ import struct
 import pytest
 
 from viommu._dataplane import GuestMemory, GuestMemoryError, RingError, VirtQueue
-from viommu.device import VirtioIommuDevice
-from viommu.spec import RequestType
+from viommu.device.virtio_iommu import VirtioIommuDevice
+from viommu.uapi import RequestType
 from virtio_driver import (
     GPA_BASE,
     UADDR_BASE,

@@ -1,5 +1,0 @@
-import sys
-
-from viommu.cli import main
-
-sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from viommu.cli.main import main
+
+sys.exit(main())

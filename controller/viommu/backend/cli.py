@@ -1,0 +1,98 @@
+"""`viommu backend`: the process a VM's virtio-iommu runs in, its arguments and its run.
+
+The `viommu` command line adds these arguments to its `backend` subcommand; a launcher
+runs `python -m viommu.backend.cli` instead, because the guest's boot waits for this
+process and this module imports only what the backend needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from viommu.dataplane.requestq import DEFAULT_POLL_US
+from viommu.events.page_requests import POLICIES
+
+HELP = "serve a virtio-iommu over vhost-user"
+EXAMPLES = """
+viommu backend --socket vu.sock --control ctl.sock --endpoint 0x100
+viommu backend --socket vu.sock --endpoint 0x100 --endpoint 0x200 --poll-us 0"""
+
+
+def int_arg(text: str) -> int:
+    """An integer command-line argument, decimal or 0x-hex (IDs, addresses)."""
+    return int(text, 0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", required=True, help="vhost-user socket to listen on")
+    parser.add_argument("--control", help="QMP control socket to listen on")
+    parser.add_argument("--endpoint", type=int_arg, action="append",
+                        metavar="ID", help="endpoint ID behind this vIOMMU (repeat)")
+    parser.add_argument("--bypass", action="store_true",
+                        help="unattached endpoints bypass translation (config `bypass`=1)")
+    parser.add_argument("--event-fifo", type=int, default=1024, metavar="N",
+                        help="fault records held while the guest has no eventq buffer")
+    parser.add_argument("--page-request-policy", choices=POLICIES,
+                        default="invalid", help="how page request groups are answered")
+    parser.add_argument("--poll-us", type=float, default=DEFAULT_POLL_US, metavar="US",
+                        help="the request thread busy-polls this long after a request, "
+                        "with the guest's kicks suppressed (0: sleep until kicked)")
+    parser.add_argument("--no-request-thread", action="store_true",
+                        help="serve the requestq on the event loop in Python (slower; "
+                        "for comparison and debugging)")
+    parser.add_argument("--persist", action="store_true",
+                        help="keep serving after the front-end disconnects")
+    parser.add_argument("--socket-fd", type=int, metavar="FD",
+                        help="serve on this inherited socket, already listening at --socket "
+                        "(a launcher binds both sockets first and starts QEMU at once)")
+    parser.add_argument("--control-fd", type=int, metavar="FD",
+                        help="the same for --control")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until the VM goes (or forever with --persist); 2 for unusable arguments."""
+    from viommu.backend.backend import Backend
+    from viommu.device.virtio_iommu import DeviceConfig
+
+    problem = _argument_problem(args)
+    if problem:
+        print(f"viommu backend: {problem}", file=sys.stderr)
+        return 2
+    listen_fds = (args.socket_fd, args.control_fd) if args.socket_fd is not None else None
+    backend = Backend(args.socket, args.control, args.endpoint,
+                      DeviceConfig(bypass=args.bypass), event_capacity=args.event_fifo,
+                      exit_on_disconnect=not args.persist,
+                      page_request_policy=args.page_request_policy,
+                      request_thread=not args.no_request_thread, poll_us=args.poll_us,
+                      listen_fds=listen_fds)
+    try:
+        backend.run()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    if not args.endpoint:
+        return ("give at least one --endpoint ID (the VIOT endpoint IDs this vIOMMU "
+                "translates, e.g. 0x100 for 01:00.0)")
+    if args.socket_fd is None and args.control_fd is not None:
+        return "--control-fd needs --socket-fd too"
+    if args.socket_fd is not None and args.control and args.control_fd is None:
+        return "with --socket-fd, give the control socket as --control-fd too"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="viommu backend", description=HELP)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    # INFO: the backend log is the trace users read.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

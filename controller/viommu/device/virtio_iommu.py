@@ -1,0 +1,534 @@
+"""virtio-iommu device semantics: domains, endpoints, the request rules of virtio spec 5.13.6.
+
+Transport-independent: requests arrive already parsed by the data plane (ext/), and each
+request type is one short method returning the spec's status. Nothing here knows vhost-user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import struct
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+from viommu.device.mappings import Mapping, MappingTable, OverlapError, SplitError
+from viommu.uapi import (
+    CONFIG_SIZE,
+    MSI_WINDOW_X86,
+    PAGE_RESP_F_PASID_VALID,
+    VIOMMU_F_ATTACH_TABLE,
+    VIOMMU_F_PAGE_REQUEST,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_IOMMU_ATTACH_F_BYPASS,
+    Feature,
+    InvalidateCache,
+    InvalidateFlag,
+    InvalidateScope,
+    MapFlag,
+    PageRespCode,
+    ProbeProperty,
+    RequestType,
+    ResvMemSubtype,
+    Status,
+    TableFormat,
+)
+
+log = logging.getLogger(__name__)
+
+_CONFIG = struct.Struct("<QQQIIIB3x")
+assert _CONFIG.size == CONFIG_SIZE
+_BYPASS_OFFSET = 36
+_RESV_MEM = struct.Struct("<HHB3xQQ")
+
+Reply = tuple[int, bytes]
+# Request types of viommu's private extensions, and the feature each needs.
+_PRIVATE_TYPES = {
+    RequestType.VIRTIO_IOMMU_T_ATTACH_TABLE: VIOMMU_F_ATTACH_TABLE,
+    RequestType.VIRTIO_IOMMU_T_INVALIDATE: VIOMMU_F_ATTACH_TABLE,
+    RequestType.VIRTIO_IOMMU_T_PAGE_RESP: VIOMMU_F_PAGE_REQUEST,
+}
+
+
+class ServedRequest(NamedTuple):
+    """A MAP or UNMAP served by the request thread, as the trace records requests."""
+
+    type: RequestType
+    domain: int
+    virt_start: int
+    virt_end: int
+    phys_start: int
+    flags: int
+
+    @property
+    def type_name(self) -> str:
+        return self.name_of(self.type)
+
+    @staticmethod
+    def name_of(req_type: int) -> str:
+        return RequestType(req_type).name.removeprefix("VIRTIO_IOMMU_T_")
+
+
+class ResourceLimit(RuntimeError):
+    """A configured bound was reached (DeviceConfig says which)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceConfig:
+    """What the device advertises in its config space."""
+
+    page_size_mask: int = 0xFFFF_FFFF_FFFF_F000  # 4 KiB granule
+    input_range: tuple[int, int] = (0, (1 << 48) - 1)
+    domain_range: tuple[int, int] = (0, 0xFFFF)
+    probe_size: int = 512
+    bypass: bool = False
+    resv_msi: tuple[int, int] = MSI_WINDOW_X86
+    # Limits instead of exhaustion: past them the guest gets S_NOMEM (spec: "insufficient
+    # resources") and the backend's memory stays flat whatever the guest asks for.
+    max_domains: int = 1024
+    max_mappings_per_domain: int = 65536
+    max_mappings: int = 262144
+    max_endpoints: int = 4096
+
+    @property
+    def granule(self) -> int:
+        return self.page_size_mask & -self.page_size_mask
+
+
+@dataclasses.dataclass
+class Domain:
+    domain_id: int
+    bypass: bool
+    endpoints: set[int] = dataclasses.field(default_factory=set)
+    mappings: MappingTable = dataclasses.field(default_factory=MappingTable)
+    # Page-table domain (ATTACH_TABLE): the STE words its endpoints share.
+    table: tuple[int, int] | None = None
+
+    def to_dict(self) -> dict:
+        out = {"domain": self.domain_id, "bypass": self.bypass,
+               "endpoints": sorted(self.endpoints),
+               "mappings": [mp.to_dict() for mp in self.mappings]}
+        if self.table is not None:
+            out["ste"] = [f"{word:#018x}" for word in self.table]
+        return out
+
+
+@dataclasses.dataclass
+class Endpoint:
+    endpoint_id: int
+    domain: int | None = None
+    probed: bool = False
+    # The last configuration error raised for this stream; it stays until the guest
+    # reprograms the stream (ATTACH), as on hardware.
+    config_fault: str | None = None
+    # Page-table mode: the stream's STE words (iommufd's iommu_hwpt_arm_smmuv3 ste[0..1]),
+    # bound by ATTACH_TABLE or the control API; None in MAP mode.
+    table: tuple[int, int] | None = None
+
+
+class VirtioIommuDevice:
+    """The state and request handling of one virtio-iommu device."""
+
+    OFFERED_FEATURES = (
+        (1 << VIRTIO_F_VERSION_1) | (1 << Feature.F_INPUT_RANGE) | (1 << Feature.F_DOMAIN_RANGE)
+        | (1 << Feature.F_MAP_UNMAP) | (1 << Feature.F_PROBE) | (1 << Feature.F_BYPASS_CONFIG)
+        | (1 << VIOMMU_F_ATTACH_TABLE) | (1 << VIOMMU_F_PAGE_REQUEST)
+    )
+
+    def __init__(self, endpoints: Iterable[int], config: DeviceConfig | None = None,
+                 trace_len: int = 4096) -> None:
+        self.config = config or DeviceConfig()
+        self.bypass = self.config.bypass
+        self.endpoints = {ep: Endpoint(ep) for ep in endpoints}
+        self.domains: dict[int, Domain] = {}
+        self.driver_features = 0
+        self.request_counts: Counter[str] = Counter()
+        self.status_counts: Counter[str] = Counter()
+        self.request_trace: deque[dict] = deque(maxlen=trace_len)
+        self.trace_dropped = 0  # served, counted, but not in request_trace
+        self._seq = 0
+        self.on_request: list[Callable[[dict], None]] = []
+        # Translation follows the device: told which stream changed configuration.
+        self.on_stream_change: list[Callable[[int], None]] = []
+        self._handlers: dict[int, Callable] = {
+            RequestType.VIRTIO_IOMMU_T_ATTACH: self._attach,
+            RequestType.VIRTIO_IOMMU_T_DETACH: self._detach,
+            RequestType.VIRTIO_IOMMU_T_MAP: self._map,
+            RequestType.VIRTIO_IOMMU_T_UNMAP: self._unmap,
+            RequestType.VIRTIO_IOMMU_T_PROBE: self._probe,
+            RequestType.VIRTIO_IOMMU_T_ATTACH_TABLE: self._attach_table,
+            RequestType.VIRTIO_IOMMU_T_INVALIDATE: self._invalidate,
+            RequestType.VIRTIO_IOMMU_T_PAGE_RESP: self._page_resp,
+        }
+        # A PASID (None: every PASID) of a stream is unbound: its page requests drain first.
+        self.on_pasid_unbind: list[Callable[[int, int | None], None]] = []
+        # The guest answers a page request group: (sid, pasid, grpid, code) -> found?
+        self.on_page_response: Callable[[int, int | None, int, PageRespCode], bool] = \
+            lambda *args: False
+        # Told to drop cached translations of a stream: (endpoint, iova, size), size 0 =
+        # everything of the stream.
+        self.on_invalidate: list[Callable[[int, int, int], None]] = []
+        # A domain came or went (the request thread's list of MAP domains follows).
+        self.on_domains_change: list[Callable[[], None]] = []
+
+    # --- configuration ------------------------------------------------------------------------
+
+    def negotiated(self, feature: int) -> bool:
+        return bool(self.driver_features & (1 << feature))
+
+    def config_bytes(self) -> bytes:
+        c = self.config
+        return _CONFIG.pack(c.page_size_mask, *c.input_range, *c.domain_range, c.probe_size,
+                            int(self.bypass))
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Only `bypass` is driver-writable; bits 1-7 of it are ignored (spec 5.13.4)."""
+        if offset <= _BYPASS_OFFSET < offset + len(data):
+            self.bypass = bool(data[_BYPASS_OFFSET - offset] & 1)
+            log.info("config: bypass=%d", self.bypass)
+            for ep in self.endpoints.values():
+                if ep.domain is None and ep.table is None:
+                    self._stream_changed(ep.endpoint_id)
+
+    def reset(self) -> None:
+        """Device reset: every endpoint detached, every domain gone; `bypass` is kept.
+
+        Negotiated features are left alone: over vhost-user the front-end sends SET_FEATURES
+        before the ring restart that reveals the reset, and again on every start."""
+        self.domains.clear()
+        self._domains_changed()
+        for ep in self.endpoints.values():
+            ep.domain = None
+            ep.probed = False
+            ep.table = None
+            self._stream_changed(ep.endpoint_id)
+
+    def add_endpoint(self, endpoint_id: int) -> None:
+        if endpoint_id not in self.endpoints and len(self.endpoints) >= self.config.max_endpoints:
+            raise ResourceLimit(f"already {len(self.endpoints)} endpoints, the limit")
+        if endpoint_id not in self.endpoints:
+            self.endpoints[endpoint_id] = Endpoint(endpoint_id)
+            self._stream_changed(endpoint_id)
+
+    def bind_table(self, endpoint_id: int, ste0: int, ste1: int) -> None:
+        """Page-table mode for a stream: its STE words, for guests without ATTACH_TABLE."""
+        ep = self.endpoints[endpoint_id]
+        if ep.domain is not None:
+            self._detach_endpoint(ep)
+        ep.table = (ste0, ste1)
+        ep.config_fault = None
+        self._stream_changed(endpoint_id)
+
+    def _stream_changed(self, endpoint_id: int) -> None:
+        for listener in self.on_stream_change:
+            listener(endpoint_id)
+
+    def _domains_changed(self) -> None:
+        for listener in self.on_domains_change:
+            listener()
+
+    @property
+    def mapping_count(self) -> int:
+        """Mappings over every domain, against config.max_mappings. Counted, not kept: the
+        request thread (ext/requestq.pxi) adds and removes mappings too."""
+        return sum(len(domain.mappings) for domain in self.domains.values())
+
+    def map_domains(self) -> list[tuple[int, MappingTable]]:
+        """The domains MAP and UNMAP apply to (not bypass, not page-table)."""
+        return [(d.domain_id, d.mappings) for d in self.domains.values()
+                if not d.bypass and d.table is None]
+
+    def known_map_flags(self) -> int:
+        # Plain ints: ~ on an IntFlag complements only the flags the enum defines.
+        flags = int(MapFlag.READ | MapFlag.WRITE)
+        if self.negotiated(Feature.F_MMIO):
+            flags |= int(MapFlag.MMIO)
+        return flags
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def handle_request(self, req) -> Reply | None:
+        """Serve one parsed request; None returns it unwritten (used length 0)."""
+        handler = self._handlers.get(req.type)
+        needs = _PRIVATE_TYPES.get(req.type)
+        if handler is None or needs is not None and not self.negotiated(needs):
+            return None  # an unrecognised type: returned unwritten
+        try:
+            status, payload = handler(req)
+        except Exception:
+            log.exception("internal error serving %r", req)
+            status, payload = Status.S_DEVERR, b""
+        self._record(req, status)
+        return int(status), payload
+
+    def record_served(self, when: float, req_type: int, domain: int, virt_start: int,
+                      virt_end: int, phys_start: int, flags: int) -> None:
+        """A MAP or UNMAP the request thread served (S_OK), into the trace and counters."""
+        self._record(ServedRequest(RequestType(req_type), domain, virt_start, virt_end,
+                                   phys_start, flags), Status.S_OK, when)
+
+    def count_unrecorded(self, req_type: int, count: int) -> None:
+        """Requests served with S_OK whose trace entries were lost (a full record buffer)."""
+        if count:
+            self.request_counts[ServedRequest.name_of(req_type)] += count
+            self.status_counts[Status.S_OK.name] += count
+            self.trace_dropped += count
+
+    def _record(self, req, status: int, when: float | None = None) -> None:
+        self._seq += 1
+        name = req.type_name
+        entry = {"seq": self._seq, "time": time.time() if when is None else when,
+                 "type": name, "status": Status(status).name}
+        if req.type != RequestType.VIRTIO_IOMMU_T_PROBE:
+            entry["domain"] = req.domain
+        if req.type not in (RequestType.VIRTIO_IOMMU_T_MAP, RequestType.VIRTIO_IOMMU_T_UNMAP,
+                            RequestType.VIRTIO_IOMMU_T_INVALIDATE):
+            entry["endpoint"] = req.endpoint
+        if req.type == RequestType.VIRTIO_IOMMU_T_ATTACH_TABLE:
+            entry.update(format=req.format, ste=[f"{req.ste0:#018x}", f"{req.ste1:#018x}"])
+        if req.type == RequestType.VIRTIO_IOMMU_T_INVALIDATE:
+            entry.update(scope=req.scope, caches=req.caches, flags=req.flags,
+                         address=req.address, nr_pages=req.nr_pages)
+        if req.type in (RequestType.VIRTIO_IOMMU_T_MAP, RequestType.VIRTIO_IOMMU_T_UNMAP):
+            entry.update(virt_start=req.virt_start, virt_end=req.virt_end)
+        if req.type == RequestType.VIRTIO_IOMMU_T_MAP:
+            entry.update(phys_start=req.phys_start, flags=req.flags)
+        if req.type == RequestType.VIRTIO_IOMMU_T_ATTACH:
+            entry.update(flags=req.flags)
+        self.request_counts[name] += 1
+        self.status_counts[Status(status).name] += 1
+        self.request_trace.append(entry)
+        for listener in self.on_request:
+            listener(entry)
+
+    def _attach(self, req) -> Reply:
+        bypass_allowed = self.negotiated(Feature.F_BYPASS_CONFIG)
+        known_flags = VIRTIO_IOMMU_ATTACH_F_BYPASS if bypass_allowed else 0
+        if not req.reserved_zero or req.flags & ~known_flags:
+            return Status.S_INVAL, b""
+        ep = self._attach_target(req)
+        if isinstance(ep, Status):
+            return ep, b""
+        bypass = bool(req.flags & VIRTIO_IOMMU_ATTACH_F_BYPASS)
+        domain = self.domains.get(req.domain)
+        if domain is not None and (domain.bypass != bypass or domain.table is not None):
+            return Status.S_INVAL, b""
+        if domain is None:
+            if len(self.domains) >= self.config.max_domains:
+                return Status.S_NOMEM, b""
+            domain = Domain(req.domain, bypass)
+        self._join(ep, domain, table=None)
+        return Status.S_OK, b""
+
+    def _attach_target(self, req) -> Endpoint | Status:
+        """The endpoint an ATTACH or ATTACH_TABLE names, or the status refusing it."""
+        ep = self.endpoints.get(req.endpoint)
+        if ep is None:
+            return Status.S_NOENT
+        if not self._domain_in_range(req.domain):
+            return Status.S_RANGE
+        return ep
+
+    def _join(self, ep: Endpoint, domain: Domain, table: tuple[int, int] | None) -> None:
+        """Attach (implicitly detaching from another domain) and reprogram the stream."""
+        if ep.domain is not None and ep.domain != domain.domain_id:
+            self._detach_endpoint(ep)
+        self._unbind_pasids(ep.endpoint_id, None)  # the stream is reprogrammed
+        if domain.domain_id not in self.domains:
+            self.domains[domain.domain_id] = domain
+            self._domains_changed()
+        domain.endpoints.add(ep.endpoint_id)
+        ep.domain = domain.domain_id
+        ep.table = table
+        ep.config_fault = None
+        self._stream_changed(ep.endpoint_id)
+
+    def _attach_table(self, req) -> Reply:
+        """Bind the domain to SMMUv3 tables in guest memory (STE words) and attach."""
+        if not req.reserved_zero:
+            return Status.S_INVAL, b""
+        if req.format != TableFormat.ARM_SMMU3:
+            return Status.S_UNSUPP, b""
+        ep = self._attach_target(req)
+        if isinstance(ep, Status):
+            return ep, b""
+        domain = self.domains.get(req.domain)
+        if domain is not None and (domain.bypass or domain.table is None):
+            return Status.S_INVAL, b""  # a MAP or bypass domain cannot take tables
+        table = (req.ste0, req.ste1)
+        if domain is None:
+            if len(self.domains) >= self.config.max_domains:
+                return Status.S_NOMEM, b""
+            domain = Domain(req.domain, bypass=False, table=table)
+        elif domain.table != table:
+            domain.table = table  # new tables for the whole domain
+            for other in domain.endpoints - {ep.endpoint_id}:
+                self.endpoints[other].table = table
+                self._stream_changed(other)
+        self._join(ep, domain, table)
+        return Status.S_OK, b""
+
+    def _invalidate(self, req) -> Reply:
+        """Drop cached configuration (CDs) and/or translations of a table domain."""
+        known_flags = int(InvalidateFlag.LEAF | InvalidateFlag.PASID | InvalidateFlag.ID
+                          | InvalidateFlag.GLOBAL)
+        if (not req.reserved_zero or req.flags & ~known_flags
+                or req.caches & ~int(InvalidateCache.PASID | InvalidateCache.TLB)):
+            return Status.S_INVAL, b""
+        if req.scope not in set(InvalidateScope):
+            return Status.S_INVAL, b""
+        domain = self.domains.get(req.domain)
+        if domain is None:
+            return Status.S_NOENT, b""
+        if domain.table is None:
+            return Status.S_INVAL, b""  # MAP domains are kept exact by UNMAP
+        size = 0
+        if req.scope == InvalidateScope.ADDRESS:
+            if not 12 <= req.page_size <= 63 or req.nr_pages == 0:
+                return Status.S_INVAL, b""
+            size = min(req.nr_pages << req.page_size, (1 << 64) - req.address)
+        for endpoint_id in sorted(domain.endpoints):
+            if req.caches & InvalidateCache.PASID:
+                # The guest rewrote context descriptors, as before CFGI_CD: a PASID may have
+                # been unbound, so its page requests drain (seed 004), and CDs are re-read.
+                pasid = req.pasid if req.scope == InvalidateScope.PASID else None
+                self._unbind_pasids(endpoint_id, pasid)
+                self.endpoints[endpoint_id].config_fault = None
+                self._stream_changed(endpoint_id)
+            elif req.caches & InvalidateCache.TLB:
+                for listener in self.on_invalidate:
+                    listener(endpoint_id, req.address if size else 0, size)
+        return Status.S_OK, b""
+
+    def _detach(self, req) -> Reply:
+        ep = self.endpoints.get(req.endpoint)
+        if ep is None:
+            return Status.S_NOENT, b""
+        if ep.domain is None or ep.domain != req.domain:
+            return Status.S_INVAL, b""
+        self._detach_endpoint(ep)
+        self._unbind_pasids(ep.endpoint_id, None)
+        self._stream_changed(ep.endpoint_id)
+        return Status.S_OK, b""
+
+    def _unbind_pasids(self, endpoint_id: int, pasid: int | None) -> None:
+        for listener in self.on_pasid_unbind:
+            listener(endpoint_id, pasid)
+
+    def _page_resp(self, req) -> Reply:
+        """The guest's answer to a page request group it received as an extended fault."""
+        if not req.reserved_zero or req.flags & ~PAGE_RESP_F_PASID_VALID:
+            return Status.S_INVAL, b""
+        if req.code not in set(PageRespCode):
+            return Status.S_INVAL, b""
+        if req.endpoint not in self.endpoints:
+            return Status.S_NOENT, b""
+        pasid = req.pasid if req.flags & PAGE_RESP_F_PASID_VALID else None
+        if not self.on_page_response(req.endpoint, pasid, req.grpid, PageRespCode(req.code)):
+            return Status.S_NOENT, b""  # no such group is waiting (answered, or drained)
+        return Status.S_OK, b""
+
+    def _detach_endpoint(self, ep: Endpoint) -> None:
+        domain = self.domains[ep.domain]
+        domain.endpoints.discard(ep.endpoint_id)
+        ep.domain = None
+        ep.table = None
+        if not domain.endpoints:  # the domain ceases to exist with its mappings
+            del self.domains[domain.domain_id]
+            self._domains_changed()
+
+    def _map(self, req) -> Reply:
+        if not self.negotiated(Feature.F_MAP_UNMAP):
+            return Status.S_UNSUPP, b""
+        domain = self.domains.get(req.domain)
+        if domain is None:
+            return Status.S_NOENT, b""
+        if (domain.bypass or domain.table is not None or req.flags & ~self.known_map_flags()
+                or req.virt_end < req.virt_start):
+            return Status.S_INVAL, b""
+        granule = self.config.granule
+        if (req.virt_start % granule or req.phys_start % granule
+                or (req.virt_end + 1) % granule):
+            return Status.S_RANGE, b""
+        if not self._in_input_range(req.virt_start, req.virt_end):
+            return Status.S_RANGE, b""
+        if self._overlaps_reserved(req.virt_start, req.virt_end):
+            return Status.S_INVAL, b""
+        if domain.mappings.overlaps(req.virt_start, req.virt_end):
+            return Status.S_INVAL, b""
+        if (len(domain.mappings) >= self.config.max_mappings_per_domain
+                or self.mapping_count >= self.config.max_mappings):
+            return Status.S_NOMEM, b""
+        try:
+            domain.mappings.add(Mapping(req.virt_start, req.virt_end, req.phys_start, req.flags))
+        except OverlapError:
+            return Status.S_INVAL, b""
+        return Status.S_OK, b""
+
+    def _unmap(self, req) -> Reply:
+        if not self.negotiated(Feature.F_MAP_UNMAP):
+            return Status.S_UNSUPP, b""
+        if not req.reserved_zero:
+            return Status.S_INVAL, b""
+        domain = self.domains.get(req.domain)
+        if domain is None:
+            return Status.S_NOENT, b""
+        if domain.bypass or domain.table is not None or req.virt_end < req.virt_start:
+            return Status.S_INVAL, b""
+        try:
+            domain.mappings.remove_range(req.virt_start, req.virt_end)
+        except SplitError:
+            return Status.S_RANGE, b""
+        return Status.S_OK, b""
+
+    def _probe(self, req) -> Reply | tuple[Status, bytes]:
+        size = self.config.probe_size
+        room = req.writable_len - 4
+        if room < size:
+            return Status.S_INVAL, bytes(room)  # no property written, tail after the buffer
+        ep = self.endpoints.get(req.endpoint)
+        if ep is None:
+            return Status.S_NOENT, bytes(size)
+        ep.probed = True
+        props = self.probe_properties()
+        return Status.S_OK, props + bytes(size - len(props))
+
+    def probe_properties(self) -> bytes:
+        start, end = self.config.resv_msi
+        return _RESV_MEM.pack(ProbeProperty.RESV_MEM, _RESV_MEM.size - 4, ResvMemSubtype.MSI,
+                              start, end)
+
+    def _domain_in_range(self, domain_id: int) -> bool:
+        if not self.negotiated(Feature.F_DOMAIN_RANGE):
+            return True
+        lo, hi = self.config.domain_range
+        return lo <= domain_id <= hi
+
+    def _in_input_range(self, start: int, end: int) -> bool:
+        if not self.negotiated(Feature.F_INPUT_RANGE):
+            return True
+        lo, hi = self.config.input_range
+        return lo <= start and end <= hi
+
+    def _overlaps_reserved(self, start: int, end: int) -> bool:
+        lo, hi = self.config.resv_msi
+        return start <= hi and lo <= end
+
+    # --- queries -------------------------------------------------------------------------------
+
+    def endpoint_state(self, endpoint_id: int) -> dict:
+        ep = self.endpoints[endpoint_id]
+        domain = self.domains.get(ep.domain) if ep.domain is not None else None
+        if ep.table is not None:
+            mode = "page-table"
+        elif domain is not None:
+            mode = "bypass" if domain.bypass else "translated"
+        else:
+            mode = "bypass" if self.bypass else "blocked"
+        state = {"endpoint": ep.endpoint_id, "domain": ep.domain, "mode": mode,
+                 "probed": ep.probed, "config_fault": ep.config_fault}
+        if ep.table is not None:
+            state["ste"] = [f"{word:#018x}" for word in ep.table]
+        return state

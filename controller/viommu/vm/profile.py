@@ -1,0 +1,140 @@
+"""Machine profiles: the data in qemu-configs/*.toml, and what follows from it (BDFs,
+endpoint IDs, the VIOT ranges)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+
+from viommu.vm import paths
+from viommu.vm.viot import PciRange, bdf
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointSpec:
+    name: str
+    port: int
+    device: str
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSpec:
+    """The profile's [network] table: one NIC on a private network segment
+    (controller/network.py). The NIC sits on the root bus, which the VIOT does not cover: its
+    DMA bypasses the vIOMMU."""
+
+    name: str = "net0"  # the segment: the bridge's name, and QEMU's netdev id
+    model: str = "virtio-net-pci"
+    addr: int = 8  # slot on pcie.0
+    # The VM's MAC is this plus the tap's index on the segment: unique on the segment.
+    mac_prefix: str = "52:54:00:12:34"
+
+    def mac(self, index: int) -> str:
+        if not 0 <= index <= 0xff:
+            raise ValueError(f"network {self.name}: a segment has MACs for 256 VMs, "
+                             f"not {index + 1}")
+        return f"{self.mac_prefix}:{index:02x}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    name: str
+    memory_mib: int = 512
+    cpus: int = 1
+    iommu_addr: int = 3
+    # "viommu": our out-of-process device; "qemu": QEMU's own virtio-iommu-pci, the in-process
+    # device users compare against (QEMU then builds the VIOT; no backend runs); "none": no
+    # vIOMMU at all (the baseline for boot time).
+    iommu: str = "viommu"
+    root_ports: int = 4
+    root_port_first_addr: int = 4
+    cmdline: str = "console=ttyS0 deferred_probe_timeout=-1 panic=-1 loglevel=4"
+    endpoints: tuple[EndpointSpec, ...] = ()
+    extra_args: tuple[str, ...] = ()
+    # Guest-physical range the guest kernel never uses (memmap=SIZE$BASE marks it reserved):
+    # tests write page tables and context descriptors there.
+    table_area_base: int = 0x1000_0000
+    table_area_size: int = 0x100_0000
+    network: NetworkSpec | None = None
+
+    @property
+    def kernel_cmdline(self) -> str:
+        reserve = f"memmap={self.table_area_size:#x}${self.table_area_base:#x}"
+        return f"{self.cmdline} {reserve}" if self.table_area_size else self.cmdline
+
+    @property
+    def iommu_bdf(self) -> int:
+        return bdf(0, self.iommu_addr)
+
+    def port_bus(self, port: int) -> int:
+        """Firmware numbers the root ports' secondary buses in slot order from 1."""
+        if not 0 <= port < self.root_ports:
+            raise ValueError(f"profile {self.name!r} has root ports 0..{self.root_ports - 1}, "
+                             f"not {port}")
+        return port + 1
+
+    def endpoint_id(self, endpoint: EndpointSpec | str) -> int:
+        """VIOT endpoint ID (= requester ID) of the function 0 device on the endpoint's port."""
+        spec = self.endpoint(endpoint) if isinstance(endpoint, str) else endpoint
+        return bdf(self.port_bus(spec.port), 0)
+
+    def endpoint(self, name: str) -> EndpointSpec:
+        for spec in self.endpoints:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"profile {self.name!r} has no endpoint {name!r}")
+
+    def viot_ranges(self) -> list[PciRange]:
+        """Every root port's bus: the endpoints plugged there are all the backend's."""
+        return [PciRange(bdf(self.port_bus(p), 0), bdf(self.port_bus(p), 31, 7))
+                for p in range(self.root_ports)]
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = paths.QEMU_CONFIGS / f"{name_or_path}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in paths.QEMU_CONFIGS.glob("*.toml")))
+        raise FileNotFoundError(f"no machine profile {name_or_path!r} (known: {known})")
+    data = tomllib.loads(path.read_text())
+    machine = {k: int(v, 0) if k.startswith("table_area") and isinstance(v, str) else v
+               for k, v in data.get("machine", {}).items()}
+    kernel = data.get("kernel", {})
+    endpoints = tuple(
+        EndpointSpec(ep["name"], ep["port"], ep["device"], ep.get("options", {}))
+        for ep in data.get("endpoints", []))
+    network = _network_spec(path, data["network"]) if "network" in data else None
+    fields = {f.name for f in dataclasses.fields(Profile)} - {"network"}
+    unknown = set(machine) - fields
+    if unknown:
+        raise ValueError(f"{path}: unknown [machine] keys {sorted(unknown)}")
+    profile = Profile(name=path.stem, endpoints=endpoints, network=network, **{
+        k: tuple(v) if isinstance(v, list) else v for k, v in machine.items()},
+        **({"cmdline": kernel["cmdline"]} if "cmdline" in kernel else {}))
+    for ep in profile.endpoints:
+        profile.port_bus(ep.port)
+    if profile.iommu not in ("viommu", "qemu", "none"):
+        raise ValueError(f"{path}: iommu must be viommu, qemu or none, not {profile.iommu!r}")
+    taken = {profile.iommu_addr, *range(profile.root_port_first_addr,
+                                        profile.root_port_first_addr + profile.root_ports)}
+    if network is not None and network.addr in taken:
+        raise ValueError(f"{path}: [network] addr {network.addr:#x} is taken by the IOMMU or "
+                         f"a root port (taken: {sorted(taken)}); pick another pcie.0 slot")
+    return profile
+
+
+def _network_spec(path: Path, table: dict) -> NetworkSpec:
+    fields = {f.name for f in dataclasses.fields(NetworkSpec)}
+    unknown = set(table) - fields
+    if unknown:
+        raise ValueError(f"{path}: unknown [network] keys {sorted(unknown)} "
+                         f"(known: {sorted(fields)})")
+    spec = NetworkSpec(**table)
+    if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){4}", spec.mac_prefix):
+        raise ValueError(f"{path}: [network] mac_prefix must be five octets like "
+                         f"52:54:00:12:34, not {spec.mac_prefix!r}")
+    return spec
