@@ -54,7 +54,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 
-from viommu.events.pri import PageRequest, ResponseCode
+from viommu.events.page_requests import PageRequest, ResponseCode
 from viommu.events.smmuv3 import EVENT_RECORD_SIZE, EventRecord
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,15 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Readers(Protocol):
+    """Watches fds for readability: an asyncio loop, or a test's stand-in."""
+
+    def add_reader(self, fd: int, callback: Callable[[], object]) -> None: ...
+    def remove_reader(self, fd: int) -> bool: ...
 
 
 def listen_private_unix(path: str) -> socket.socket:

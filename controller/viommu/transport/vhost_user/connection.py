@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from viommu._dataplane import GuestMemory, VirtQueue
+from viommu.transport.sockets import Readers
 from viommu.transport.vhost_user import messages as m
 from viommu.transport.vhost_user.messages import Message, ProtocolError, Request
 
@@ -41,10 +42,10 @@ class VhostUserDevice(Protocol):
     def get_config(self) -> bytes: ...
     def set_config(self, offset: int, data: bytes) -> None: ...
     def memory_changed(self, mem: GuestMemory) -> None: ...
-    def queue_started(self, index: int, vq: VirtQueue, notify: Callable[[], None],
-                      signal_error: Callable[[], bool], kick_fd: int) -> bool:
-        """A ring runs; True when the device waits for its kicks itself (on `kick_fd`,
-        which stays the connection's), False to have `queue_kicked` called on each."""
+    def queue_started(self, index: int, vring: Vring) -> bool:
+        """A ring runs; True when the device waits for its kicks itself (on
+        `vring.kick_fd`, which stays the connection's), False to have `queue_kicked`
+        called on each."""
         ...
     def queue_stopped(self, index: int) -> None: ...
     def queue_kicked(self, index: int) -> None: ...
@@ -69,6 +70,20 @@ class Vring:
         self.running = False
         self.kick_watched = False  # the loop reads kick_fd (the device did not take it)
 
+    def notify(self) -> None:
+        """Used-buffer notification: the front-end's call eventfd."""
+        if self.call_fd is not None:
+            os.eventfd_write(self.call_fd, 1)
+
+    def signal_error(self) -> bool:
+        """Tell the front-end the vring failed (its SET_VRING_ERR eventfd). QEMU's generic
+        device only logs this (and only in debug builds): no vhost-user message makes it set
+        DEVICE_NEEDS_RESET for the guest. False when no error fd was given."""
+        if self.err_fd is None:
+            return False
+        os.eventfd_write(self.err_fd, 1)
+        return True
+
     def close_fds(self) -> None:
         for name in ("kick_fd", "call_fd", "err_fd"):
             fd = getattr(self, name)
@@ -80,14 +95,12 @@ class Vring:
 class VhostUserConnection:
     """Serves one front-end on a connected socket; drive it with `on_readable()`."""
 
-    def __init__(self, sock: socket.socket, device: VhostUserDevice,
-                 add_reader: Callable[[int, Callable[[], None]], None],
-                 remove_reader: Callable[[int], None]) -> None:
+    def __init__(self, sock: socket.socket, device: VhostUserDevice, readers: Readers) -> None:
+        """`readers` watches the kick fds of rings the device leaves to the connection."""
         self.sock = sock
         self.sock.settimeout(5.0)
         self.device = device
-        self._add_reader = add_reader
-        self._remove_reader = remove_reader
+        self._readers = readers
         self.mem = GuestMemory()
         self._mappings: list[mmap.mmap] = []
         self.vrings = [Vring(self.mem, i) for i in range(device.num_queues)]
@@ -213,7 +226,7 @@ class VhostUserConnection:
         for vring in self.vrings:
             self._stop_ring(vring)
             vring.close_fds()
-        self._remove_reader(self.sock.fileno())
+        self._readers.remove_reader(self.sock.fileno())
         self.sock.close()
         self._unmap_memory()
 
@@ -393,11 +406,10 @@ class VhostUserConnection:
             return
         vring.running = True
         vring.stopped_at = None
-        owned = self.device.queue_started(vring.index, vring.vq, lambda: self._notify(vring),
-                                          lambda: self.signal_error(vring.index), vring.kick_fd)
+        owned = self.device.queue_started(vring.index, vring)
         vring.kick_watched = not owned
         if vring.kick_watched:
-            self._add_reader(vring.kick_fd, lambda: self._on_kick(vring))
+            self._readers.add_reader(vring.kick_fd, lambda: self._on_kick(vring))
             # Buffers made available before the kick fd existed are served now.
             self.device.queue_kicked(vring.index)
 
@@ -414,7 +426,7 @@ class VhostUserConnection:
             return
         vring.running = False
         if vring.kick_watched:
-            self._remove_reader(vring.kick_fd)
+            self._readers.remove_reader(vring.kick_fd)
             vring.kick_watched = False
         self.device.queue_stopped(vring.index)  # first: a device thread may still use it
         vring.vq.stop()
@@ -425,20 +437,6 @@ class VhostUserConnection:
         except BlockingIOError:
             pass
         self.device.queue_kicked(vring.index)
-
-    def signal_error(self, index: int) -> bool:
-        """Tell the front-end a vring failed (its SET_VRING_ERR eventfd). QEMU's generic
-        device only logs this (and only in debug builds): no vhost-user message makes it set
-        DEVICE_NEEDS_RESET for the guest. False when no error fd was given."""
-        vring = self.vrings[index]
-        if vring.err_fd is None:
-            return False
-        os.eventfd_write(vring.err_fd, 1)
-        return True
-
-    def _notify(self, vring: Vring) -> None:
-        if vring.call_fd is not None:
-            os.eventfd_write(vring.call_fd, 1)
 
     def _reset_device(self, msg: Message) -> None:
         for vring in self.vrings:
