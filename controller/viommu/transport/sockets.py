@@ -38,3 +38,16 @@ def unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def close_all(fds: list) -> None:
+    """Close and forget received fds: a second call on the same list closes nothing (fd
+    numbers may already belong to someone else); None entries are skipped."""
+    for fd in fds:
+        if fd is None:
+            continue
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    del fds[:]

@@ -15,10 +15,11 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from viommu._dataplane import GuestMemory, VirtQueue
-from viommu.transport.sockets import Readers
+from viommu._dataplane import GuestMemory
+from viommu.transport.sockets import Readers, close_all
 from viommu.transport.vhost_user import messages as m
 from viommu.transport.vhost_user.messages import Message, ProtocolError, Request
+from viommu.transport.vhost_user.vring import Vring
 
 log = logging.getLogger(__name__)
 
@@ -50,46 +51,6 @@ class VhostUserDevice(Protocol):
     def queue_stopped(self, index: int) -> None: ...
     def queue_kicked(self, index: int) -> None: ...
     def reset(self, reason: str) -> None: ...
-
-
-class Vring:
-    """Front-end-provided state of one virtqueue."""
-
-    def __init__(self, mem: GuestMemory, index: int) -> None:
-        self.vq = VirtQueue(mem, index)
-        self.index = index
-        self.kick_fd: int | None = None
-        self.call_fd: int | None = None
-        self.err_fd: int | None = None
-        self.enabled = False
-        self.addr: m.VringAddr | None = None
-        self.base = 0
-        # base we answered in GET_VRING_BASE: a restart from another base, or with other
-        # ring addresses, is a guest reset (QEMU sends no RESET_DEVICE for one).
-        self.stopped_at: int | None = None
-        self.running = False
-        self.kick_watched = False  # the loop reads kick_fd (the device did not take it)
-
-    def notify(self) -> None:
-        """Used-buffer notification: the front-end's call eventfd."""
-        if self.call_fd is not None:
-            os.eventfd_write(self.call_fd, 1)
-
-    def signal_error(self) -> bool:
-        """Tell the front-end the vring failed (its SET_VRING_ERR eventfd). QEMU's generic
-        device only logs this (and only in debug builds): no vhost-user message makes it set
-        DEVICE_NEEDS_RESET for the guest. False when no error fd was given."""
-        if self.err_fd is None:
-            return False
-        os.eventfd_write(self.err_fd, 1)
-        return True
-
-    def close_fds(self) -> None:
-        for name in ("kick_fd", "call_fd", "err_fd"):
-            fd = getattr(self, name)
-            if fd is not None:
-                os.close(fd)
-                setattr(self, name, None)
 
 
 class VhostUserConnection:
@@ -161,7 +122,7 @@ class VhostUserConnection:
                 fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
         received = list(fds)
         if not data:
-            _close_all(received)
+            close_all(received)
             return None
         try:
             if len(data) < m.HEADER.size:
@@ -172,7 +133,7 @@ class VhostUserConnection:
                                     f"payload (limit {m.MAX_PAYLOAD})")
             payload = self._recv_exact(size) if size else b""
         except BaseException:
-            _close_all(received)  # a message that never completes owns no fds
+            close_all(received)  # a message that never completes owns no fds
             raise
         return Message(request, flags, payload, received)
 
@@ -204,7 +165,7 @@ class VhostUserConnection:
             reply, ok = None, False
         finally:
             # Handlers take the fds they keep out of msg.fds; the rest must not leak.
-            _close_all(msg.fds)
+            close_all(msg.fds)
         if msg.request in _HAS_REPLY_BODY:
             # The front-end blocks on this reply: always send one. On failure a non-zero u64
             # (the failure value of every u64 status reply); where a body of another size
@@ -214,7 +175,7 @@ class VhostUserConnection:
             self._send(msg.request, m.pack_u64(0 if ok else 1))
 
     def _unsupported(self, msg: Message) -> None:
-        _close_all(msg.fds)
+        close_all(msg.fds)
         log.warning("vhost-user: %s (%d) is not supported by this back-end (%d payload bytes, "
                     "%d fds); answered as a failure", msg.name, msg.request, len(msg.payload),
                     len(msg.fds))
@@ -263,7 +224,7 @@ class VhostUserConnection:
         return m.pack_u64(self.status)
 
     def _ignore(self, msg: Message) -> None:
-        _close_all(msg.fds)
+        close_all(msg.fds)
 
     # --- config space -----------------------------------------------------------------------
 
@@ -300,7 +261,7 @@ class VhostUserConnection:
                 log.info("vhost-user: region gpa=%#x size=%#x", region.guest_phys_addr,
                          region.memory_size)
         finally:
-            _close_all(msg.fds)
+            close_all(msg.fds)
         for vring in self.vrings:
             if vring.running:
                 self._resolve(vring)
@@ -449,13 +410,3 @@ class VhostUserConnection:
             vring.stopped_at = None
         self.device.reset(f"guest reset ({why})")
 
-
-def _close_all(fds) -> None:
-    """Close and forget: a second call on the same list closes nothing (fd numbers may
-    already belong to someone else)."""
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    del fds[:]
