@@ -277,7 +277,9 @@ class VirtioIommuDevice:
         for endpoint_id in sorted(domain.endpoints):
             if req.caches & InvalidateCache.PASID:
                 # The guest rewrote context descriptors, as before CFGI_CD: a PASID may have
-                # been unbound, so its page requests drain (seed 004), and CDs are re-read.
+                # been unbound, so its page requests drain, and CDs are re-read. (CFGI_CD is
+                # the host's sync point for that on Arm: linux-kernel, "[RFC PATCHES 00/17]
+                # IOMMUFD: Deliver IO page faults to user space", June 2023.)
                 pasid = req.pasid if req.scope == InvalidateScope.PASID else None
                 self._pasid_unbound(endpoint_id, pasid)
                 self.endpoints[endpoint_id].config_fault = None

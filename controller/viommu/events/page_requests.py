@@ -18,9 +18,9 @@ answers on their behalf with the policy the user picks:
 
 A group nobody answers in time is answered Invalid Request. Stop Markers need no answer and
 are no fault: counted, never relayed. Unbinding a PASID drains its requests first, so no
-stale fault reaches the next address space on that PASID (the order the "iommu: Add PASID
-support" discussions give for Arm SMMUv3 and PCIe: stale faults, a stop marker, then
-faults of the next address space).
+stale fault reaches the next address space on that PASID: with stop markers a PRI queue
+holds stale faults, a stop marker, then faults of the next address space (linux-kernel,
+"[RFC PATCHES 00/17] IOMMUFD: Deliver IO page faults to user space", June 2023).
 """
 
 from __future__ import annotations
