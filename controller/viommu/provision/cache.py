@@ -4,7 +4,10 @@ QEMUs, kernels and architectures sit side by side."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -32,3 +35,16 @@ def cache_dir(*parts: str) -> Path:
 def progress(message: str) -> None:
     """One line per step of a long set-up, as `viommu setup` prints them."""
     print(f"==> {message}", flush=True)
+
+
+@contextlib.contextmanager
+def locked(name: str) -> Iterator[None]:
+    """Hold the cache's lock `name` (an flock): several processes fetching or building the
+    same thing at once (pytest-xdist workers, two checkouts) do it once, one after the
+    other, and the later ones find it done."""
+    with open(cache_dir("locks") / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

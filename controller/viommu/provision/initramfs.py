@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from viommu.provision.arch import Arch
-from viommu.provision.cache import SetupMissing, cache_dir, progress
+from viommu.provision.cache import SetupMissing, cache_dir, locked, progress
 from viommu.provision.debian import PrivateApt, extract
 from viommu.provision.kernels import Kernel
 
@@ -65,6 +65,11 @@ def ensure_image(kernel: Kernel, arch: Arch) -> GuestImage:
     image = find_image(kernel, arch)
     if image is not None:
         return image
+    with locked(f"image-{arch.name}-{kernel.key}"):
+        return find_image(kernel, arch) or _build_image(kernel, arch)
+
+
+def _build_image(kernel: Kernel, arch: Arch) -> GuestImage:
     home = cache_dir("images", arch.name, kernel.key)
     wanted, params = _recipe_modules()
     order = module_load_order(kernel, wanted)
@@ -153,15 +158,19 @@ def busybox(arch: Arch) -> Path:
     """Debian's static busybox for `arch`, fetched once."""
     home = cache_dir("busybox", arch.name)
     binary = home / "busybox"
-    if binary.exists():
-        return binary
+    with locked(f"busybox-{arch.name}"):
+        if not binary.exists():
+            _fetch_busybox(arch, home, binary)
+    return binary
+
+
+def _fetch_busybox(arch: Arch, home: Path, binary: Path) -> None:
     apt = PrivateApt(cache_dir("apt", f"{arch.debian}-trixie"), ["trixie"], arch.debian)
     progress(f"downloading busybox-static ({arch.debian})")
     deb = apt.download("busybox-static", home)
     extract(deb, home / "root")
     (home / "root/usr/bin/busybox").rename(binary)
     deb.unlink()
-    return binary
 
 
 def guest_tools(arch: Arch) -> dict[str, bytes]:

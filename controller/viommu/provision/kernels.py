@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from viommu.provision.arch import Arch
-from viommu.provision.cache import SetupMissing, cache_dir, progress
+from viommu.provision.cache import SetupMissing, cache_dir, locked, progress
 from viommu.provision.debian import PrivateApt, deb_version, extract
 
 DEFAULT_KERNEL = "7"
@@ -172,7 +172,9 @@ def debian_kernel(series: DebianSeries, arch: Arch, fetch: bool = True) -> Kerne
             raise SetupMissing(f"Debian kernel {series.series} ({arch.name}) is not in the "
                                f"cache: run `viommu setup --kernel {series.series} --arch "
                                f"{arch.name}`")
-        fetch_debian_kernel(series, arch, home)
+        with locked(f"kernel-{arch.name}-{series.series}"):
+            if not manifest.exists():  # another process may have fetched it meanwhile
+                fetch_debian_kernel(series, arch, home)
     data = json.loads(manifest.read_text())
     return Kernel(series.series, arch.name, home / data["image"], data["release"],
                   data["origin"], home / data["config"] if data.get("config") else None,

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from viommu.provision.arch import Arch
-from viommu.provision.cache import SetupMissing, cache_dir, progress
+from viommu.provision.cache import SetupMissing, cache_dir, locked, progress
 from viommu.provision.debian import PrivateApt, extract
 
 MIN_QEMU_VERSION = (10, 2)
@@ -71,6 +71,11 @@ def find_qemu(arch: Arch) -> str:
 
 def ensure_qemu(arch: Arch) -> str:
     """Provide QEMU for `arch` (idempotent: a second call checks and returns)."""
+    with locked(f"qemu-{arch.name}"):
+        return _ensure_qemu(arch)
+
+
+def _ensure_qemu(arch: Arch) -> str:
     path = launcher(arch)
     if path.exists() and usable(str(path)):
         progress(f"QEMU {version_text(qemu_version(str(path)))} ready ({arch.qemu_binary})")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -25,6 +26,6 @@ def qemu_binary(arch: str = DEFAULT_ARCH) -> str:
 
 def guest_image(arch: str = DEFAULT_ARCH, kernel: str | None = None) -> tuple[Path, Path, dict]:
     """(kernel image, initramfs, what they are), fetched and built on first use."""
-    image = provision_guest_image(arch, kernel)
+    image = provision_guest_image(arch, kernel or os.environ.get("VIOMMU_KERNEL"))
     manifest = json.loads((image.initramfs.parent / "manifest.json").read_text())
     return image.kernel.image, image.initramfs, manifest
