@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import lzma
+import os
 import re
 import subprocess
 from importlib import resources
@@ -189,7 +190,8 @@ def guest_tools(arch: Arch) -> dict[str, bytes]:
 
 def _compile(arch: Arch, source: Path, binary: Path) -> None:
     compiler = arch.compiler()
-    cmd = [compiler, "-static", "-O2", "-Wall", "-Werror", "-o", str(binary), str(source)]
+    partial = binary.with_name(f".{binary.name}.{os.getpid()}")  # renamed once complete
+    cmd = [compiler, "-static", "-O2", "-Wall", "-Werror", "-o", str(partial), str(source)]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
     except FileNotFoundError:
@@ -200,7 +202,8 @@ def _compile(arch: Arch, source: Path, binary: Path) -> None:
     if result.returncode != 0:
         raise SetupMissing(f"building guest tool {source.name} failed:\n{result.stderr}")
     strip = "strip" if arch.native else f"{arch.cross_prefix}strip"
-    subprocess.run([strip, str(binary)], check=False, capture_output=True)
+    subprocess.run([strip, str(partial)], check=False, capture_output=True)
+    os.replace(partial, binary)
 
 
 # --- the cpio archive ------------------------------------------------------------------------
