@@ -78,7 +78,8 @@ class Kernel:
             order = self.build_tree / "modules.order"
             for line in order.read_text().split() if order.exists() else []:
                 ko = self.build_tree / re.sub(r"\.o$", ".ko", line)
-                files[_module_name(ko.name)] = ko
+                if ko.exists():  # listed, but not built (make modules not run)
+                    files[_module_name(ko.name)] = ko
         elif self.modules_dir is not None:
             for ko in self.modules_dir.rglob("*.ko*"):
                 files[_module_name(ko.name)] = ko
