@@ -16,9 +16,9 @@ import asyncio
 import selectors
 from collections.abc import Callable
 
-from viommu._dataplane import DataplaneLock, RequestServer, RequestType, VirtQueue
+from viommu._dataplane import DataplaneLock, RequestServer, VirtQueue
 from viommu.device.virtio_iommu import VirtioIommuDevice
-from viommu.uapi import Feature
+from viommu.uapi import Feature, RequestType
 
 # Busy-poll window after the last request, in µs: a guest mapping pages back to back
 # finds the thread awake and never kicks. 0 = wake on kicks only.
@@ -73,11 +73,8 @@ class RequestService:
 
     def configure(self) -> None:
         """The device's MAP/UNMAP rules, again after feature negotiation."""
-        d, c = self.device, self.device.config
-        self.server.configure(
-            d.negotiated(Feature.F_MAP_UNMAP), d.known_map_flags(), c.granule,
-            c.input_range if d.negotiated(Feature.F_INPUT_RANGE) else None, c.resv_msi,
-            c.max_mappings_per_domain, c.max_mappings)
+        self.server.configure(self.device.negotiated(Feature.F_MAP_UNMAP),
+                              self.device.map_rules())
 
     def sync_domains(self) -> None:
         self.server.set_domains(self.device.map_domains())

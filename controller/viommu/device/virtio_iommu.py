@@ -14,7 +14,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from viommu.device.mappings import Mapping, MappingTable, OverlapError, SplitError
+from viommu._dataplane import MapRules
+from viommu.device.mappings import MappingTable
 from viommu.uapi import (
     CONFIG_SIZE,
     MSI_WINDOW_X86,
@@ -240,12 +241,16 @@ class VirtioIommuDevice:
         return [(d.domain_id, d.mappings) for d in self.domains.values()
                 if not d.bypass and d.table is None]
 
-    def known_map_flags(self) -> int:
-        # Plain ints: ~ on an IntFlag complements only the flags the enum defines.
+    def map_rules(self) -> MapRules:
+        """What MAP and UNMAP accept, as negotiated (ext/mappings.pxi applies them, here
+        and on the request thread)."""
+        c = self.config
         flags = int(MapFlag.READ | MapFlag.WRITE)
         if self.negotiated(Feature.F_MMIO):
             flags |= int(MapFlag.MMIO)
-        return flags
+        return MapRules(c.granule, flags,
+                        c.input_range if self.negotiated(Feature.F_INPUT_RANGE) else None,
+                        c.resv_msi, c.max_mappings_per_domain, c.max_mappings)
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -445,27 +450,10 @@ class VirtioIommuDevice:
         domain = self.domains.get(req.domain)
         if domain is None:
             return Status.S_NOENT, b""
-        if (domain.bypass or domain.table is not None or req.flags & ~self.known_map_flags()
-                or req.virt_end < req.virt_start):
+        if domain.bypass or domain.table is not None:
             return Status.S_INVAL, b""
-        granule = self.config.granule
-        if (req.virt_start % granule or req.phys_start % granule
-                or (req.virt_end + 1) % granule):
-            return Status.S_RANGE, b""
-        if not self._in_input_range(req.virt_start, req.virt_end):
-            return Status.S_RANGE, b""
-        if self._overlaps_reserved(req.virt_start, req.virt_end):
-            return Status.S_INVAL, b""
-        if domain.mappings.overlaps(req.virt_start, req.virt_end):
-            return Status.S_INVAL, b""
-        if (len(domain.mappings) >= self.config.max_mappings_per_domain
-                or self.mapping_count >= self.config.max_mappings):
-            return Status.S_NOMEM, b""
-        try:
-            domain.mappings.add(Mapping(req.virt_start, req.virt_end, req.phys_start, req.flags))
-        except OverlapError:
-            return Status.S_INVAL, b""
-        return Status.S_OK, b""
+        return Status(self.map_rules().map(domain.mappings, req.virt_start, req.virt_end,
+                                           req.phys_start, req.flags, self.mapping_count)), b""
 
     def _unmap(self, req) -> Reply:
         if not self.negotiated(Feature.F_MAP_UNMAP):
@@ -475,13 +463,10 @@ class VirtioIommuDevice:
         domain = self.domains.get(req.domain)
         if domain is None:
             return Status.S_NOENT, b""
-        if domain.bypass or domain.table is not None or req.virt_end < req.virt_start:
+        if domain.bypass or domain.table is not None:
             return Status.S_INVAL, b""
-        try:
-            domain.mappings.remove_range(req.virt_start, req.virt_end)
-        except SplitError:
-            return Status.S_RANGE, b""
-        return Status.S_OK, b""
+        return Status(self.map_rules().unmap(domain.mappings, req.virt_start,
+                                             req.virt_end)), b""
 
     def _probe(self, req) -> Reply | tuple[Status, bytes]:
         size = self.config.probe_size
@@ -505,16 +490,6 @@ class VirtioIommuDevice:
             return True
         lo, hi = self.config.domain_range
         return lo <= domain_id <= hi
-
-    def _in_input_range(self, start: int, end: int) -> bool:
-        if not self.negotiated(Feature.F_INPUT_RANGE):
-            return True
-        lo, hi = self.config.input_range
-        return lo <= start and end <= hi
-
-    def _overlaps_reserved(self, start: int, end: int) -> bool:
-        lo, hi = self.config.resv_msi
-        return start <= hi and lo <= end
 
     # --- queries -------------------------------------------------------------------------------
 
