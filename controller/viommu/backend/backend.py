@@ -28,7 +28,14 @@ from viommu.endpoints.dma_engine import DmaEndpoint
 from viommu.events.page_requests import PageRequestRelay
 from viommu.events.pri import PageRequest, ResponseCode
 from viommu.events.relay import EventRelay
-from viommu.events.smmuv3 import ADDRESS_EVENTS, FETCH_EVENTS, EventClass, EventId, EventRecord
+from viommu.events.smmuv3 import (
+    ADDRESS_EVENTS,
+    CONFIG_EVENTS,
+    FETCH_EVENTS,
+    EventClass,
+    EventId,
+    EventRecord,
+)
 from viommu.transport.control import Arg, Command, CommandError, ControlServer
 from viommu.transport.iommufd import FaultGroup, FaultQueue, PriMustBeDisabled, VeventQueue
 from viommu.transport.sockets import listen_private_unix, unlink_quietly
@@ -41,7 +48,6 @@ log = logging.getLogger(__name__)
 
 REQUESTQ = 0
 EVENTQ = 1
-CONFIG_EVENTS = frozenset({EventId.C_BAD_STE, EventId.C_BAD_CD, EventId.C_BAD_SUBSTREAMID})
 MAX_INJECT_COUNT = 1_000_000
 MAX_MEMORY_ACCESS = 1 << 20
 MAX_REQUESTER_ID = 0xFFFF  # bus:device.function
