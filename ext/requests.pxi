@@ -235,3 +235,32 @@ cdef Request _parse_request(VirtQueue vq, uint16_t head):
         req.flags = r.page_resp.flags
         req.reserved_zero = all_zero(r.page_resp.reserved, sizeof(r.page_resp.reserved))
     return req
+
+
+# --- what the device writes besides tails: its config space and PROBE properties ------------
+
+cdef virtio_iommu_config _config_layout
+CONFIG_BYPASS_OFFSET = <char *>&_config_layout.bypass - <char *>&_config_layout
+
+def encode_config(uint64_t page_size_mask, tuple input_range, tuple domain_range,
+                  uint32_t probe_size, bint bypass) -> bytes:
+    """struct virtio_iommu_config (virtio spec 5.13.4), reserved bytes zero."""
+    cdef virtio_iommu_config c
+    memset(&c, 0, sizeof(c))
+    c.page_size_mask = page_size_mask
+    c.input_range.start, c.input_range.end = input_range
+    c.domain_range.start, c.domain_range.end = domain_range
+    c.probe_size = probe_size
+    c.bypass = bypass
+    return (<char *>&c)[:sizeof(c)]
+
+def encode_resv_mem(uint8_t subtype, uint64_t start, uint64_t end) -> bytes:
+    """A RESV_MEM PROBE property (struct virtio_iommu_probe_resv_mem), header included."""
+    cdef virtio_iommu_probe_resv_mem p
+    memset(&p, 0, sizeof(p))
+    p.head.type = VIRTIO_IOMMU_PROBE_T_RESV_MEM
+    p.head.length = sizeof(p) - sizeof(p.head)
+    p.subtype = subtype
+    p.start = start
+    p.end = end
+    return (<char *>&p)[:sizeof(p)]
