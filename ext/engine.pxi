@@ -90,12 +90,13 @@ cdef class Engine:
         address. An IOTLB hit costs a hash, a 4-way tag compare and a shift."""
         cdef TlbEntry *e
         cdef Xlat x
-        cdef uint64_t offset = iova & S2_PAGE_MASK, page = iova >> S2_PAGE_SHIFT
+        cdef uint64_t offset
         if not self._layout_current():
             self._build_stage2()  # the memory table changed: never use stale host addresses
-        e = tlb_lookup(&self.tlb, sid, ssid, page, access)
+        e = tlb_lookup(&self.tlb, sid, ssid, iova >> S2_PAGE_SHIFT, access)
         if e != NULL:
             self.iotlb_hits += 1
+            offset = iova & S2_PAGE_MASK
             gpa[0] = e.ipa_page | offset
             avail[0] = S2_PAGE_SIZE - offset
             return e.host_page + offset
