@@ -2,35 +2,22 @@
 #
 # The guest driver spins on the used ring after every request, so request latency is what
 # a guest feels. `RequestServer` waits for kicks with epoll, serves MAP and UNMAP that
-# succeed entirely here (the spec's S_OK path against the domain's MappingTable), then
+# succeed entirely here (S_OK from the device's MapRules against the domain's table), then
 # polls the avail ring for a short window with kicks suppressed (VRING_USED_F_NO_NOTIFY),
 # so a guest issuing requests back to back never exits to notify. Everything else is
-# handed to Python, which stays the only place that decides statuses: the chain is left
-# pending in the VirtQueue and the backend's loop serves it (and the rest of the ring)
-# with `VirtQueue.process_requests`.
+# handed to Python, which answers every other status (through the same MapRules for MAP
+# and UNMAP): the chain is left pending in the VirtQueue and the backend's loop serves it
+# (and the rest of the ring) with `VirtQueue.process_requests`.
 #
 # Sharing: the thread touches the VirtQueue, guest memory and the MAP tables only while it
 # holds the `DataplaneLock`; the backend's loop holds that lock whenever it is not waiting
-# in select (`viommu.dataplane_loop`), so Python code on the loop may change any of them.
+# in select (viommu.dataplane.requestq.dataplane_event_loop), so Python code on the loop
+# may change any of them.
 
 from libc.stdint cimport int64_t
 from posix.time cimport clock_gettime, CLOCK_MONOTONIC, CLOCK_REALTIME, timespec
 from posix.unistd cimport close, dup, read, write
 
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    ctypedef struct pthread_cond_t:
-        pass
-    int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *mutex)
-    int pthread_mutex_lock(pthread_mutex_t *mutex)
-    int pthread_mutex_unlock(pthread_mutex_t *mutex)
-    int pthread_cond_init(pthread_cond_t *cond, const void *attr)
-    int pthread_cond_destroy(pthread_cond_t *cond)
-    int pthread_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex)
-    int pthread_cond_broadcast(pthread_cond_t *cond)
 
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
@@ -55,7 +42,6 @@ cdef extern from "<sys/epoll.h>" nogil:
 
 
 cdef enum:
-    VIRTIO_IOMMU_S_OK = 0
     DEFAULT_TRACE_CAPACITY = 16384
 
 
@@ -76,45 +62,6 @@ cdef void eventfd_signal(int fd) noexcept nogil:
 cdef void eventfd_clear(int fd) noexcept nogil:
     cdef uint64_t value
     read(fd, &value, 8)
-
-
-cdef class DataplaneLock:
-    """The lock between the request thread and Python. Use `with lock:` (it waits without
-    the GIL); the thread steps back while Python is waiting for it, so a request thread
-    that is polling cannot keep the loop out."""
-
-    cdef pthread_mutex_t mutex
-    cdef pthread_cond_t cond
-    cdef int python_waiting
-
-    def __cinit__(self):
-        pthread_mutex_init(&self.mutex, NULL)
-        pthread_cond_init(&self.cond, NULL)
-
-    def __dealloc__(self):
-        pthread_cond_destroy(&self.cond)
-        pthread_mutex_destroy(&self.mutex)
-
-    def acquire(self) -> None:
-        with nogil:
-            viommu_store_flag(&self.python_waiting, 1)
-            pthread_mutex_lock(&self.mutex)
-            viommu_store_flag(&self.python_waiting, 0)
-
-    def release(self) -> None:
-        pthread_mutex_unlock(&self.mutex)
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-    cdef void lock_for_thread(self) noexcept nogil:
-        while viommu_load_flag(&self.python_waiting):
-            viommu_cpu_relax()
-        pthread_mutex_lock(&self.mutex)
 
 
 cdef struct FastDomain:
@@ -147,13 +94,9 @@ cdef class RequestServer:
     cdef int kick_fd, stop_fd, epoll_fd
     cdef readonly int wake_fd
     cdef readonly int64_t poll_ns
-    # what may succeed here (Python's rules, as numbers)
+    # what may succeed here: the device's rules
     cdef bint map_unmap
-    cdef uint64_t known_map_flags
-    cdef uint64_t granule_mask
-    cdef bint check_input_range
-    cdef uint64_t input_lo, input_hi, resv_lo, resv_hi
-    cdef size_t max_per_domain, max_total
+    cdef MapLimits rules
     cdef FastDomain *domains        # sorted by domain_id
     cdef size_t ndomains
     cdef list _domain_owners        # the MappingTables owning the MapData above
@@ -204,21 +147,10 @@ cdef class RequestServer:
 
     # --- Python side (holding the lock) -------------------------------------------------
 
-    def configure(self, bint map_unmap, uint64_t known_map_flags, uint64_t granule,
-                  input_range, tuple resv, size_t max_per_domain, size_t max_total) -> None:
-        """The device's rules for MAP/UNMAP: granule (a power of 2), the input range when
-        F_INPUT_RANGE is negotiated (else None), the reserved [start, end] window, limits."""
-        if granule == 0 or granule & (granule - 1):
-            raise ValueError(f"granule {granule:#x} is not a power of 2")
+    def configure(self, bint map_unmap, MapRules rules not None) -> None:
+        """Whether VIRTIO_IOMMU_F_MAP_UNMAP is negotiated, and the device's MapRules."""
         self.map_unmap = map_unmap
-        self.known_map_flags = known_map_flags
-        self.granule_mask = granule - 1
-        self.check_input_range = input_range is not None
-        if input_range is not None:
-            self.input_lo, self.input_hi = input_range
-        self.resv_lo, self.resv_hi = resv
-        self.max_per_domain = max_per_domain
-        self.max_total = max_total
+        self.rules = rules.limits
 
     def set_domains(self, domains) -> None:
         """The MAP domains, as (domain ID, MappingTable); bypass and page-table domains are
@@ -354,7 +286,6 @@ cdef class RequestServer:
         cdef uint16_t head
         cdef int rc, req_type, served = 0
         cdef Chain chain
-        cdef uint8_t tail[REQ_TAIL_SIZE]
         if self.paused or self.handoff:
             return 0
         while True:
@@ -379,10 +310,8 @@ cdef class RequestServer:
                 self.handoffs += 1
                 served -= 1
                 break
-            memset(tail, 0, REQ_TAIL_SIZE)
-            tail[0] = VIRTIO_IOMMU_S_OK
-            _scatter(&chain, 0, tail, REQ_TAIL_SIZE)
-            self.vq._add_used(head, REQ_TAIL_SIZE)
+            _scatter_tail(&chain, 0, VIRTIO_IOMMU_S_OK)
+            self.vq._add_used(head, sizeof(virtio_iommu_req_tail))
             self.fast_requests += 1
         if served:
             self.vq._publish_used()  # one index update for the batch
@@ -391,31 +320,37 @@ cdef class RequestServer:
         return served
 
     cdef bint _serve_here(self, int req_type, Chain *c) noexcept nogil:
-        """Apply a MAP or UNMAP that succeeds; False (nothing changed) for anything else."""
-        cdef const uint8_t *b = c.buf
+        """Apply a MAP or UNMAP whose status is S_OK; False (nothing changed) for anything
+        else, which Python answers."""
+        cdef const virtio_iommu_req_map *m = &c.req.map
+        cdef const virtio_iommu_req_unmap *u = &c.req.unmap
         cdef ServedRecord req             # the fields, read once: applied, then recorded
         cdef MapData *d
-        cdef bint done
+        cdef uint8_t status
         if not self.map_unmap or (req_type != VIRTIO_IOMMU_T_MAP
                                   and req_type != VIRTIO_IOMMU_T_UNMAP):
             return False
         req.type = <uint8_t>req_type
-        req.domain = rd32(b + 4)
-        req.virt_start = rd64(b + 8)
-        req.virt_end = rd64(b + 16)
+        if req_type == VIRTIO_IOMMU_T_MAP:
+            req.domain, req.virt_start, req.virt_end = m.domain, m.virt_start, m.virt_end
+            req.phys_start, req.flags = m.phys_start, m.flags
+        else:
+            req.domain, req.virt_start, req.virt_end = u.domain, u.virt_start, u.virt_end
+            req.phys_start = req.flags = 0
         d = self._domain(req.domain)
         if d == NULL:
             return False
         if req_type == VIRTIO_IOMMU_T_MAP:
-            req.phys_start = rd64(b + 24)
-            req.flags = rd32(b + 32)
-            done = self._map(d, req.virt_start, req.virt_end, req.phys_start, req.flags)
+            status = map_apply(&self.rules, d, self._mapping_count(), req.virt_start,
+                               req.virt_end, req.phys_start, req.flags)
+        elif not all_zero(u.reserved, sizeof(u.reserved)):
+            return False  # S_INVAL
         else:
-            req.phys_start = req.flags = 0
-            done = rd32(b + 24) == 0 and self._unmap(d, req.virt_start, req.virt_end)
-        if done:
-            self._record(&req)
-        return done
+            status = unmap_apply(d, req.virt_start, req.virt_end)
+        if status != VIRTIO_IOMMU_S_OK:
+            return False
+        self._record(&req)
+        return True
 
     cdef MapData *_domain(self, uint32_t domain_id) noexcept nogil:
         cdef size_t lo = 0, hi = self.ndomains, mid
@@ -428,37 +363,6 @@ cdef class RequestServer:
         if lo < self.ndomains and self.domains[lo].domain_id == domain_id:
             return self.domains[lo].map
         return NULL
-
-    cdef bint _map(self, MapData *d, uint64_t start, uint64_t end, uint64_t phys,
-                   uint32_t flags) noexcept nogil:
-        """virtio spec 5.13.6.6, the S_OK case only; device.py has every other status."""
-        cdef size_t i
-        if flags & ~self.known_map_flags or end < start:
-            return False
-        if (start | phys | (end + 1)) & self.granule_mask:
-            return False
-        if self.check_input_range and (start < self.input_lo or end > self.input_hi):
-            return False
-        if start <= self.resv_hi and self.resv_lo <= end:
-            return False
-        i = map_first_ending_at_or_after(d, start)
-        if map_overlaps_at(d, i, end):
-            return False
-        if d.n >= self.max_per_domain or self._mapping_count() >= self.max_total:
-            return False
-        return map_insert(d, i, start, end, phys, flags) == 0
-
-    cdef bint _unmap(self, MapData *d, uint64_t start, uint64_t end) noexcept nogil:
-        """virtio spec 5.13.6.7, the S_OK case only: whole mappings inside the range."""
-        cdef size_t lo, hi
-        if end < start:
-            return False
-        lo = map_first_ending_at_or_after(d, start)
-        hi = map_inside_end(d, lo, start, end)
-        if map_overlaps_at(d, hi, end):
-            return False
-        map_remove(d, lo, hi)
-        return True
 
     cdef size_t _mapping_count(self) noexcept nogil:
         cdef size_t i, total = 0

@@ -1,14 +1,23 @@
-"""virtio-iommu constants (virtio spec 5.13, Linux include/uapi/linux/virtio_iommu.h).
+"""virtio-iommu constants for Python (virtio spec 5.13, Linux include/uapi/linux/virtio_iommu.h).
 
-Each constant is named as the spec names it and defined here once; the request types live
-in the data plane (ext/) because the request parser needs them, and are re-exported here.
+Every value is defined once, in the data plane's header ext/uapi/virtio_iommu.pxd (named as
+Linux names it: VIRTIO_IOMMU_S_OK, VIRTIO_IOMMU_MAP_F_READ, ...), which the extension
+viommu._dataplane exports. This module is its Python face: each enum here is built from the
+extension's enum of the same name, with the common prefix dropped from member names
+(Status.S_OK, MapFlag.READ, Feature.F_MAP_UNMAP; RequestType keeps its full names), as a
+plain `enum.IntEnum`, or `enum.IntFlag` for bit flags. The extension's own enums accept any
+value (an unknown one gets a nameless pseudo-member) and do not combine as flags, so Python
+code uses these. Sizes are the headers' `sizeof`s.
+
+Defined here, because nothing in C uses them: the virtio and vhost-user feature bits that
+are not the device's, and the x86 MSI window.
 """
 
 from __future__ import annotations
 
 import enum
 
-from viommu._dataplane import RequestType
+from viommu import _dataplane as hw
 
 __all__ = [
     "RequestType", "Status", "Feature", "VIRTIO_F_VERSION_1", "VHOST_USER_F_PROTOCOL_FEATURES",
@@ -17,147 +26,72 @@ __all__ = [
     "RESV_MEM_PROPERTY_SIZE", "MSI_WINDOW_X86", "VIOMMU_F_ATTACH_TABLE", "TableFormat",
     "InvalidateScope", "InvalidateCache", "InvalidateFlag", "VIOMMU_F_PAGE_REQUEST",
     "ExtFaultFlag", "PageRespCode", "PAGE_RESP_F_PASID_VALID",
-    "EXT_FAULT_RECORD_SIZE",
+    "EXT_FAULT_RECORD_SIZE", "VIRTIO_ID_IOMMU", "NUM_QUEUES", "python_enum",
 ]
 
 
-class Status(enum.IntEnum):
-    """Request tail status (VIRTIO_IOMMU_S_*)."""
-
-    S_OK = 0
-    S_IOERR = 1
-    S_UNSUPP = 2
-    S_DEVERR = 3
-    S_INVAL = 4
-    S_RANGE = 5
-    S_NOENT = 6
-    S_FAULT = 7
-    S_NOMEM = 8
+def python_enum(c_enum: type, prefix: str = "", kind: type[enum.IntEnum] = enum.IntEnum,
+                doc: str = "", module: str = __name__) -> type:
+    """The Python enum for one of the extension's `cpdef enum`s: the same values, member
+    names without `prefix`. `kind` may be IntFlag, or an IntEnum subclass that adds methods."""
+    members = {member.name.removeprefix(prefix): int(member) for member in c_enum}
+    made = kind(c_enum.__name__, members, module=module)
+    made.__doc__ = doc
+    return made
 
 
-class Feature(enum.IntEnum):
-    """Device feature bit numbers (VIRTIO_IOMMU_F_*)."""
+RequestType = python_enum(hw.RequestType, doc="Request types (VIRTIO_IOMMU_T_*).")
+Status = python_enum(hw.Status, "VIRTIO_IOMMU_", doc="Request tail status (VIRTIO_IOMMU_S_*).")
+Feature = python_enum(hw.Feature, "VIRTIO_IOMMU_",
+                      doc="Device feature bit numbers (VIRTIO_IOMMU_F_*).")
+MapFlag = python_enum(hw.MapFlag, "VIRTIO_IOMMU_MAP_F_", enum.IntFlag,
+                      doc="MAP flags (VIRTIO_IOMMU_MAP_F_*).")
+FaultReason = python_enum(hw.FaultReason, "VIRTIO_IOMMU_FAULT_R_",
+                          doc="Fault record reasons (VIRTIO_IOMMU_FAULT_R_*).")
+FaultFlag = python_enum(hw.FaultFlag, "VIRTIO_IOMMU_FAULT_F_", enum.IntFlag,
+                        doc="Fault record flags (VIRTIO_IOMMU_FAULT_F_*); EXEC is Linux's "
+                            "addition, not in the spec.")
+ProbeProperty = python_enum(hw.ProbeProperty, "VIRTIO_IOMMU_PROBE_T_",
+                            doc="PROBE property types (VIRTIO_IOMMU_PROBE_T_*).")
+ResvMemSubtype = python_enum(hw.ResvMemSubtype, "VIRTIO_IOMMU_RESV_MEM_T_",
+                             doc="RESV_MEM subtypes (VIRTIO_IOMMU_RESV_MEM_T_*).")
 
-    F_INPUT_RANGE = 0
-    F_DOMAIN_RANGE = 1
-    F_MAP_UNMAP = 2
-    F_BYPASS = 3
-    F_PROBE = 4
-    F_MMIO = 5
-    F_BYPASS_CONFIG = 6
+VIRTIO_ID_IOMMU = hw.VIRTIO_ID_IOMMU
+NUM_QUEUES = hw.VIRTIO_IOMMU_NUM_VQS  # requestq and eventq
+VIRTIO_IOMMU_ATTACH_F_BYPASS = hw.VIRTIO_IOMMU_ATTACH_F_BYPASS
+CONFIG_SIZE = hw.CONFIG_SIZE  # sizeof(struct virtio_iommu_config)
+FAULT_RECORD_SIZE = hw.FAULT_RECORD_SIZE
+PROBE_PROPERTY_HEADER_SIZE = hw.PROBE_PROPERTY_HEADER_SIZE
+RESV_MEM_PROPERTY_SIZE = hw.RESV_MEM_PROPERTY_SIZE
 
-
+# Not the device's features: the virtio transport's (spec 6, "Reserved Feature Bits") and
+# vhost-user's protocol-features bit, which travels in the same feature word
+# (QEMU docs/interop/vhost-user.rst).
 VIRTIO_F_VERSION_1 = 32
-# vhost-user's protocol-features bit travels in the same feature word (vhost-user.rst).
 VHOST_USER_F_PROTOCOL_FEATURES = 30
 
-VIRTIO_IOMMU_ATTACH_F_BYPASS = 1 << 0
-
-
-class MapFlag(enum.IntFlag):
-    """VIRTIO_IOMMU_MAP_F_*."""
-
-    READ = 1 << 0
-    WRITE = 1 << 1
-    MMIO = 1 << 2
-
-
-class FaultReason(enum.IntEnum):
-    """VIRTIO_IOMMU_FAULT_R_*."""
-
-    UNKNOWN = 0
-    DOMAIN = 1
-    MAPPING = 2
-
-
-class FaultFlag(enum.IntFlag):
-    """VIRTIO_IOMMU_FAULT_F_*; EXEC is Linux's addition, not in the spec."""
-
-    READ = 1 << 0
-    WRITE = 1 << 1
-    EXEC = 1 << 2
-    ADDRESS = 1 << 8
-
-
-class ProbeProperty(enum.IntEnum):
-    """VIRTIO_IOMMU_PROBE_T_*."""
-
-    NONE = 0
-    RESV_MEM = 1
-
-
-class ResvMemSubtype(enum.IntEnum):
-    """VIRTIO_IOMMU_RESV_MEM_T_*."""
-
-    RESERVED = 0
-    MSI = 1
-
-
-# --- Page-table extension (digest §B.4, the unmerged "DX" draft) -----------------------------
-# The drafts' feature numbers collide with each other and with the spec's own bits, so this
-# one is viommu's: bit 63 lies in the device-specific range (50-127) and far from any draft.
-VIOMMU_F_ATTACH_TABLE = 63
-
-
-# Recoverable faults for guests that can answer them (digest §B.3, with the maintainer's
-# review applied): an extended fault record carrying PASID and group ID, and PAGE_RESP.
-VIOMMU_F_PAGE_REQUEST = 62
-
-
-class ExtFaultFlag(enum.IntFlag):
-    """Flags of the extended fault record, beside FaultFlag's."""
-
-    PASID = 1 << 9  # `pasid` (offset 12) is valid
-    PAGE_REQUEST = 1 << 10  # a page request: answer it with PAGE_RESP
-    LAST = 1 << 11  # last request of its group (the one PAGE_RESP answers)
-    PRIV = 1 << 12  # privileged access requested
-
-
-class PageRespCode(enum.IntEnum):
-    """PAGE_RESP `code` (R21 numbering)."""
-
-    SUCCESS = 0
-    INVALID = 1
-    FAILURE = 2
-
-
-PAGE_RESP_F_PASID_VALID = 1 << 0
-EXT_FAULT_RECORD_SIZE = 32
-
-
-class TableFormat(enum.IntEnum):
-    """ATTACH_TABLE `format` (VIRTIO_IOMMU_FORMAT_*)."""
-
-    ARM_SMMU3 = 1
-
-
-class InvalidateScope(enum.IntEnum):
-    """INVALIDATE `scope` (VIRTIO_IOMMU_INVAL_S_*)."""
-
-    DOMAIN = 1
-    PASID = 2
-    ADDRESS = 3
-
-
-class InvalidateCache(enum.IntFlag):
-    """INVALIDATE `caches` (VIRTIO_IOMMU_INVAL_C_*)."""
-
-    PASID = 1 << 0  # configuration: context descriptors
-    TLB = 1 << 1
-
-
-class InvalidateFlag(enum.IntFlag):
-    """INVALIDATE `flags` (VIRTIO_IOMMU_INVAL_F_*)."""
-
-    LEAF = 1 << 0
-    PASID = 1 << 1
-    ID = 1 << 2
-    GLOBAL = 1 << 3
-
-
-CONFIG_SIZE = 40
-FAULT_RECORD_SIZE = 24
-PROBE_PROPERTY_HEADER_SIZE = 4
-RESV_MEM_PROPERTY_SIZE = 24
 # x86 MSI doorbell window (the LAPIC range), reported as RESV_MEM_T_MSI in PROBE.
 MSI_WINDOW_X86 = (0xFEE0_0000, 0xFEEF_FFFF)
+
+
+# --- viommu's private extensions (ext/uapi/virtio_iommu.pxd says where each comes from) ------
+# ATTACH_TABLE and INVALIDATE, after the virtio-iommu ATTACH_TABLE/INVALIDATE proposal on the
+# virtio-comment list; recoverable faults for guests that can answer them: the extended fault
+# record and PAGE_RESP of the virtio-iommu page request proposal.
+VIOMMU_F_ATTACH_TABLE = hw.VIOMMU_F_ATTACH_TABLE
+VIOMMU_F_PAGE_REQUEST = hw.VIOMMU_F_PAGE_REQUEST
+
+TableFormat = python_enum(hw.TableFormat, "VIRTIO_IOMMU_FORMAT_",
+                          doc="ATTACH_TABLE `format` (VIRTIO_IOMMU_FORMAT_*).")
+InvalidateScope = python_enum(hw.InvalidateScope, "VIRTIO_IOMMU_INVAL_S_",
+                              doc="INVALIDATE `scope` (VIRTIO_IOMMU_INVAL_S_*).")
+InvalidateCache = python_enum(hw.InvalidateCache, "VIRTIO_IOMMU_INVAL_C_", enum.IntFlag,
+                              doc="INVALIDATE `caches` (VIRTIO_IOMMU_INVAL_C_*).")
+InvalidateFlag = python_enum(hw.InvalidateFlag, "VIRTIO_IOMMU_INVAL_F_", enum.IntFlag,
+                             doc="INVALIDATE `flags` (VIRTIO_IOMMU_INVAL_F_*).")
+ExtFaultFlag = python_enum(hw.ExtFaultFlag, "VIRTIO_IOMMU_FAULT_F_", enum.IntFlag,
+                           doc="Flags of the extended fault record, beside FaultFlag's.")
+PageRespCode = python_enum(hw.PageRespCode, "VIRTIO_IOMMU_PAGE_RESP_",
+                           doc="PAGE_RESP `code` (VIRTIO_IOMMU_PAGE_RESP_*).")
+PAGE_RESP_F_PASID_VALID = hw.VIRTIO_IOMMU_PAGE_RESP_F_PASID_VALID
+EXT_FAULT_RECORD_SIZE = hw.EXT_FAULT_RECORD_SIZE

@@ -1,4 +1,5 @@
-"""Fuzz the split-ring walker and the virtio-iommu request parser (ext/dataplane.pyx).
+"""Fuzz the split-ring walker and the virtio-iommu request parser (ext/virtqueue.pxi and
+ext/requests.pxi).
 
 The guest (the fuzzer) writes descriptors, avail ring entries and indices, and request
 bytes into synthetic guest RAM: well-formed requests of every type (1..8 and garbage),

@@ -1,4 +1,4 @@
-"""SMMUv3 event records, their conversion to virtio-iommu fault records (digest §G) and the
+"""SMMUv3 event records, their conversion to virtio-iommu fault records and the
 relay's accounting: nothing vanishes."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_event_id_parse_error_lists_the_known_names() -> None:
         EventId.parse("NOPE")
 
 
-# --- conversion (digest §G) and the guest's line (Linux viommu_fault_handler) ----------------
+# --- conversion (SMMUv3 event to virtio-iommu fault record) and the guest's line ------------
 
 EP = 256
 

@@ -1,5 +1,7 @@
 """Page request groups: relayed to the guest, answered exactly once by policy, stop markers
-and timeouts, bounded, and drained when a PASID is unbound (seed 004's interleaving)."""
+and timeouts, bounded, and drained when a PASID is unbound (stale faults, a stop marker, then
+the next address space's: linux-kernel, "[RFC PATCHES 00/17] IOMMUFD: Deliver IO page faults
+to user space", June 2023)."""
 
 from __future__ import annotations
 

@@ -232,7 +232,7 @@ def test_broken_ring_is_handed_to_python_which_raises_ring_error(t: ThreadHarnes
 
 
 def test_records_past_the_record_buffer_are_still_counted() -> None:
-    from viommu._dataplane import RequestServer
+    from viommu._dataplane import MapRules, RequestServer
 
     driver = FakeDriver(queue_size=64, mem_size=4 << 20)
     device = VirtioIommuDevice([EP])
@@ -243,7 +243,7 @@ def test_records_past_the_record_buffer_are_still_counted() -> None:
     driver.vq.process_requests(device.handle_request)
     with lock:
         server = RequestServer(lock, driver.vq, kick, 0.0, 2)
-        server.configure(True, 3, PAGE, None, (MSI, MSI + 0xFFFFF), 100, 100)
+        server.configure(True, MapRules(PAGE, 3, None, (MSI, MSI + 0xFFFFF), 100, 100))
         server.set_domains(device.map_domains())
         server.start()
     for i in range(5):

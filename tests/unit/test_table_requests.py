@@ -1,6 +1,7 @@
 """ATTACH_TABLE and INVALIDATE (the page-table extension under viommu's private feature bit,
-digest §B.4 layouts) at the virtqueue level: parsed by ext/, served by the device, and
-reaching the translation engine."""
+with the layouts of the virtio-iommu ATTACH_TABLE/INVALIDATE proposal on the virtio-comment
+list) at the virtqueue level: parsed by ext/, served by the device, and reaching the
+translation engine."""
 
 from __future__ import annotations
 

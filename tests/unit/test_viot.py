@@ -12,7 +12,8 @@ from viommu.vm.viot import PciRange, bdf, build_viot
 
 QEMU_HEADER = {"oem_id": b"BOCHS ", "oem_table_id": b"BXPC    ", "creator_id": b"BXPC"}
 
-# Digest §C.3, variant A: IOMMU at 00:03.0, one range 0x0000-0xffff.
+# A VIOT as QEMU's virtio-iommu-pci builds one (hw/acpi/viot.c): IOMMU at 00:03.0, one
+# range 0x0000-0xffff.
 VARIANT_A = bytes.fromhex(
     "56494f5458000000" "0057424f43485320" "4258504320202020" "0100000042585043"
     "0100000002003000" "0000000000000000" "0300100000001800" "0000000000000000"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from viommu import _dataplane as hw
 from viommu._dataplane import DataplaneLock, GuestMemory
 from viommu.dataplane.eventq import EventQueue
 from viommu.dataplane.requestq import DEFAULT_POLL_US, RequestQueue
@@ -18,18 +19,18 @@ from viommu.events.relay import EventRelay
 from viommu.transport.sockets import Readers
 from viommu.transport.vhost_user.connection import Vring
 from viommu.transport.vhost_user.messages import ProtocolFeature
-from viommu.uapi import VHOST_USER_F_PROTOCOL_FEATURES, VIOMMU_F_PAGE_REQUEST
+from viommu.uapi import NUM_QUEUES, VHOST_USER_F_PROTOCOL_FEATURES, VIOMMU_F_PAGE_REQUEST
 
 log = logging.getLogger(__name__)
 
-REQUESTQ = 0
-EVENTQ = 1
+REQUESTQ = hw.VIRTIO_IOMMU_REQUESTQ
+EVENTQ = hw.VIRTIO_IOMMU_EVENTQ
 
 
 class IommuVhostDevice:
     """Implements `VhostUserDevice` for one `VirtioIommuDevice`."""
 
-    num_queues = 2
+    num_queues = NUM_QUEUES
 
     def __init__(self, device: VirtioIommuDevice, relay: EventRelay,
                  page_requests: PageRequestRelay, translator: Translator,

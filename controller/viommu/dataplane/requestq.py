@@ -12,12 +12,12 @@ the loop holds outside its waits (viommu.dataplane.loop).
 
 from __future__ import annotations
 
-from viommu._dataplane import DataplaneLock, RequestServer, RequestType, RingError
+from viommu._dataplane import DataplaneLock, RequestServer, RingError
 from viommu.dataplane.rings import DeviceHealth, Ring
 from viommu.device.observers import DeviceObserver
 from viommu.device.virtio_iommu import VirtioIommuDevice
 from viommu.transport.sockets import Readers
-from viommu.uapi import Feature
+from viommu.uapi import Feature, RequestType
 
 # Busy-poll window after the last request, in µs: a guest mapping pages back to back
 # finds the thread awake and never kicks. 0 = wake on kicks only.
@@ -55,11 +55,8 @@ class RequestQueue(DeviceObserver):
         """The device's MAP/UNMAP rules, again after feature negotiation."""
         if self.server is None:
             return
-        d, c = self.device, self.device.config
-        self.server.configure(
-            d.negotiated(Feature.F_MAP_UNMAP), d.known_map_flags(), c.granule,
-            c.input_range if d.negotiated(Feature.F_INPUT_RANGE) else None, c.resv_msi,
-            c.max_mappings_per_domain, c.max_mappings)
+        self.server.configure(self.device.negotiated(Feature.F_MAP_UNMAP),
+                              self.device.map_rules())
 
     def map_domains_changed(self) -> None:
         if self.server is not None:

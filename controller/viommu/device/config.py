@@ -4,15 +4,11 @@ and the bounds it keeps instead of exhausting memory."""
 from __future__ import annotations
 
 import dataclasses
-import struct
 
-from viommu.uapi import CONFIG_SIZE, MSI_WINDOW_X86
+from viommu._dataplane import CONFIG_BYPASS_OFFSET, encode_config
+from viommu.uapi import MSI_WINDOW_X86
 
-# struct virtio_iommu_config: page_size_mask, input_range {start, end}, domain_range
-# {start, end}, probe_size, bypass, reserved.
-_CONFIG = struct.Struct("<QQQIIIB3x")
-assert _CONFIG.size == CONFIG_SIZE
-BYPASS_OFFSET = 36  # the only driver-writable field
+BYPASS_OFFSET = CONFIG_BYPASS_OFFSET  # the only driver-writable field
 
 
 class ResourceLimit(RuntimeError):
@@ -42,5 +38,5 @@ class DeviceConfig:
 
     def space(self, bypass: bool) -> bytes:
         """The config space as the driver reads it, with the current `bypass`."""
-        return _CONFIG.pack(self.page_size_mask, *self.input_range, *self.domain_range,
-                            self.probe_size, int(bypass))
+        return encode_config(self.page_size_mask, self.input_range, self.domain_range,
+                             self.probe_size, bypass)

@@ -1,11 +1,12 @@
 """A domain's mappings: non-overlapping inclusive IOVA ranges, with the spec's MAP/UNMAP rules.
 
 A "mapping" is what one MAP request created; UNMAP removes whole mappings only (virtio spec
-5.13.6.7: splitting one is refused with S_RANGE and nothing is removed).
+5.13.6, "UNMAP request": splitting one is refused with S_RANGE and nothing is removed).
 
-The table itself is the data plane's C-array `MappingTable` (ext/engine.pxi), so the
+The table itself is the data plane's C-array `MappingTable` (ext/mappings.pxi), so the
 translation engine reads it without Python objects; it hands out and accepts the `Mapping`
-values below, and raises the errors below.
+values below, and raises the errors below. The statuses of MAP and UNMAP come from the
+data plane's `MapRules` (the same code the request thread runs).
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ What follows the device's state registers a DeviceObserver (viommu.device.observ
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Iterable
 
+from viommu._dataplane import MapRules, encode_resv_mem
 from viommu.device.config import BYPASS_OFFSET, DeviceConfig, ResourceLimit
-from viommu.device.mappings import Mapping, MappingTable, OverlapError, SplitError
+from viommu.device.mappings import MappingTable
 from viommu.device.observers import DeviceObserver, PageResponder
 from viommu.device.request_log import RequestLog
 from viommu.device.streams import Domain, EndpointState
@@ -28,7 +28,6 @@ from viommu.uapi import (
     InvalidateScope,
     MapFlag,
     PageRespCode,
-    ProbeProperty,
     RequestType,
     ResvMemSubtype,
     Status,
@@ -38,8 +37,6 @@ from viommu.uapi import (
 __all__ = ["DeviceConfig", "ResourceLimit", "VirtioIommuDevice"]
 
 log = logging.getLogger(__name__)
-
-_RESV_MEM = struct.Struct("<HHB3xQQ")  # struct virtio_iommu_probe_resv_mem
 
 Reply = tuple[int, bytes]
 # Request types of viommu's private extensions, and the feature each needs.
@@ -165,12 +162,16 @@ class VirtioIommuDevice:
         """The domains MAP and UNMAP apply to (not bypass, not page-table)."""
         return [(d.domain_id, d.mappings) for d in self.domains.values() if d.takes_map]
 
-    def known_map_flags(self) -> int:
-        # Plain ints: ~ on an IntFlag complements only the flags the enum defines.
+    def map_rules(self) -> MapRules:
+        """What MAP and UNMAP accept, as negotiated (ext/mappings.pxi applies them, here
+        and on the request thread)."""
+        c = self.config
         flags = int(MapFlag.READ | MapFlag.WRITE)
         if self.negotiated(Feature.F_MMIO):
             flags |= int(MapFlag.MMIO)
-        return flags
+        return MapRules(c.granule, flags,
+                        c.input_range if self.negotiated(Feature.F_INPUT_RANGE) else None,
+                        c.resv_msi, c.max_mappings_per_domain, c.max_mappings)
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -330,27 +331,10 @@ class VirtioIommuDevice:
         domain = self.domains.get(req.domain)
         if domain is None:
             return Status.S_NOENT, b""
-        if (domain.bypass or domain.table is not None or req.flags & ~self.known_map_flags()
-                or req.virt_end < req.virt_start):
+        if domain.bypass or domain.table is not None:
             return Status.S_INVAL, b""
-        granule = self.config.granule
-        if (req.virt_start % granule or req.phys_start % granule
-                or (req.virt_end + 1) % granule):
-            return Status.S_RANGE, b""
-        if not self._in_input_range(req.virt_start, req.virt_end):
-            return Status.S_RANGE, b""
-        if self._overlaps_reserved(req.virt_start, req.virt_end):
-            return Status.S_INVAL, b""
-        if domain.mappings.overlaps(req.virt_start, req.virt_end):
-            return Status.S_INVAL, b""
-        if (len(domain.mappings) >= self.config.max_mappings_per_domain
-                or self.mapping_count >= self.config.max_mappings):
-            return Status.S_NOMEM, b""
-        try:
-            domain.mappings.add(Mapping(req.virt_start, req.virt_end, req.phys_start, req.flags))
-        except OverlapError:
-            return Status.S_INVAL, b""
-        return Status.S_OK, b""
+        return Status(self.map_rules().map(domain.mappings, req.virt_start, req.virt_end,
+                                           req.phys_start, req.flags, self.mapping_count)), b""
 
     def _unmap(self, req) -> Reply:
         if not self.negotiated(Feature.F_MAP_UNMAP):
@@ -360,13 +344,10 @@ class VirtioIommuDevice:
         domain = self.domains.get(req.domain)
         if domain is None:
             return Status.S_NOENT, b""
-        if domain.bypass or domain.table is not None or req.virt_end < req.virt_start:
+        if domain.bypass or domain.table is not None:
             return Status.S_INVAL, b""
-        try:
-            domain.mappings.remove_range(req.virt_start, req.virt_end)
-        except SplitError:
-            return Status.S_RANGE, b""
-        return Status.S_OK, b""
+        return Status(self.map_rules().unmap(domain.mappings, req.virt_start,
+                                             req.virt_end)), b""
 
     def _probe(self, req) -> Reply | tuple[Status, bytes]:
         size = self.config.probe_size
@@ -381,25 +362,13 @@ class VirtioIommuDevice:
         return Status.S_OK, props + bytes(size - len(props))
 
     def probe_properties(self) -> bytes:
-        start, end = self.config.resv_msi
-        return _RESV_MEM.pack(ProbeProperty.RESV_MEM, _RESV_MEM.size - 4, ResvMemSubtype.MSI,
-                              start, end)
+        return encode_resv_mem(ResvMemSubtype.MSI, *self.config.resv_msi)
 
     def _domain_in_range(self, domain_id: int) -> bool:
         if not self.negotiated(Feature.F_DOMAIN_RANGE):
             return True
         lo, hi = self.config.domain_range
         return lo <= domain_id <= hi
-
-    def _in_input_range(self, start: int, end: int) -> bool:
-        if not self.negotiated(Feature.F_INPUT_RANGE):
-            return True
-        lo, hi = self.config.input_range
-        return lo <= start and end <= hi
-
-    def _overlaps_reserved(self, start: int, end: int) -> bool:
-        lo, hi = self.config.resv_msi
-        return start <= hi and lo <= end
 
     # --- queries -------------------------------------------------------------------------------
 

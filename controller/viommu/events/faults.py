@@ -1,31 +1,20 @@
-"""virtio-iommu fault records (virtio spec 5.13.6.9) and the SMMUv3 → virtio-iommu mapping.
+"""virtio-iommu fault records (virtio spec 5.13.6, "Fault reporting") and viommu's SMMUv3 →
+virtio-iommu mapping.
 
-The mapping is the one in the design digest (§G): translation-class events become MAPPING
-faults with the input address, F_STREAM_DISABLED becomes a DOMAIN fault, configuration
-errors become UNKNOWN faults without an address. Host-side problems (bad StreamID, STE/VMS
-fetch, TLB/config conflicts) are not the guest's business and are not forwarded.
+Translation-class events become MAPPING faults with the input address, F_STREAM_DISABLED
+becomes a DOMAIN fault, configuration errors become UNKNOWN faults without an address.
+Host-side problems (bad StreamID, STE/VMS fetch, TLB/config conflicts) are not the guest's
+business and are not forwarded.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import struct
 
+from viommu import _dataplane as hw
 from viommu.events.page_requests import PageRequest
 from viommu.events.smmuv3 import ADDRESS_EVENTS, EventId, EventRecord
-from viommu.uapi import (
-    EXT_FAULT_RECORD_SIZE,
-    FAULT_RECORD_SIZE,
-    ExtFaultFlag,
-    FaultFlag,
-    FaultReason,
-)
-
-_FAULT = struct.Struct("<B3xIII Q")
-assert _FAULT.size == FAULT_RECORD_SIZE
-# Extended record: the PASID in reserved1 (offset 12), then the group ID (PRG index).
-_FAULT_EXT = struct.Struct("<B3xIIIQH6x")
-assert _FAULT_EXT.size == EXT_FAULT_RECORD_SIZE
+from viommu.uapi import ExtFaultFlag, FaultFlag, FaultReason
 
 _MAPPING_EVENTS = frozenset({
     EventId.F_TRANSLATION, EventId.F_PERMISSION, EventId.F_ACCESS, EventId.F_ADDR_SIZE,
@@ -43,7 +32,8 @@ class NotForwarded(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class FaultRecord:
-    """struct virtio_iommu_fault: 24 bytes, reserved fields written as zero."""
+    """struct virtio_iommu_fault, reserved fields written as zero (packed by the data
+    plane, from ext/uapi/virtio_iommu.pxd)."""
 
     reason: int
     flags: int
@@ -58,17 +48,14 @@ class FaultRecord:
         if not extended:
             flags = self.flags & ~int(ExtFaultFlag.PASID | ExtFaultFlag.PAGE_REQUEST
                                       | ExtFaultFlag.LAST | ExtFaultFlag.PRIV)
-            return _FAULT.pack(self.reason, flags, self.endpoint, 0, self.address)
+            return hw.encode_fault_record(self.reason, flags, self.endpoint, self.address)
         flags = self.flags | (ExtFaultFlag.PASID if self.pasid is not None else 0)
-        return _FAULT_EXT.pack(self.reason, int(flags), self.endpoint, self.pasid or 0,
-                               self.address, self.grpid)
+        return hw.encode_ext_fault_record(self.reason, flags, self.endpoint, self.pasid or 0,
+                                          self.address, self.grpid)
 
     @classmethod
     def decode(cls, raw: bytes) -> FaultRecord:
-        if len(raw) != FAULT_RECORD_SIZE:
-            raise ValueError(f"a fault record is {FAULT_RECORD_SIZE} bytes, got {len(raw)}")
-        reason, flags, endpoint, _reserved1, address = _FAULT.unpack(raw)
-        return cls(reason, flags, endpoint, address)
+        return cls(*hw.decode_fault_record(raw))
 
     def guest_line(self) -> str:
         """The line Linux's virtio-iommu driver prints for this record (without the
@@ -84,7 +71,7 @@ class FaultRecord:
 
 
 def fault_from_page_request(req: PageRequest) -> FaultRecord:
-    """A page request as a MAPPING fault with its address and access (digest §G)."""
+    """A page request as a MAPPING fault with its address and access."""
     flags = int(FaultFlag.ADDRESS | ExtFaultFlag.PAGE_REQUEST)
     flags |= (FaultFlag.READ if req.read else 0) | (FaultFlag.WRITE if req.write else 0)
     flags |= (FaultFlag.EXEC if req.exec else 0) | (ExtFaultFlag.LAST if req.last else 0)

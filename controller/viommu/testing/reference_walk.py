@@ -6,7 +6,7 @@ the AArch64 tables (each descriptor through stage 2), then stage 2 for the outpu
 Faults are exceptions carrying the event record's fields. Structure bit positions come from
 the data plane's single definition of them (named as IHI 0070 and the Arm ARM name them).
 
-Model choices it shares with the engine (see ext/engine.pxi):
+Model choices it shares with the engine (see ext/stage2.pxi and ext/stage1.pxi):
 - Stage 2 maps the whole 4 KiB pages of guest RAM, readable and writable unless the overlay
   (`s2_set_perm`) says otherwise. A fetch of a CD, L1CD or table descriptor from an IPA that
   is not guest RAM aborts (F_CD_FETCH / F_WALK_EABT); an output IPA there is a stage-2
@@ -21,7 +21,14 @@ import struct
 from typing import Protocol
 
 from viommu import _dataplane as hw
-from viommu.events.smmuv3 import EventClass, EventId, EventRecord
+from viommu.events.smmuv3 import (
+    ADDRESS_EVENTS,
+    CONFIG_EVENTS,
+    FETCH_EVENTS,
+    EventClass,
+    EventId,
+    EventRecord,
+)
 from viommu.uapi import MapFlag
 
 READ, WRITE, EXEC, PRIV = hw.READ, hw.WRITE, hw.EXEC, hw.PRIV
@@ -64,11 +71,6 @@ class Terminated(Fault):
 
     def __init__(self) -> None:
         super().__init__(EventId.F_TRANSLATION, recorded=False)
-
-
-CONFIG_EVENTS = {EventId.C_BAD_STE, EventId.C_BAD_CD, EventId.C_BAD_SUBSTREAMID}
-ADDRESS_EVENTS = {EventId.F_WALK_EABT, EventId.F_TRANSLATION, EventId.F_ADDR_SIZE,
-                  EventId.F_ACCESS, EventId.F_PERMISSION}
 
 
 class ReferenceEngine:
@@ -191,7 +193,7 @@ class ReferenceEngine:
         fields: dict = {"event_id": fault.event, "sid": sid}
         if fault.event != EventId.F_STREAM_DISABLED and ssid >= 0:
             fields.update(ssv=True, ssid=ssid)
-        if fault.event in (EventId.F_CD_FETCH, EventId.F_WALK_EABT):
+        if fault.event in FETCH_EVENTS:
             # The record's FetchAddr field is bits [51:3]: a fetch address past 52 bits (a CD
             # table at the top of the space) is reported truncated, as the engine does.
             fields["fetch_addr"] = fault.fetch_addr & FETCH_ADDR_MASK

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from viommu import uapi
 from viommu.backend.backend import Backend
 from viommu.transport.sockets import listen_private_unix
 from viommu.vm import paths, runs
@@ -306,8 +307,9 @@ class Machine:
         viot = self.workdir / "viot.bin"
         viot.write_bytes(build_viot(p.iommu_bdf, p.viot_ranges()))
         return ["-chardev", f"socket,id=viommu,path={self.vhost_socket}",
-                "-device", "vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,"
-                           f"config_size=40,bus=pcie.0,addr={p.iommu_addr:#x}",
+                "-device", "vhost-user-test-device-pci,chardev=viommu,"
+                           f"virtio-id={uapi.VIRTIO_ID_IOMMU},num_vqs={uapi.NUM_QUEUES},"
+                           f"config_size={uapi.CONFIG_SIZE},bus=pcie.0,addr={p.iommu_addr:#x}",
                 "-acpitable", f"file={viot}"]
 
     def _serial_chardev(self) -> str:
