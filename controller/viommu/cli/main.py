@@ -31,8 +31,11 @@ from viommu.cli.terminal import DETACH_KEY_NAME, interact, progress
 from viommu.cli.tracing import TraceFollower, format_entry
 from viommu.events.smmuv3 import ADDRESS_EVENTS, FETCH_EVENTS, EventId
 from viommu.vm import paths, runs
+from viommu.vm.accel import detect_accel, kvm_unusable_reason
 from viommu.vm.console import ConsoleError
-from viommu.vm.machine import Endpoint, Machine, MachineError, detect_accel, kvm_unusable_reason
+from viommu.vm.errors import MachineError
+from viommu.vm.hotplug import HotpluggedEndpoint
+from viommu.vm.machine import Machine
 from viommu.vm.paths import SetupMissing
 
 EVENT_NAMES = [e.name for e in EventId]
@@ -321,7 +324,7 @@ def _check_port_free(vm: Machine, state: runs.RunState, port: int) -> None:
 def cmd_detach(args: argparse.Namespace) -> int:
     with _attached(args.name) as (vm, state, directory):
         spec = _find_endpoint(state, args.endpoint)
-        endpoint = Endpoint(**spec)
+        endpoint = HotpluggedEndpoint(**spec)
         bound = f"/sys/bus/pci/drivers/vfio-pci/{endpoint.sysfs_name}"
         with progress(f"unplugging {endpoint.name}"):
             vm.run(f"test -e {bound} && echo {endpoint.sysfs_name} > "
