@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXIT_GRACE_S = 2.0  # for a failing QEMU to exit, so that its exit status can be reported
+EXIT_GRACE_S = 5.0  # for a failing QEMU to exit, so that its exit status can be reported
 
 
 class Machine:
