@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +26,7 @@ from viommu.transport.sockets import listen_private_unix
 from viommu.vm.errors import BackendLaunchError
 from viommu.vm.processes import PidProcess, Supervised, end_process
 
+THREAD_NAME = "viommu-backend"  # what Backend.start_in_thread() names its thread
 # The layers an in-process backend logs from (each module logs as its own name).
 BACKEND_LOGGERS = ("viommu.backend", "viommu.transport", "viommu.device", "viommu.events",
                    "viommu.dataplane", "viommu.endpoints")
@@ -127,17 +129,21 @@ class ThreadBackend:
         self.backend = Backend(vhost_socket, control_socket, list(endpoint_ids))
         self.log_path = log_path
         self._handler: logging.Handler | None = None
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         self._log_to_file()
+        before = set(threading.enumerate())
         try:
             self.backend.start_in_thread()  # returns once both sockets listen
         except RuntimeError as exc:
             raise BackendLaunchError(str(exc), exit_status=None, log_path=self.log_path) from exc
+        # The thread its loop runs on is the one start_in_thread() started.
+        self._threads = [t for t in threading.enumerate()
+                         if t not in before and t.name == THREAD_NAME]
 
     def alive(self) -> bool:
-        loop = self.backend.loop  # run() closes its loop when the backend stops
-        return loop is not None and not loop.is_closed()
+        return any(thread.is_alive() for thread in self._threads)
 
     def exit_status(self, timeout: float = 0) -> int | None:
         return None
