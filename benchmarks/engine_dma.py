@@ -22,6 +22,7 @@ from pagetables import GuestRam  # noqa: E402
 from test_requests import ALL_FEATURES, EP, EP2, attach, map_  # noqa: E402
 from viommu.dataplane.translation import Translator  # noqa: E402
 from viommu.device.virtio_iommu import VirtioIommuDevice  # noqa: E402
+from viommu.endpoints.dma_port import TranslatingDma  # noqa: E402
 from viommu.uapi import VIRTIO_IOMMU_ATTACH_F_BYPASS  # noqa: E402
 from virtio_driver import FakeDriver  # noqa: E402
 
@@ -35,7 +36,7 @@ def setup():
     driver = FakeDriver(ram=ram.buf, mem=ram.mem)
     device = VirtioIommuDevice([EP, EP2])
     device.driver_features = ALL_FEATURES
-    translator = Translator(device, submit_event=lambda event: None)
+    translator = Translator(device, relay=None)
     translator.memory_changed(ram.mem)
     src, dst = ram.alloc(LENGTH), ram.alloc(LENGTH)
     for body in (attach(1, EP), map_(1, SRC_IOVA, SRC_IOVA + LENGTH - 1, src),
@@ -43,7 +44,7 @@ def setup():
                  attach(2, EP2, flags=VIRTIO_IOMMU_ATTACH_F_BYPASS)):
         driver.post(body, 4)
         driver.vq.process_requests(device.handle_request)
-    return translator.dma_port(EP), translator.dma_port(EP2), src, dst
+    return TranslatingDma(translator, EP), TranslatingDma(translator, EP2), src, dst
 
 
 def rate(copy, seconds: float = 1.0) -> float:

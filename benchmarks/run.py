@@ -15,6 +15,8 @@ from plot import plot
 
 from viommu.vm import paths
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: results are written there
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -80,9 +82,9 @@ def main() -> None:
     print("==> guest benchmarks (rounds of three VMs: none, QEMU's, ours)", flush=True)
     results.update(run_json("guest.py", *sys.argv[1:]))
     results["machine"].update(cores=os.cpu_count(), qemu=qemu_version())
-    out = paths.ROOT / "bench-results.json"
+    out = ROOT / "bench-results.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, paths.ROOT / "bench-latency.png")
+    plot(results, ROOT / "bench-latency.png")
     print(table(results))
     print(f"machine: {results['machine']}")
     print(f"request thread: {results['request_thread']}")

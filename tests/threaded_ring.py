@@ -11,43 +11,56 @@ import os
 import select
 import time
 
-from viommu._dataplane import DataplaneLock, RingError
-from viommu.dataplane.requestq import RequestService
+from viommu._dataplane import DataplaneLock, VirtQueue
+from viommu.dataplane.requestq import RequestQueue
 from viommu.device.virtio_iommu import VirtioIommuDevice
 from virtio_driver import FakeDriver
 
 
 class ThreadServedRing:
+    """Plays the transport (the ring, its kick fd, its notify) and the device's health
+    (ring errors are kept) for a RequestQueue with a thread."""
+
     def __init__(self, device: VirtioIommuDevice, poll_us: float = 0,
                  mem_size: int = 4 << 20) -> None:
         self.driver = FakeDriver(queue_size=64, mem_size=mem_size)
         self.device = device
         self.lock = DataplaneLock()
-        self.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.vq: VirtQueue = self.driver.vq
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.readers: dict[int, object] = {}
         self.ring_errors: list[str] = []  # what Python raised serving a hand-off
         self.notifies = 0
+        self.broken: str | None = None
         with self.lock:
-            self.service = RequestService(
-                device, self.lock, self.driver.vq, self.kick, self._serve_in_python,
-                self._notify, self.readers.__setitem__, self.readers.pop, poll_us)
+            self.service = RequestQueue(device, self, self, (self.lock, self), poll_us)
 
-    def _serve_in_python(self) -> None:
-        try:
-            self.driver.vq.process_requests(self.device.handle_request)
-        except RingError as exc:
-            self.ring_errors.append(str(exc))
+    # --- the transport's side (Ring) and the loop's (Readers) ------------------------------
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
         self.notifies += 1
+
+    def signal_error(self) -> bool:
+        return False
+
+    def add_reader(self, fd: int, callback) -> None:
+        self.readers[fd] = callback
+
+    def remove_reader(self, fd: int) -> bool:
+        return self.readers.pop(fd, None) is not None
+
+    # --- the device's health (DeviceHealth): a broken ring is recorded, not served ---------
+
+    def ring_broken(self, why: str, ring) -> None:
+        self.ring_errors.append(why)
 
     def close(self) -> None:
         with self.lock:
             self.service.stop()
-        os.close(self.kick)
+        os.close(self.kick_fd)
 
     def kick_now(self) -> None:
-        os.eventfd_write(self.kick, 1)
+        os.eventfd_write(self.kick_fd, 1)
 
     def serve_wakeups(self, timeout: float = 0) -> None:
         """What the loop does when the thread's wake fd is readable."""

@@ -36,7 +36,6 @@ import os
 import shutil
 import tempfile
 import time
-import types
 
 import atheris
 import fuzzutil
@@ -44,8 +43,8 @@ from fuzzutil import check, interesting, pick
 
 with fuzzutil.instrumented(__name__):
     from viommu._dataplane import GuestMemory
-    from viommu.backend import backend as backend_module
-    from viommu.backend.backend import Backend
+    from viommu.backend import endpoint_servers as servers_module
+    from viommu.backend.backend import Backend, BackendOptions
     from viommu.events.page_requests import POLICIES
     from viommu.transport import control
     from viommu.transport.vfio_user.server import EndpointServer
@@ -90,14 +89,14 @@ class SandboxedEndpointServer(EndpointServer):
 
 @contextlib.contextmanager
 def sandboxed():
-    """Patch viommu.backend.backend for one input only (the replay tests share a process with the
-    other tests): endpoint sockets in the sandbox."""
-    saved = backend_module.EndpointServer
-    backend_module.EndpointServer = SandboxedEndpointServer
+    """Patch viommu.backend.endpoint_servers for one input only (the replay tests share a
+    process with the other tests): endpoint sockets in the sandbox."""
+    saved = servers_module.EndpointServer
+    servers_module.EndpointServer = SandboxedEndpointServer
     try:
         yield
     finally:
-        backend_module.EndpointServer = saved
+        servers_module.EndpointServer = saved
 
 
 class FakeClient:
@@ -119,14 +118,13 @@ class FakeClient:
 def make_backend(policy: str) -> tuple[Backend, asyncio.AbstractEventLoop, GuestMemory]:
     d = sandbox()
     b = Backend(os.path.join(d, "vu.sock"), os.path.join(d, "ctl.sock"), ENDPOINTS,
-                page_request_policy=policy)
+                options=BackendOptions(page_request_policy=policy))
     loop = asyncio.new_event_loop()
-    b.loop = loop
+    b.loop.bind(loop)
     b._stopped = asyncio.Event()
     mem = GuestMemory()
     mem.add_region(GPA, MEM_SIZE, UADDR, bytearray(MEM_SIZE))
-    b.connection = types.SimpleNamespace(mem=mem, closed=False, messages_seen=0)
-    b.memory_changed(mem)
+    b.vhost.memory_changed(mem)
     return b, loop, mem
 
 
@@ -248,11 +246,11 @@ def chunked(fdp, data: bytes) -> list[bytes]:
 
 def health_check(b: Backend, mem: GuestMemory) -> None:
     """The backend must still serve after whatever the commands did."""
-    b.reset("fuzz: device reset after the input")
-    b.memory_changed(mem)
-    for query in (b._cmd_query_status, b._cmd_query_endpoints, b._cmd_query_domains,
-                  b._cmd_query_events, b._cmd_query_requests, b._cmd_query_page_requests):
-        json.dumps(query({}))
+    b.vhost.reset("fuzz: device reset after the input")
+    b.vhost.memory_changed(mem)
+    for query in ("query-status", "query-endpoints", "query-domains", "query-events",
+                  "query-requests", "query-page-requests"):
+        json.dumps(b.control.call(query))
 
 
 def one_input(data: bytes) -> None:
@@ -309,8 +307,7 @@ def one_session(mode: int, data: bytes) -> None:
             check_reply(reply)
         health_check(b, mem)
     finally:
-        for server in b.endpoint_servers.values():
-            server.close()
+        b.endpoints.close()
         loop.close()
     leaked = fuzzutil.leaked_fds(before)
     check(not leaked, f"fds open after the input: {leaked}")

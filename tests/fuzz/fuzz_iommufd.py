@@ -33,9 +33,8 @@ import fuzzutil
 from fuzzutil import check, interesting, pick
 
 with fuzzutil.instrumented(__name__):
-    from viommu.backend.backend import Backend
-    from viommu.events.page_requests import POLICIES
-    from viommu.events.pri import PASID_BITS, PRG_INDEX_BITS, ResponseCode
+    from viommu.backend.backend import Backend, BackendOptions
+    from viommu.events.page_requests import PASID_BITS, POLICIES, PRG_INDEX_BITS, ResponseCode
     from viommu.events.smmuv3 import EventRecord
     from viommu.transport import iommufd as fd_mod
     from viommu.transport.iommufd import (
@@ -54,6 +53,19 @@ with fuzzutil.instrumented(__name__):
 DEV_TO_SID = {7: 256, 8: 512}
 INT_MAX = 0x7FFF_FFFF
 REC = HWPT_PGFAULT.size  # 40
+
+
+class NoLoop:
+    """The harness reads the queues itself: nothing watches their fds."""
+
+    def add_reader(self, fd: int, callback) -> None:
+        pass
+
+    def remove_reader(self, fd: int) -> bool:
+        return False
+
+
+NO_LOOP = NoLoop()
 VREC = VEVENT_HEADER.size + 32
 CODES = {ResponseCode.SUCCESS: 0, ResponseCode.INVALID_REQUEST: 1,
          ResponseCode.RESPONSE_FAILURE: 1}
@@ -138,10 +150,9 @@ def fault_property(fdp, with_backend: bool) -> None:
     try:
         if with_backend:
             backend = Backend("/nonexistent/vu.sock", None, sorted(DEV_TO_SID.values()),
-                              page_request_policy=pick(fdp, list(POLICIES)))
+                              options=BackendOptions(page_request_policy=pick(fdp, POLICIES)))
             backend.relay.extended = backend.page_requests.guest_can_answer = fdp.ConsumeBool()
-            [queue] = backend.attach_iommufd(ours.fileno(), None, DEV_TO_SID,
-                                             add_reader=lambda fd, cb: None)
+            [queue] = backend.attach_iommufd(ours.fileno(), None, DEV_TO_SID, NO_LOOP)
         else:
             queue = FaultQueue(ours.fileno(), DEV_TO_SID)
         model = FaultModel()
@@ -230,7 +241,7 @@ def backend_answers(fdp, backend: Backend, queue: FaultQueue, model: FaultModel,
             if group_id in pr.pending:
                 pr.respond(group_id, pick(fdp, list(ResponseCode)), "fuzz controller")
     else:
-        backend.reset("fuzz: device reset")
+        backend.vhost.reset("fuzz: device reset")
     sync_with_backend(queue, model)
     stop_markers = {cookie for cookie, records in delivered
                     if not records[-1].perm & (fd_mod.IOMMU_PGFAULT_PERM_READ
@@ -317,8 +328,7 @@ def vevent_property(fdp, with_backend: bool) -> None:
     try:
         if with_backend:
             backend = Backend("/nonexistent/vu.sock", None, sorted(DEV_TO_SID.values()))
-            [queue] = backend.attach_iommufd(None, ours.fileno(), DEV_TO_SID,
-                                             add_reader=lambda fd, cb: None)
+            [queue] = backend.attach_iommufd(None, ours.fileno(), DEV_TO_SID, NO_LOOP)
             real_event, real_lost = queue.on_event, queue.on_lost
             queue.on_event = lambda e: (events.append(e), real_event(e))
             queue.on_lost = lambda n: (losses.append(n), real_lost(n))

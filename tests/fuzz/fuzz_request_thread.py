@@ -151,10 +151,10 @@ def one_input(data: bytes) -> None:
                 check(threaded.mappings() == plain.mappings(), "mappings differ")
         with threaded.ring.lock:
             threaded.ring.service.drain()
-            check(threaded.device.request_counts == plain.device.request_counts,
-                  f"request counts {threaded.device.request_counts} != "
-                  f"{plain.device.request_counts}")
-            check(threaded.device.status_counts == plain.device.status_counts,
+            check(threaded.device.requests.counts == plain.device.requests.counts,
+                  f"request counts {threaded.device.requests.counts} != "
+                  f"{plain.device.requests.counts}")
+            check(threaded.device.requests.statuses == plain.device.requests.statuses,
                   "status counts differ")
     finally:
         threaded.close()

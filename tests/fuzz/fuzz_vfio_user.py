@@ -249,7 +249,7 @@ class Harness:
         return self.p.held() - self.baseline
 
     def kept(self) -> int:
-        irq = sum(1 for fds in self.conn.irq_fds.values() for fd in fds if fd is not None)
+        irq = sum(1 for fds in self.conn.irqs.fds.values() for fd in fds if fd is not None)
         maps = sum(1 for region in self.conn.memory if region.mapping is not None)
         return irq + maps
 

@@ -244,9 +244,8 @@ class Harness:
         self.backend = Backend("/nonexistent/vu.sock", None, ENDPOINTS)
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.readers: dict[int, object] = {}
-        self.conn = vu.VhostUserConnection(theirs, self.backend, self.readers.__setitem__,
-                                           lambda fd: self.readers.pop(fd, None))
-        self.backend.connection = self.conn
+        self.conn = vu.VhostUserConnection(theirs, self.backend.vhost, self)
+        self.backend.listener.connection = self.conn
         self.expected_replies: list[int] = []
         real_dispatch = self.conn._dispatch
 
@@ -304,11 +303,19 @@ class Harness:
             for callback in list(self.readers.values()):
                 callback()
         elif what == 1:
-            result = self.backend._cmd_inject_event(
-                {"type": pick(fdp, ["F_TRANSLATION", "C_BAD_STE", "F_STREAM_DISABLED"]),
-                 "sid": pick(fdp, ENDPOINTS), "count": fdp.ConsumeIntInRange(1, 4)})
+            result = self.backend.control.call("inject-event", {
+                "type": pick(fdp, ["F_TRANSLATION", "C_BAD_STE", "F_STREAM_DISABLED"]),
+                "sid": pick(fdp, ENDPOINTS), "count": fdp.ConsumeIntInRange(1, 4)})
             check(result["count"] == result["delivered"] + result["pending"] + result["lost"]
                   + result["not_forwarded"], f"inject-event accounting {result}")
+
+    # The connection watches kick fds through the harness, as it would through the loop.
+
+    def add_reader(self, fd: int, callback) -> None:
+        self.readers[fd] = callback
+
+    def remove_reader(self, fd: int) -> bool:
+        return self.readers.pop(fd, None) is not None
 
     def check_replies(self) -> None:
         self.sock.setblocking(False)

@@ -112,8 +112,9 @@ class VhostUser:
     @staticmethod
     @contextlib.contextmanager
     def observe(stats):
-        from viommu.backend.backend import Backend
+        from viommu.backend.vhost_device import IommuVhostDevice
         from viommu.device.virtio_iommu import VirtioIommuDevice
+        from viommu.events.relay import EventRelay
 
         def started(fn):
             def wrapped(self, index, *args):
@@ -128,15 +129,15 @@ class VhostUser:
                 return result
             return wrapped
 
-        def flush(fn):
+        def deliver(fn):
             def wrapped(self):
                 delivered = fn(self)
                 stats["delivered"] += delivered
                 return delivered
             return wrapped
-        with patched(Backend, "queue_started", started), \
+        with patched(IommuVhostDevice, "queue_started", started), \
                 patched(VirtioIommuDevice, "handle_request", handle), \
-                patched(Backend, "_flush_events", flush):
+                patched(EventRelay, "deliver", deliver):
             yield
 
     predicates = {

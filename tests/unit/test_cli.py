@@ -218,11 +218,12 @@ def test_query_commands_return_what_follows_a_since_cursor(backend: Backend) -> 
     for _ in range(5):
         backend.relay.submit(EventRecord(EventId.C_BAD_STE, sid=0x100))
     backend.translator.note_dma(0x100, -1, 0x1000, 0x2000, 64, 64)
-    seqs = [e["seq"] for e in backend._cmd_query_events({"since": 2, "limit": 2})["trace"]]
+    trace = backend.control.call("query-events", {"since": 2, "limit": 2})["trace"]
+    seqs = [e["seq"] for e in trace]
     assert seqs == [3, 4]  # the oldest after the cursor: a poller misses nothing
-    assert [e["seq"] for e in backend._cmd_query_events({"limit": 2})["trace"]] == [4, 5]
-    assert backend._cmd_query_events({"since": 5})["trace"] == []
-    [dma] = backend._cmd_query_translations({"since": 0})["trace"]
+    assert [e["seq"] for e in backend.control.call("query-events", {"limit": 2})["trace"]] == [4, 5]
+    assert backend.control.call("query-events", {"since": 5})["trace"] == []
+    [dma] = backend.control.call("query-translations", {"since": 0})["trace"]
     assert (dma["sid"], dma["pasid"], dma["length"], dma["done"]) == (0x100, None, 64, 64)
 
 
@@ -230,20 +231,16 @@ def test_trace_limit_past_any_list_size_returns_everything(backend: Backend) -> 
     for _ in range(3):
         backend.relay.submit(EventRecord(EventId.C_BAD_STE, sid=0x100))
     for args in ({"limit": 2**64}, {"limit": 2**64, "since": 0}):
-        assert len(backend._cmd_query_events(args)["trace"]) == 3
+        assert len(backend.control.call("query-events", args)["trace"]) == 3
     with pytest.raises(CommandError, match="limit must be >= 0"):
-        backend._cmd_query_events({"limit": -1})
+        backend.control.call("query-events", {"limit": -1})
 
 
 def test_follower_reports_only_new_entries_once(backend: Backend) -> None:
     backend.relay.submit(EventRecord(EventId.C_BAD_STE, sid=0x100))
 
     def call(command: str, **args: object) -> dict:
-        handler = {"query-events": backend._cmd_query_events,
-                   "query-requests": backend._cmd_query_requests,
-                   "query-translations": backend._cmd_query_translations,
-                   "query-page-requests": backend._cmd_query_page_requests}[command]
-        return handler(args)
+        return backend.control.call(command, args)
 
     follower = TraceFollower(call)
     assert follower.poll() == []  # what happened before is not followed

@@ -13,7 +13,7 @@ import time
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from viommu.backend.backend import Backend
+from viommu.backend.backend import Backend, BackendOptions
 from viommu.events.smmuv3 import EventId
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def start_backend():
     def start(**kwargs) -> Backend:
         workdir = tempfile.mkdtemp(dir="/tmp", prefix="viommu-ctl-")
         backend = Backend(os.path.join(workdir, "vu.sock"), os.path.join(workdir, "qmp.sock"),
-                          [256], **kwargs)
+                          [256], options=BackendOptions(**kwargs))
         started.append((backend, workdir))
         backend.start_in_thread()
         return backend
@@ -230,7 +230,7 @@ def test_query_endpoints_reports_unattached_endpoint_blocked(qmp) -> None:
 
 
 def test_client_receives_the_device_reset_event(backend, qmp) -> None:
-    backend.loop.call_soon_threadsafe(backend.reset, "test")
+    backend.loop.loop.call_soon_threadsafe(backend.vhost.reset, "test")
     event = qmp.pull_event(wait=5.0)
     assert (event["event"], event["data"]["reason"]) == ("DEVICE_RESET", "test")
 

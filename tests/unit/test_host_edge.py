@@ -22,6 +22,19 @@ from viommu.transport.iommufd import (
 EP, DEV_ID = 0x200, 7
 
 
+class NoLoop:
+    """The tests read the queues themselves: nothing watches their fds."""
+
+    def add_reader(self, fd: int, callback) -> None:
+        pass
+
+    def remove_reader(self, fd: int) -> bool:
+        return False
+
+
+NO_LOOP = NoLoop()
+
+
 @pytest.fixture
 def backend(tmp_path) -> Backend:
     return Backend(str(tmp_path / "vu.sock"), None, [EP])
@@ -30,8 +43,7 @@ def backend(tmp_path) -> Backend:
 @pytest.fixture
 def fault_fd(backend: Backend):
     ours, host = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    [queue] = backend.attach_iommufd(ours.fileno(), None, {DEV_ID: EP},
-                                     add_reader=lambda fd, cb: None)
+    [queue] = backend.attach_iommufd(ours.fileno(), None, {DEV_ID: EP}, NO_LOOP)
     yield host, queue
     ours.close()
     host.close()
@@ -61,14 +73,13 @@ def test_a_host_fault_group_resolved_by_the_controller_is_answered_success(
     queue.on_readable()
     [pending] = backend.page_requests.pending.values()
     assert [r.sid for r in pending.requests] == [EP]
-    backend._cmd_page_response({"id": pending.group_id, "code": "success"})
+    backend.control.call("page-response", {"id": pending.group_id, "code": "success"})
     assert HwptPageResponse.decode(host.recv(64)) == HwptPageResponse(42, 0)
 
 
 def test_veventq_events_reach_the_relay_and_host_losses_are_counted(backend) -> None:
     ours, host = socket.socketpair()
-    backend.attach_iommufd(None, ours.fileno(), {}, add_reader=lambda fd, cb: None)
-    [queue] = backend.host_queues
+    [queue] = backend.attach_iommufd(None, ours.fileno(), {}, NO_LOOP)
     record = EventRecord(event_id=EventId.C_BAD_CD, sid=EP).encode()
     host.send(VeventHeader(0, 0).encode() + record + VeventHeader(0, 3).encode() + record)
     queue.on_readable()

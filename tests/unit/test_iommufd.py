@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from viommu.events.pri import PageRequest, ResponseCode
+from viommu.events.page_requests import PageRequest, ResponseCode
 from viommu.events.smmuv3 import EventId, EventRecord
 from viommu.transport.iommufd import (
     IOMMU_FAULT_QUEUE_ALLOC,

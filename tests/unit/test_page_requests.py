@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from viommu.events.faults import FaultRecord
-from viommu.events.page_requests import PageRequestRelay
-from viommu.events.pri import PageRequest, ResponseCode
+from viommu.events.page_requests import PageRequest, PageRequestRelay, ResponseCode
 from viommu.events.relay import EventRelay
 
 EP = 0x200
@@ -28,21 +27,39 @@ class Guest:
         return True
 
 
+class Timer:
+    def __init__(self, timers: list, entry: tuple) -> None:
+        self.timers, self.entry = timers, entry
+
+    def cancel(self) -> None:
+        self.timers.remove(self.entry)
+
+
 class Harness:
     def __init__(self, policy: str = "invalid", buffers: int = 64, **kwargs) -> None:
         self.events = EventRelay()
         self.guest = Guest(buffers)
         self.emitted: list[tuple[str, dict]] = []
         self.timers: list[tuple[float, object]] = []
-        self.relay = PageRequestRelay(
-            self.events, lambda: self.events.flush(self.guest),
-            lambda name, data: self.emitted.append((name, data)), self._schedule,
-            policy=policy, **kwargs)
+        self.events.attach_sink(self)
+        self.relay = PageRequestRelay(self.events, self, self, policy=policy, **kwargs)
         self.answers: list[tuple[int, ResponseCode]] = []
 
-    def _schedule(self, delay: float, fn):
-        self.timers.append((delay, fn))
-        return lambda: self.timers.remove((delay, fn))
+    # The harness is the relay's eventq (EventSink), announcer and timers.
+
+    def push(self, record: bytes) -> bool:
+        return self.guest(record)
+
+    def notify(self) -> None:
+        pass
+
+    def emit(self, name: str, data: dict) -> None:
+        self.emitted.append((name, data))
+
+    def call_later(self, delay: float, fn) -> Timer:
+        timer = Timer(self.timers, (delay, fn))
+        self.timers.append(timer.entry)
+        return timer
 
     def group(self, grpid: int, pages: list[int], pasid: int | None = None,
               write: bool = True) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from test_requests import ALL_FEATURES, EP, Harness
 from viommu.events.faults import fault_from_page_request
-from viommu.events.pri import PageRequest
+from viommu.events.page_requests import PageRequest
 from viommu.uapi import (
     PAGE_RESP_F_PASID_VALID,
     VIOMMU_F_PAGE_REQUEST,
@@ -25,6 +25,17 @@ from virtio_driver import FakeDriver
 FEATURES = ALL_FEATURES | 1 << VIOMMU_F_PAGE_REQUEST
 
 
+class Responder:
+    """Plays the page-request relay: keeps what the guest answered; group 5 is waiting."""
+
+    def __init__(self, answers: list) -> None:
+        self.answers = answers
+
+    def guest_response(self, *args) -> bool:
+        self.answers.append(args)
+        return args[2] == 5
+
+
 def page_resp(endpoint: int, grpid: int, code: int, pasid: int | None = None,
               reserved: int = 0, flags: int | None = None) -> bytes:
     if flags is None:
@@ -37,7 +48,7 @@ def page_resp(endpoint: int, grpid: int, code: int, pasid: int | None = None,
 def h() -> Harness:
     h = Harness(features=FEATURES)
     h.answers = []
-    h.device.on_page_response = lambda *args: h.answers.append(args) or args[2] == 5
+    h.device.page_responder = Responder(h.answers)
     return h
 
 

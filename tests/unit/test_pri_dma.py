@@ -8,17 +8,25 @@ import pytest
 
 from pagetables import GuestRam
 from test_requests import ALL_FEATURES, EP, attach, map_
-from viommu.dataplane.translation import PriState, Translator
+from viommu.dataplane.loop import DeferredLoop
+from viommu.dataplane.translation import Translator
 from viommu.device.virtio_iommu import VirtioIommuDevice
 from viommu.endpoints.dma_engine import DmaFault, DmaPending
-from viommu.events.page_requests import PageRequestRelay
-from viommu.events.pri import ResponseCode
+from viommu.endpoints.dma_port import PriState, TranslatingDma
+from viommu.events.page_requests import PageRequestRelay, ResponseCode
 from viommu.events.relay import EventRelay
 from viommu.events.smmuv3 import EventId
 from viommu.uapi import Status
 from virtio_driver import FakeDriver
 
 SRC, DST = 0x10000, 0x20000
+
+
+class Silent:
+    """An announcer nobody listens to."""
+
+    def emit(self, event: str, data: dict) -> None:
+        pass
 
 
 class PriHarness:
@@ -29,12 +37,12 @@ class PriHarness:
         self.device = VirtioIommuDevice([EP])
         self.device.driver_features = ALL_FEATURES
         self.events = EventRelay()
-        self.translator = Translator(self.device, submit_event=self.events.submit)
+        self.translator = Translator(self.device, self.events)
         self.translator.memory_changed(self.ram.mem)
-        self.page_requests = PageRequestRelay(self.events, lambda: None, lambda *a: None,
-                                              lambda delay, fn: (lambda: None), policy="host")
+        self.page_requests = PageRequestRelay(self.events, Silent(), DeferredLoop(),
+                                              policy="host")
         self.pri = PriState(enabled=pri_enabled)
-        self.port = self.translator.dma_port(EP, self.pri, self.page_requests)
+        self.port = TranslatingDma(self.translator, EP, self.pri, self.page_requests)
         self.src = self.ram.alloc(0x3000)
         self.dst = self.ram.alloc(0x3000)
         self.ram.write(self.src, bytes(range(256)) * 48)

@@ -99,8 +99,8 @@ def test_trace_lists_thread_and_python_requests_in_ring_order(t: ThreadHarness) 
     t.submit(unmap(1, 0, PAGE - 1))
     with t.lock:
         t.service.drain()
-        trace = list(t.device.request_trace)
-        counts = dict(t.device.request_counts)
+        trace = list(t.device.requests.trace)
+        counts = dict(t.device.requests.counts)
     assert [(e["type"], e.get("domain")) for e in trace] == [
         ("ATTACH", 1), ("MAP", 1), ("ATTACH", 2), ("MAP", 2), ("UNMAP", 1)]
     assert [e["seq"] for e in trace] == [1, 2, 3, 4, 5]
@@ -218,7 +218,7 @@ def test_malformed_chains_get_used_length_0_from_the_thread_and_reach_no_handler
     assert counters["served_by_thread"] == 0 and counters["handed_to_python"] == 0
     with t.lock:
         t.service.drain()
-        assert not t.device.request_trace
+        assert not t.device.requests.trace
 
 
 def test_broken_ring_is_handed_to_python_which_raises_ring_error(t: ThreadHarness) -> None:
@@ -259,8 +259,8 @@ def test_records_past_the_record_buffer_are_still_counted() -> None:
         server.close()
     os.close(kick)
     assert (len(records), dropped_map, dropped_unmap) == (2, 3, 0)
-    device.count_unrecorded(RequestType.VIRTIO_IOMMU_T_MAP, dropped_map)
-    assert (device.request_counts["MAP"], device.trace_dropped) == (3, 3)
+    device.requests.count_unrecorded(RequestType.VIRTIO_IOMMU_T_MAP, dropped_map)
+    assert (device.requests.counts["MAP"], device.requests.dropped) == (3, 3)
 
 
 # --- the thread and Python agree on every status ------------------------------------------

@@ -12,6 +12,7 @@ from pagetables import GuestRam, Stage1Tables, cd, ste
 from test_requests import ALL_FEATURES, EP, EP2, Harness, attach, map_
 from viommu import _dataplane as hw
 from viommu.dataplane.translation import Translator
+from viommu.device.observers import DeviceObserver
 from viommu.device.virtio_iommu import VirtioIommuDevice
 from viommu.events.smmuv3 import EventId, EventRecord
 from viommu.uapi import (
@@ -106,9 +107,17 @@ def test_invalidate_of_a_map_domain_is_inval(h: Harness) -> None:
     assert h.status(invalidate(1)) == Status.S_INVAL
 
 
+class InvalidationLog(DeviceObserver):
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    def translations_invalidated(self, endpoint_id: int, iova: int, size: int) -> None:
+        self.seen.append((endpoint_id, iova, size))
+
+
 def test_invalidate_address_reaches_every_endpoint_of_the_domain(h: Harness) -> None:
     seen = []
-    h.device.on_invalidate.append(lambda *args: seen.append(args))
+    h.device.observe(InvalidationLog(seen))
     h.status(attach_table(5, EP))
     h.status(attach_table(5, EP2))
     assert h.status(invalidate(5, scope=InvalidateScope.ADDRESS, address=0x10000,
@@ -135,7 +144,7 @@ class TableGuest:
         self.driver = FakeDriver(ram=self.ram.buf, mem=self.ram.mem)
         self.device = VirtioIommuDevice([EP])
         self.device.driver_features = TABLE_FEATURES
-        self.translator = Translator(self.device, submit_event=lambda event: None)
+        self.translator = Translator(self.device, relay=None)
         self.translator.memory_changed(self.ram.mem)
         self.tables = Stage1Tables(self.ram)
         self.cd_gpa = self.ram.alloc(64, 64)

@@ -100,13 +100,20 @@ class Frontend:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(2)
         self.readers: dict[int, object] = {}
-        self.conn = VhostUserConnection(theirs, self.backend, self.readers.__setitem__,
-                                        lambda fd: self.readers.pop(fd, None))
+        self.conn = VhostUserConnection(theirs, self.backend.vhost, self)
         self.memfd = os.memfd_create("guest-ram")
         os.ftruncate(self.memfd, MEM_SIZE)
         self.guest = Guest(self.memfd)
         self.kick_fds: dict[int, int] = {}
         self.call_fds: dict[int, int] = {}
+
+    # The connection watches kick fds through us (Readers), as it would through the loop.
+
+    def add_reader(self, fd: int, callback) -> None:
+        self.readers[fd] = callback
+
+    def remove_reader(self, fd: int) -> bool:
+        return self.readers.pop(fd, None) is not None
 
     def send(self, request: int, payload: bytes = b"", fds=(), need_reply=False) -> None:
         flags = 0x1 | (NEED_REPLY if need_reply else 0)
@@ -138,7 +145,7 @@ class Frontend:
 
     def start(self, bases=(0, 0)) -> list[int]:
         """QEMU's vhost_dev_start; returns the SET_VRING_ENABLE acks."""
-        self.send(Request.SET_FEATURES, u64(self.backend.features()))
+        self.send(Request.SET_FEATURES, u64(self.backend.vhost.features()))
         self.send(Request.SET_MEM_TABLE, mem_table(), [self.memfd])
         for q, (desc, avail, used) in RINGS.items():
             self.send(Request.SET_VRING_NUM, state(q, QSIZE))
@@ -255,7 +262,7 @@ def test_unknown_message_with_need_reply_gets_nonzero_u64_with_its_id(fe) -> Non
 
 def test_unknown_message_leaves_the_connection_serving(fe) -> None:
     fe.ask(99, need_reply=True)
-    assert fe.ask(Request.GET_FEATURES)[2] == u64(fe.backend.features())
+    assert fe.ask(Request.GET_FEATURES)[2] == u64(fe.backend.vhost.features())
 
 
 def test_unknown_message_closes_the_fd_it_carries(fe) -> None:
@@ -301,7 +308,7 @@ def test_start_sequence_acks_every_vring_enable_with_0(fe) -> None:
 
 def test_start_sequence_starts_requestq_and_eventq(fe) -> None:
     fe.start()
-    assert sorted(fe.backend.queues) == [0, 1]
+    assert sorted(fe.backend.vhost.rings()) == [0, 1]
 
 
 def test_kicked_attach_is_answered_with_used_length_4_and_status_ok(fe) -> None:
@@ -327,7 +334,7 @@ def test_get_vring_base_replies_index_and_last_avail(fe) -> None:
 def test_get_vring_base_stops_the_ring(fe) -> None:
     fe.start()
     fe.ask(Request.GET_VRING_BASE, state(0, 0))
-    assert 0 not in fe.backend.queues
+    assert 0 not in fe.backend.vhost.rings()
 
 
 def test_restart_from_base_0_after_served_requests_resets_the_device(fe) -> None:
@@ -336,7 +343,7 @@ def test_restart_from_base_0_after_served_requests_resets_the_device(fe) -> None
     assert fe.stop()[0] == state(0, 1)
     fe.guest.reset_rings()
     fe.start(bases=(0, 0))
-    assert (fe.backend.device.domains, fe.backend.resets) == ({}, 1)
+    assert (fe.backend.device.domains, fe.backend.vhost.resets) == ({}, 1)
 
 
 def test_restart_at_the_stopped_base_and_addresses_keeps_the_domain(fe) -> None:
@@ -344,7 +351,7 @@ def test_restart_at_the_stopped_base_and_addresses_keeps_the_domain(fe) -> None:
     fe.request(ATTACH)
     fe.stop()
     fe.start(bases=(1, 0))
-    assert (list(fe.backend.device.domains), fe.backend.resets) == ([1], 0)
+    assert (list(fe.backend.device.domains), fe.backend.vhost.resets) == ([1], 0)
 
 
 def test_guest_reset_counts_a_pending_event_lost(fe) -> None:
@@ -377,7 +384,7 @@ def test_a_corrupt_requestq_marks_the_device_broken_and_signals_the_vring_error_
     avail = RINGS[0][1]
     struct.pack_into("<HH", fe.guest.ram, avail + 2, 1, QSIZE)  # avail idx 1, head = size
     fe.kick(0)
-    assert "head index" in fe.backend.broken
+    assert "head index" in fe.backend.vhost.broken
     assert os.eventfd_read(err_fd) == 1
     os.close(err_fd)
 
@@ -385,8 +392,8 @@ def test_a_corrupt_requestq_marks_the_device_broken_and_signals_the_vring_error_
 def test_a_guest_reset_clears_a_broken_device(fe) -> None:
     fe.start()
     fe.request(ATTACH)
-    fe.backend.broken = "earlier corruption"
+    fe.backend.vhost.ring_broken("earlier corruption", fe.conn.vrings[0])
     fe.stop()
     fe.guest.reset_rings()
     fe.start()  # rings restarted at base 0: the guest reset
-    assert fe.backend.broken is None
+    assert fe.backend.vhost.broken is None

@@ -53,20 +53,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until the VM goes (or forever with --persist); 2 for unusable arguments."""
-    from viommu.backend.backend import Backend
-    from viommu.device.virtio_iommu import DeviceConfig
+    from viommu.backend.backend import Backend, BackendOptions
+    from viommu.device.config import DeviceConfig
 
     problem = _argument_problem(args)
     if problem:
         print(f"viommu backend: {problem}", file=sys.stderr)
         return 2
     listen_fds = (args.socket_fd, args.control_fd) if args.socket_fd is not None else None
-    backend = Backend(args.socket, args.control, args.endpoint,
-                      DeviceConfig(bypass=args.bypass), event_capacity=args.event_fifo,
-                      exit_on_disconnect=not args.persist,
-                      page_request_policy=args.page_request_policy,
-                      request_thread=not args.no_request_thread, poll_us=args.poll_us,
-                      listen_fds=listen_fds)
+    options = BackendOptions(event_capacity=args.event_fifo, exit_on_disconnect=not args.persist,
+                             page_request_policy=args.page_request_policy,
+                             request_thread=not args.no_request_thread, poll_us=args.poll_us)
+    backend = Backend(args.socket, args.control, args.endpoint, DeviceConfig(bypass=args.bypass),
+                      options, listen_fds)
     try:
         backend.run()
     except KeyboardInterrupt:

@@ -1,23 +1,22 @@
-"""The requestq served by a thread of its own (ext/requestq.pxi), kept in step with the device.
+"""The requestq, served by a thread of its own (ext/requestq.pxi) or on the loop.
 
 The thread serves MAP and UNMAP that succeed without the GIL and hands every other request
-to Python; `RequestService` gives it the device's rules and MAP domains, serves what it
-hands off through `VirtioIommuDevice.handle_request`, and moves what it served into the
-device's request trace and counters.
+to Python: `RequestQueue` gives it the device's rules and MAP domains, serves what it hands
+off through `VirtioIommuDevice.handle_request`, and moves what it served into the device's
+request log. Without a thread (no data-plane loop, or `--no-request-thread`) every request
+is served on the loop when the driver kicks.
 
-Both sides share the ring, guest memory and the MAP tables under one `DataplaneLock`. The
-backend's loop holds it whenever it is not waiting for I/O (`dataplane_event_loop`), so
-every loop callback may change them, and the thread works only in the loop's waits.
+Both sides share the ring, guest memory and the MAP tables under one `DataplaneLock` that
+the loop holds outside its waits (viommu.dataplane.loop).
 """
 
 from __future__ import annotations
 
-import asyncio
-import selectors
-from collections.abc import Callable
-
-from viommu._dataplane import DataplaneLock, RequestServer, RequestType, VirtQueue
+from viommu._dataplane import DataplaneLock, RequestServer, RequestType, RingError
+from viommu.dataplane.rings import DeviceHealth, Ring
+from viommu.device.observers import DeviceObserver
 from viommu.device.virtio_iommu import VirtioIommuDevice
+from viommu.transport.sockets import Readers
 from viommu.uapi import Feature
 
 # Busy-poll window after the last request, in µs: a guest mapping pages back to back
@@ -25,88 +24,96 @@ from viommu.uapi import Feature
 DEFAULT_POLL_US = 200.0
 
 
-class LockReleasingSelector(selectors.EpollSelector):
-    """The loop's selector: the loop holds `lock` except while it waits in select."""
+class RequestQueue(DeviceObserver):
+    """One running requestq and the device it serves."""
 
-    def __init__(self, lock: DataplaneLock) -> None:
-        super().__init__()
-        self._lock = lock
-
-    def select(self, timeout: float | None = None) -> list:
-        self._lock.release()
-        try:
-            return super().select(timeout)
-        finally:
-            self._lock.acquire()
-
-    def close(self) -> None:
-        super().close()
-        self._lock.release()
-
-
-def dataplane_event_loop(lock: DataplaneLock) -> asyncio.AbstractEventLoop:
-    """A new event loop for the calling thread, holding `lock` outside its waits."""
-    lock.acquire()
-    return asyncio.SelectorEventLoop(LockReleasingSelector(lock))
-
-
-class RequestService:
-    """One running requestq: its thread, and the device it serves."""
-
-    def __init__(self, device: VirtioIommuDevice, lock: DataplaneLock, vq: VirtQueue,
-                 kick_fd: int, serve_in_python: Callable[[], None],
-                 notify: Callable[[], None],
-                 add_reader: Callable[[int, Callable[[], None]], None],
-                 remove_reader: Callable[[int], None], poll_us: float = DEFAULT_POLL_US
-                 ) -> None:
+    def __init__(self, device: VirtioIommuDevice, ring: Ring, health: DeviceHealth,
+                 thread: tuple[DataplaneLock, Readers] | None = None,
+                 poll_us: float = DEFAULT_POLL_US) -> None:
+        """`thread`: serve on a thread, sharing the ring under this lock with the loop
+        whose readers hear the thread's wake-ups; None: serve on `kicked()`."""
         self.device = device
-        self.server = RequestServer(lock, vq, kick_fd, poll_us)
-        self._serve_in_python = serve_in_python
-        self._notify = notify
-        self._remove_reader = remove_reader
+        self.ring = ring
+        self.health = health
+        self.server: RequestServer | None = None
         self.stopped = False
-        self.configure()
-        self.sync_domains()
-        device.on_domains_change.append(self.sync_domains)
-        add_reader(self.server.wake_fd, self._on_wake)
-        self.server.start()
+        if thread is not None:
+            lock, self._readers = thread
+            self.server = RequestServer(lock, ring.vq, ring.kick_fd, poll_us)
+            self.configure()
+            self.map_domains_changed()
+            device.observe(self)
+            self._readers.add_reader(self.server.wake_fd, self._on_wake)
+            self.server.start()
+            self.server.pause(bool(health.broken))
+
+    @property
+    def threaded(self) -> bool:
+        return self.server is not None
 
     def configure(self) -> None:
         """The device's MAP/UNMAP rules, again after feature negotiation."""
+        if self.server is None:
+            return
         d, c = self.device, self.device.config
         self.server.configure(
             d.negotiated(Feature.F_MAP_UNMAP), d.known_map_flags(), c.granule,
             c.input_range if d.negotiated(Feature.F_INPUT_RANGE) else None, c.resv_msi,
             c.max_mappings_per_domain, c.max_mappings)
 
-    def sync_domains(self) -> None:
-        self.server.set_domains(self.device.map_domains())
+    def map_domains_changed(self) -> None:
+        if self.server is not None:
+            self.server.set_domains(self.device.map_domains())
 
     def pause(self, paused: bool = True) -> None:
-        self.server.pause(paused)
+        if self.server is not None:
+            self.server.pause(paused)
+
+    def kicked(self) -> None:
+        """The driver kicked and nobody else waits for its kicks: serve the ring here."""
+        self.serve()
+
+    def serve(self) -> None:
+        """Serve what the ring holds, in Python, in ring order."""
+        if self.health.broken:
+            return
+        try:
+            used = self.ring.vq.process_requests(self.device.handle_request)
+        except RingError as exc:
+            self.health.ring_broken(str(exc), self.ring)
+            return
+        if used and self.ring.vq.needs_interrupt():
+            self.ring.notify()
 
     def drain(self) -> None:
-        """Move what the thread served into the device's trace and counters, in order."""
+        """Move what the thread served into the device's request log, in order."""
+        if self.server is None:
+            return
         records, dropped_map, dropped_unmap = self.server.drain()
+        log = self.device.requests
         for record in records:
-            self.device.record_served(*record)
-        self.device.count_unrecorded(RequestType.VIRTIO_IOMMU_T_MAP, dropped_map)
-        self.device.count_unrecorded(RequestType.VIRTIO_IOMMU_T_UNMAP, dropped_unmap)
+            log.record_served(*record)
+        log.count_unrecorded(RequestType.VIRTIO_IOMMU_T_MAP, dropped_map)
+        log.count_unrecorded(RequestType.VIRTIO_IOMMU_T_UNMAP, dropped_unmap)
 
     def stop(self) -> None:
         """End the thread and give back its fds; stopping again does nothing."""
         if self.stopped:
             return
         self.stopped = True
+        if self.server is None:
+            return
         self.server.stop()
-        self._remove_reader(self.server.wake_fd)
+        self._readers.remove_reader(self.server.wake_fd)
         self.drain()
         self.server.close()
-        if self.sync_domains in self.device.on_domains_change:
-            self.device.on_domains_change.remove(self.sync_domains)
+        self.device.unobserve(self)
 
-    def counters(self) -> dict:
+    def counters(self) -> dict | None:
+        """The thread's counters; None when the ring is served on the loop."""
         s = self.server
+        if s is None:
+            return None
         return {"served_by_thread": s.fast_requests, "handed_to_python": s.handoffs,
                 "kicks": s.kicks_seen, "sleeps": s.sleeps, "poll_us": s.poll_ns / 1000}
 
@@ -115,8 +122,8 @@ class RequestService:
         self.drain()  # first: the trace keeps the ring's order
         if handoff:
             try:
-                self._serve_in_python()
+                self.serve()
             finally:
                 self.server.resume()
         if notify:
-            self._notify()
+            self.ring.notify()

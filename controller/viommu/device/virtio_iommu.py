@@ -2,22 +2,21 @@
 
 Transport-independent: requests arrive already parsed by the data plane (ext/), and each
 request type is one short method returning the spec's status. Nothing here knows vhost-user.
+What follows the device's state registers a DeviceObserver (viommu.device.observers).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import struct
-import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from collections.abc import Iterable
 
+from viommu.device.config import BYPASS_OFFSET, DeviceConfig, ResourceLimit
 from viommu.device.mappings import Mapping, MappingTable, OverlapError, SplitError
+from viommu.device.observers import DeviceObserver, PageResponder
+from viommu.device.request_log import RequestLog
+from viommu.device.streams import Domain, EndpointState
 from viommu.uapi import (
-    CONFIG_SIZE,
-    MSI_WINDOW_X86,
     PAGE_RESP_F_PASID_VALID,
     VIOMMU_F_ATTACH_TABLE,
     VIOMMU_F_PAGE_REQUEST,
@@ -36,12 +35,11 @@ from viommu.uapi import (
     TableFormat,
 )
 
+__all__ = ["DeviceConfig", "ResourceLimit", "VirtioIommuDevice"]
+
 log = logging.getLogger(__name__)
 
-_CONFIG = struct.Struct("<QQQIIIB3x")
-assert _CONFIG.size == CONFIG_SIZE
-_BYPASS_OFFSET = 36
-_RESV_MEM = struct.Struct("<HHB3xQQ")
+_RESV_MEM = struct.Struct("<HHB3xQQ")  # struct virtio_iommu_probe_resv_mem
 
 Reply = tuple[int, bytes]
 # Request types of viommu's private extensions, and the feature each needs.
@@ -50,82 +48,6 @@ _PRIVATE_TYPES = {
     RequestType.VIRTIO_IOMMU_T_INVALIDATE: VIOMMU_F_ATTACH_TABLE,
     RequestType.VIRTIO_IOMMU_T_PAGE_RESP: VIOMMU_F_PAGE_REQUEST,
 }
-
-
-class ServedRequest(NamedTuple):
-    """A MAP or UNMAP served by the request thread, as the trace records requests."""
-
-    type: RequestType
-    domain: int
-    virt_start: int
-    virt_end: int
-    phys_start: int
-    flags: int
-
-    @property
-    def type_name(self) -> str:
-        return self.name_of(self.type)
-
-    @staticmethod
-    def name_of(req_type: int) -> str:
-        return RequestType(req_type).name.removeprefix("VIRTIO_IOMMU_T_")
-
-
-class ResourceLimit(RuntimeError):
-    """A configured bound was reached (DeviceConfig says which)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceConfig:
-    """What the device advertises in its config space."""
-
-    page_size_mask: int = 0xFFFF_FFFF_FFFF_F000  # 4 KiB granule
-    input_range: tuple[int, int] = (0, (1 << 48) - 1)
-    domain_range: tuple[int, int] = (0, 0xFFFF)
-    probe_size: int = 512
-    bypass: bool = False
-    resv_msi: tuple[int, int] = MSI_WINDOW_X86
-    # Limits instead of exhaustion: past them the guest gets S_NOMEM (spec: "insufficient
-    # resources") and the backend's memory stays flat whatever the guest asks for.
-    max_domains: int = 1024
-    max_mappings_per_domain: int = 65536
-    max_mappings: int = 262144
-    max_endpoints: int = 4096
-
-    @property
-    def granule(self) -> int:
-        return self.page_size_mask & -self.page_size_mask
-
-
-@dataclasses.dataclass
-class Domain:
-    domain_id: int
-    bypass: bool
-    endpoints: set[int] = dataclasses.field(default_factory=set)
-    mappings: MappingTable = dataclasses.field(default_factory=MappingTable)
-    # Page-table domain (ATTACH_TABLE): the STE words its endpoints share.
-    table: tuple[int, int] | None = None
-
-    def to_dict(self) -> dict:
-        out = {"domain": self.domain_id, "bypass": self.bypass,
-               "endpoints": sorted(self.endpoints),
-               "mappings": [mp.to_dict() for mp in self.mappings]}
-        if self.table is not None:
-            out["ste"] = [f"{word:#018x}" for word in self.table]
-        return out
-
-
-@dataclasses.dataclass
-class Endpoint:
-    endpoint_id: int
-    domain: int | None = None
-    probed: bool = False
-    # The last configuration error raised for this stream; it stays until the guest
-    # reprograms the stream (ATTACH), as on hardware.
-    config_fault: str | None = None
-    # Page-table mode: the stream's STE words (iommufd's iommu_hwpt_arm_smmuv3 ste[0..1]),
-    # bound by ATTACH_TABLE or the control API; None in MAP mode.
-    table: tuple[int, int] | None = None
 
 
 class VirtioIommuDevice:
@@ -138,21 +60,16 @@ class VirtioIommuDevice:
     )
 
     def __init__(self, endpoints: Iterable[int], config: DeviceConfig | None = None,
-                 trace_len: int = 4096) -> None:
+                 trace_len: int = 4096, page_responder: PageResponder | None = None) -> None:
         self.config = config or DeviceConfig()
         self.bypass = self.config.bypass
-        self.endpoints = {ep: Endpoint(ep) for ep in endpoints}
+        self.endpoints = {ep: EndpointState(ep) for ep in endpoints}
         self.domains: dict[int, Domain] = {}
         self.driver_features = 0
-        self.request_counts: Counter[str] = Counter()
-        self.status_counts: Counter[str] = Counter()
-        self.request_trace: deque[dict] = deque(maxlen=trace_len)
-        self.trace_dropped = 0  # served, counted, but not in request_trace
-        self._seq = 0
-        self.on_request: list[Callable[[dict], None]] = []
-        # Translation follows the device: told which stream changed configuration.
-        self.on_stream_change: list[Callable[[int], None]] = []
-        self._handlers: dict[int, Callable] = {
+        self.requests = RequestLog(trace_len)
+        self.page_responder = page_responder
+        self._observers: list[DeviceObserver] = []
+        self._handlers = {
             RequestType.VIRTIO_IOMMU_T_ATTACH: self._attach,
             RequestType.VIRTIO_IOMMU_T_DETACH: self._detach,
             RequestType.VIRTIO_IOMMU_T_MAP: self._map,
@@ -162,31 +79,30 @@ class VirtioIommuDevice:
             RequestType.VIRTIO_IOMMU_T_INVALIDATE: self._invalidate,
             RequestType.VIRTIO_IOMMU_T_PAGE_RESP: self._page_resp,
         }
-        # A PASID (None: every PASID) of a stream is unbound: its page requests drain first.
-        self.on_pasid_unbind: list[Callable[[int, int | None], None]] = []
-        # The guest answers a page request group: (sid, pasid, grpid, code) -> found?
-        self.on_page_response: Callable[[int, int | None, int, PageRespCode], bool] = \
-            lambda *args: False
-        # Told to drop cached translations of a stream: (endpoint, iova, size), size 0 =
-        # everything of the stream.
-        self.on_invalidate: list[Callable[[int, int, int], None]] = []
-        # A domain came or went (the request thread's list of MAP domains follows).
-        self.on_domains_change: list[Callable[[], None]] = []
+
+    def observe(self, observer: DeviceObserver) -> None:
+        self._observers.append(observer)
+
+    def unobserve(self, observer: DeviceObserver) -> None:
+        if observer in self._observers:
+            self._observers.remove(observer)
 
     # --- configuration ------------------------------------------------------------------------
+
+    def accept_features(self, features: int) -> None:
+        """The driver's features (those the device offered; the rest is ignored)."""
+        self.driver_features = features & self.OFFERED_FEATURES
 
     def negotiated(self, feature: int) -> bool:
         return bool(self.driver_features & (1 << feature))
 
     def config_bytes(self) -> bytes:
-        c = self.config
-        return _CONFIG.pack(c.page_size_mask, *c.input_range, *c.domain_range, c.probe_size,
-                            int(self.bypass))
+        return self.config.space(self.bypass)
 
     def write_config(self, offset: int, data: bytes) -> None:
         """Only `bypass` is driver-writable; bits 1-7 of it are ignored (spec 5.13.4)."""
-        if offset <= _BYPASS_OFFSET < offset + len(data):
-            self.bypass = bool(data[_BYPASS_OFFSET - offset] & 1)
+        if offset <= BYPASS_OFFSET < offset + len(data):
+            self.bypass = bool(data[BYPASS_OFFSET - offset] & 1)
             log.info("config: bypass=%d", self.bypass)
             for ep in self.endpoints.values():
                 if ep.domain is None and ep.table is None:
@@ -198,7 +114,7 @@ class VirtioIommuDevice:
         Negotiated features are left alone: over vhost-user the front-end sends SET_FEATURES
         before the ring restart that reveals the reset, and again on every start."""
         self.domains.clear()
-        self._domains_changed()
+        self._map_domains_changed()
         for ep in self.endpoints.values():
             ep.domain = None
             ep.probed = False
@@ -209,7 +125,7 @@ class VirtioIommuDevice:
         if endpoint_id not in self.endpoints and len(self.endpoints) >= self.config.max_endpoints:
             raise ResourceLimit(f"already {len(self.endpoints)} endpoints, the limit")
         if endpoint_id not in self.endpoints:
-            self.endpoints[endpoint_id] = Endpoint(endpoint_id)
+            self.endpoints[endpoint_id] = EndpointState(endpoint_id)
             self._stream_changed(endpoint_id)
 
     def bind_table(self, endpoint_id: int, ste0: int, ste1: int) -> None:
@@ -221,13 +137,23 @@ class VirtioIommuDevice:
         ep.config_fault = None
         self._stream_changed(endpoint_id)
 
-    def _stream_changed(self, endpoint_id: int) -> None:
-        for listener in self.on_stream_change:
-            listener(endpoint_id)
+    def note_config_fault(self, endpoint_id: int, event_name: str) -> None:
+        """A configuration error (C_BAD_STE, C_BAD_CD...) was raised for the stream: shown
+        until the guest reprograms it."""
+        if endpoint_id in self.endpoints:
+            self.endpoints[endpoint_id].config_fault = event_name
 
-    def _domains_changed(self) -> None:
-        for listener in self.on_domains_change:
-            listener()
+    def _stream_changed(self, endpoint_id: int) -> None:
+        for observer in self._observers:
+            observer.stream_changed(endpoint_id)
+
+    def _map_domains_changed(self) -> None:
+        for observer in self._observers:
+            observer.map_domains_changed()
+
+    def _pasid_unbound(self, endpoint_id: int, pasid: int | None) -> None:
+        for observer in self._observers:
+            observer.pasid_unbound(endpoint_id, pasid)
 
     @property
     def mapping_count(self) -> int:
@@ -237,8 +163,7 @@ class VirtioIommuDevice:
 
     def map_domains(self) -> list[tuple[int, MappingTable]]:
         """The domains MAP and UNMAP apply to (not bypass, not page-table)."""
-        return [(d.domain_id, d.mappings) for d in self.domains.values()
-                if not d.bypass and d.table is None]
+        return [(d.domain_id, d.mappings) for d in self.domains.values() if d.takes_map]
 
     def known_map_flags(self) -> int:
         # Plain ints: ~ on an IntFlag complements only the flags the enum defines.
@@ -260,48 +185,8 @@ class VirtioIommuDevice:
         except Exception:
             log.exception("internal error serving %r", req)
             status, payload = Status.S_DEVERR, b""
-        self._record(req, status)
+        self.requests.record(req, status)
         return int(status), payload
-
-    def record_served(self, when: float, req_type: int, domain: int, virt_start: int,
-                      virt_end: int, phys_start: int, flags: int) -> None:
-        """A MAP or UNMAP the request thread served (S_OK), into the trace and counters."""
-        self._record(ServedRequest(RequestType(req_type), domain, virt_start, virt_end,
-                                   phys_start, flags), Status.S_OK, when)
-
-    def count_unrecorded(self, req_type: int, count: int) -> None:
-        """Requests served with S_OK whose trace entries were lost (a full record buffer)."""
-        if count:
-            self.request_counts[ServedRequest.name_of(req_type)] += count
-            self.status_counts[Status.S_OK.name] += count
-            self.trace_dropped += count
-
-    def _record(self, req, status: int, when: float | None = None) -> None:
-        self._seq += 1
-        name = req.type_name
-        entry = {"seq": self._seq, "time": time.time() if when is None else when,
-                 "type": name, "status": Status(status).name}
-        if req.type != RequestType.VIRTIO_IOMMU_T_PROBE:
-            entry["domain"] = req.domain
-        if req.type not in (RequestType.VIRTIO_IOMMU_T_MAP, RequestType.VIRTIO_IOMMU_T_UNMAP,
-                            RequestType.VIRTIO_IOMMU_T_INVALIDATE):
-            entry["endpoint"] = req.endpoint
-        if req.type == RequestType.VIRTIO_IOMMU_T_ATTACH_TABLE:
-            entry.update(format=req.format, ste=[f"{req.ste0:#018x}", f"{req.ste1:#018x}"])
-        if req.type == RequestType.VIRTIO_IOMMU_T_INVALIDATE:
-            entry.update(scope=req.scope, caches=req.caches, flags=req.flags,
-                         address=req.address, nr_pages=req.nr_pages)
-        if req.type in (RequestType.VIRTIO_IOMMU_T_MAP, RequestType.VIRTIO_IOMMU_T_UNMAP):
-            entry.update(virt_start=req.virt_start, virt_end=req.virt_end)
-        if req.type == RequestType.VIRTIO_IOMMU_T_MAP:
-            entry.update(phys_start=req.phys_start, flags=req.flags)
-        if req.type == RequestType.VIRTIO_IOMMU_T_ATTACH:
-            entry.update(flags=req.flags)
-        self.request_counts[name] += 1
-        self.status_counts[Status(status).name] += 1
-        self.request_trace.append(entry)
-        for listener in self.on_request:
-            listener(entry)
 
     def _attach(self, req) -> Reply:
         bypass_allowed = self.negotiated(Feature.F_BYPASS_CONFIG)
@@ -322,7 +207,7 @@ class VirtioIommuDevice:
         self._join(ep, domain, table=None)
         return Status.S_OK, b""
 
-    def _attach_target(self, req) -> Endpoint | Status:
+    def _attach_target(self, req) -> EndpointState | Status:
         """The endpoint an ATTACH or ATTACH_TABLE names, or the status refusing it."""
         ep = self.endpoints.get(req.endpoint)
         if ep is None:
@@ -331,14 +216,14 @@ class VirtioIommuDevice:
             return Status.S_RANGE
         return ep
 
-    def _join(self, ep: Endpoint, domain: Domain, table: tuple[int, int] | None) -> None:
+    def _join(self, ep: EndpointState, domain: Domain, table: tuple[int, int] | None) -> None:
         """Attach (implicitly detaching from another domain) and reprogram the stream."""
         if ep.domain is not None and ep.domain != domain.domain_id:
             self._detach_endpoint(ep)
-        self._unbind_pasids(ep.endpoint_id, None)  # the stream is reprogrammed
+        self._pasid_unbound(ep.endpoint_id, None)  # the stream is reprogrammed
         if domain.domain_id not in self.domains:
             self.domains[domain.domain_id] = domain
-            self._domains_changed()
+            self._map_domains_changed()
         domain.endpoints.add(ep.endpoint_id)
         ep.domain = domain.domain_id
         ep.table = table
@@ -392,14 +277,17 @@ class VirtioIommuDevice:
         for endpoint_id in sorted(domain.endpoints):
             if req.caches & InvalidateCache.PASID:
                 # The guest rewrote context descriptors, as before CFGI_CD: a PASID may have
-                # been unbound, so its page requests drain (seed 004), and CDs are re-read.
+                # been unbound, so its page requests drain, and CDs are re-read. (CFGI_CD is
+                # the host's sync point for that on Arm: linux-kernel, "[RFC PATCHES 00/17]
+                # IOMMUFD: Deliver IO page faults to user space", June 2023.)
                 pasid = req.pasid if req.scope == InvalidateScope.PASID else None
-                self._unbind_pasids(endpoint_id, pasid)
+                self._pasid_unbound(endpoint_id, pasid)
                 self.endpoints[endpoint_id].config_fault = None
                 self._stream_changed(endpoint_id)
             elif req.caches & InvalidateCache.TLB:
-                for listener in self.on_invalidate:
-                    listener(endpoint_id, req.address if size else 0, size)
+                for observer in self._observers:
+                    observer.translations_invalidated(endpoint_id, req.address if size else 0,
+                                                      size)
         return Status.S_OK, b""
 
     def _detach(self, req) -> Reply:
@@ -409,13 +297,9 @@ class VirtioIommuDevice:
         if ep.domain is None or ep.domain != req.domain:
             return Status.S_INVAL, b""
         self._detach_endpoint(ep)
-        self._unbind_pasids(ep.endpoint_id, None)
+        self._pasid_unbound(ep.endpoint_id, None)
         self._stream_changed(ep.endpoint_id)
         return Status.S_OK, b""
-
-    def _unbind_pasids(self, endpoint_id: int, pasid: int | None) -> None:
-        for listener in self.on_pasid_unbind:
-            listener(endpoint_id, pasid)
 
     def _page_resp(self, req) -> Reply:
         """The guest's answer to a page request group it received as an extended fault."""
@@ -426,18 +310,19 @@ class VirtioIommuDevice:
         if req.endpoint not in self.endpoints:
             return Status.S_NOENT, b""
         pasid = req.pasid if req.flags & PAGE_RESP_F_PASID_VALID else None
-        if not self.on_page_response(req.endpoint, pasid, req.grpid, PageRespCode(req.code)):
+        if self.page_responder is None or not self.page_responder.guest_response(
+                req.endpoint, pasid, req.grpid, PageRespCode(req.code)):
             return Status.S_NOENT, b""  # no such group is waiting (answered, or drained)
         return Status.S_OK, b""
 
-    def _detach_endpoint(self, ep: Endpoint) -> None:
+    def _detach_endpoint(self, ep: EndpointState) -> None:
         domain = self.domains[ep.domain]
         domain.endpoints.discard(ep.endpoint_id)
         ep.domain = None
         ep.table = None
         if not domain.endpoints:  # the domain ceases to exist with its mappings
             del self.domains[domain.domain_id]
-            self._domains_changed()
+            self._map_domains_changed()
 
     def _map(self, req) -> Reply:
         if not self.negotiated(Feature.F_MAP_UNMAP):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 
-from viommu.events.pri import PageRequest
+from viommu.events.page_requests import PageRequest
 from viommu.events.smmuv3 import ADDRESS_EVENTS, EventId, EventRecord
 from viommu.uapi import (
     EXT_FAULT_RECORD_SIZE,

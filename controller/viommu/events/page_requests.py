@@ -1,4 +1,10 @@
-"""Page request groups: collected, relayed to the guest, and answered exactly once.
+"""Page requests (PCIe PRI, PCIe 6.x 10.4) and their groups: collected, relayed to the
+guest, and answered exactly once, whatever their source: our DMA endpoint, an injected
+request, or an iommufd fault queue on a real host.
+
+A page request group (PRG) is one or more requests with the same group index from one
+function (and PASID); only the last carries L=1, and only it gets a PRG Response, one per
+group. A Stop Marker is a request with L=1 and R=W=0: it needs no response and is no fault.
 
 Upstream Linux virtio-iommu guests can only log a fault, not answer it, so the backend
 answers on their behalf with the policy the user picks:
@@ -11,27 +17,102 @@ answers on their behalf with the policy the user picks:
   (PASID, group ID) and wait for the guest's PAGE_RESP.
 
 A group nobody answers in time is answered Invalid Request. Stop Markers need no answer and
-are no fault: counted, never relayed. Unbinding a PASID drains its requests first (seed 004:
-stale faults, then a stop marker, then faults of the next address space on that PASID).
+are no fault: counted, never relayed. Unbinding a PASID drains its requests first, so no
+stale fault reaches the next address space on that PASID: with stop markers a PRI queue
+holds stale faults, a stop marker, then faults of the next address space (linux-kernel,
+"[RFC PATCHES 00/17] IOMMUFD: Deliver IO page faults to user space", June 2023).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import itertools
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
-from viommu.events.pri import PageRequest, ResponseCode
-from viommu.events.relay import EventRelay
+from viommu.device.observers import DeviceObserver
+from viommu.uapi import PageRespCode
+
+if TYPE_CHECKING:
+    from viommu.events.relay import EventRelay
 
 log = logging.getLogger(__name__)
+
+
+class ResponseCode(enum.IntEnum):
+    """PRG Response Code, as on the wire (PCIe; Intel QI_RESP_*, AMD PPR_*)."""
+
+    SUCCESS = 0x0  # pages made resident: the function retries
+    INVALID_REQUEST = 0x1  # cannot be satisfied: the access fails, no retry
+    RESPONSE_FAILURE = 0xF  # catastrophic: the function disables its PRI
+
+
+PRG_INDEX_BITS = 9
+PASID_BITS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class PageRequest:
+    sid: int  # requester = virtio-iommu endpoint ID
+    grpid: int  # Page Request Group Index
+    address: int  # page address (bits 63:12)
+    last: bool  # L: last request of the group
+    read: bool
+    write: bool
+    exec: bool = False  # PASID Execute Requested
+    priv: bool = False  # PASID Privileged Mode Requested
+    pasid: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.grpid < 1 << PRG_INDEX_BITS:
+            raise ValueError(f"group index {self.grpid} does not fit {PRG_INDEX_BITS} bits")
+        if self.pasid is not None and not 0 <= self.pasid < 1 << PASID_BITS:
+            raise ValueError(f"PASID {self.pasid} does not fit {PASID_BITS} bits")
+        if self.address & 0xFFF or not 0 <= self.address < 1 << 64:
+            raise ValueError(f"page address {self.address:#x} is not a 4 KiB page address")
+
+    @property
+    def is_stop_marker(self) -> bool:
+        return self.last and not self.read and not self.write
+
+    @property
+    def group_key(self) -> tuple[int, int | None, int]:
+        """Requests of one group share requester, PASID and group index."""
+        return self.sid, self.pasid, self.grpid
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
 
 POLICIES = ("invalid", "host", "guest")
 Responder = Callable[[ResponseCode], None]
 GroupKey = tuple[int, int | None, int]
+# PAGE_RESP codes (the guest's answer) as PRG Response Codes.
+_RESPONSE_OF_PAGE_RESP = {
+    PageRespCode.SUCCESS: ResponseCode.SUCCESS,
+    PageRespCode.INVALID: ResponseCode.INVALID_REQUEST,
+    PageRespCode.FAILURE: ResponseCode.RESPONSE_FAILURE,
+}
+
+
+class Announcer(Protocol):
+    """Who tells the controller about groups waiting for it (the control server)."""
+
+    def emit(self, event: str, data: dict) -> None: ...
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Timers(Protocol):
+    """What runs a callback later (an asyncio loop does)."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle: ...
 
 
 @dataclasses.dataclass
@@ -41,7 +122,7 @@ class PendingGroup:
     respond: Responder
     policy: str
     created: float
-    cancel_timeout: Callable[[], None] = lambda: None
+    timer: TimerHandle | None = None
 
     @property
     def key(self) -> GroupKey:
@@ -54,15 +135,15 @@ class PendingGroup:
                 "requests": [r.to_dict() for r in self.requests]}
 
 
-class PageRequestRelay:
-    def __init__(self, events: EventRelay, flush_events: Callable[[], object],
-                 emit: Callable[[str, dict], None],
-                 schedule: Callable[[float, Callable[[], None]], Callable[[], None]],
+class PageRequestRelay(DeviceObserver):
+    """Page request groups, from whatever source, to their one answer. It follows the
+    device (a PASID unbound drains its groups) and takes the guest's PAGE_RESP answers."""
+
+    def __init__(self, events: EventRelay, announcer: Announcer, timers: Timers,
                  policy: str = "invalid", timeout: float = 10.0, max_groups: int = 256) -> None:
         self.events = events
-        self.flush_events = flush_events
-        self.emit = emit
-        self.schedule = schedule  # (delay, fn) -> cancel
+        self.announcer = announcer
+        self.timers = timers
         self.policy = policy
         self.timeout = timeout
         self.max_groups = max_groups
@@ -115,15 +196,15 @@ class PageRequestRelay:
         if policy in ("invalid", "guest"):
             for request in requests:
                 self.events.submit_page_request(request)
-            self.flush_events()
         if policy == "invalid":
             self._answer(respond, ResponseCode.INVALID_REQUEST, requests[-1].group_key, policy)
             return
         group = PendingGroup(next(self._ids), requests, respond, policy, time.time())
-        group.cancel_timeout = self.schedule(self.timeout, lambda: self._expire(group.group_id))
+        group.timer = self.timers.call_later(self.timeout,
+                                             lambda: self._expire(group.group_id))
         self.pending[group.group_id] = group
         if policy == "host":
-            self.emit("PAGE_REQUEST", group.to_dict())
+            self.announcer.emit("PAGE_REQUEST", group.to_dict())
 
     # --- responses out --------------------------------------------------------------------
 
@@ -131,8 +212,18 @@ class PageRequestRelay:
         group = self.pending.pop(group_id, None)
         if group is None:
             raise KeyError(f"no page request group {group_id} is waiting for a response")
-        group.cancel_timeout()
+        if group.timer is not None:
+            group.timer.cancel()
         self._answer(group.respond, code, group.key, source)
+
+    def guest_response(self, endpoint_id: int, pasid: int | None, grpid: int,
+                       code: PageRespCode) -> bool:
+        """The guest's PAGE_RESP for a group it received as extended fault records."""
+        group_id = self.find(endpoint_id, pasid, grpid)
+        if group_id is None:
+            return False
+        self.respond(group_id, _RESPONSE_OF_PAGE_RESP[code], "guest")
+        return True
 
     def find(self, sid: int, pasid: int | None, grpid: int) -> int | None:
         """The pending group a PAGE_RESP names."""
@@ -155,6 +246,9 @@ class PageRequestRelay:
         respond(code)
 
     # --- PASID lifecycle ----------------------------------------------------------------
+
+    def pasid_unbound(self, endpoint_id: int, pasid: int | None) -> None:
+        self.drain(endpoint_id, pasid)
 
     def drain(self, sid: int, pasid: int | None = None) -> int:
         """Before a PASID (None: every PASID of the stream) is reused: answer its waiting

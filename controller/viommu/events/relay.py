@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from viommu.events.faults import (
     FaultRecord,
@@ -22,14 +23,26 @@ from viommu.events.faults import (
     fault_from_event,
     fault_from_page_request,
 )
-from viommu.events.pri import PageRequest
+from viommu.events.page_requests import PageRequest
 from viommu.events.smmuv3 import EventRecord
 from viommu.uapi import FaultReason
 
 log = logging.getLogger(__name__)
 
 # Writes one encoded fault record into a guest buffer; False when none is posted.
-Sink = Callable[[bytes], bool]
+Push = Callable[[bytes], bool]
+
+
+class EventSink(Protocol):
+    """Where fault records go: the guest's eventq (viommu.dataplane.eventq)."""
+
+    def push(self, record: bytes) -> bool:
+        """Write one record into the next posted buffer; False when there is none."""
+        ...
+
+    def notify(self) -> None:
+        """Records were written: tell the driver (if it wants to be told)."""
+        ...
 
 
 @dataclasses.dataclass
@@ -103,15 +116,46 @@ class EventRelay:
         self.summaries = 0
         # The driver negotiated viommu's extended fault record (PASID, group ID).
         self.extended = False
-        self.on_state_change: list[Callable[[TraceEntry], None]] = []
+        self.sink: EventSink | None = None
+
+    def attach_sink(self, sink: EventSink) -> None:
+        """Deliver to `sink` as records arrive (and on `deliver()`, when it has buffers)."""
+        self.sink = sink
 
     @property
     def pending(self) -> int:
         return sum(1 for entry in self._fifo if not entry.is_summary)
 
     def submit(self, event: EventRecord) -> TraceEntry:
-        """Accept one SMMUv3 event; it is queued for the guest unless it is host-only or the
-        FIFO is full. Call `flush` afterwards to deliver."""
+        """Accept one SMMUv3 event and deliver what the guest has buffers for. It waits in
+        the FIFO if the guest has none, is counted lost if the FIFO is full, and is not
+        forwarded if it is a host-side error."""
+        entry = self._accept(event)
+        self.deliver()
+        return entry
+
+    def submit_burst(self, event: EventRecord, count: int) -> list[TraceEntry]:
+        """`count` copies of one event in time proportional to what the FIFO can take, not
+        to `count`: the copies that do not fit are counted lost at once (one trace entry
+        says how many), so a huge burst never stalls the loop that serves the guest. The
+        guest gets them after the whole burst is queued."""
+        if count < 1:
+            return []
+        first = self._accept(event)
+        if first.state == "not-forwarded":
+            self.injected += count - 1
+            self.not_forwarded += count - 1
+            return [first]
+        entries = [first]
+        while len(entries) < count and len(self._fifo) < self.capacity:
+            entries.append(self._accept(event))
+        rest = count - len(entries)
+        if rest:
+            entries.append(self._count_lost_copies(event, first.fault, rest))
+        self.deliver()
+        return entries
+
+    def _accept(self, event: EventRecord) -> TraceEntry:
         try:
             fault = fault_from_event(event)
         except NotForwarded as exc:
@@ -121,41 +165,27 @@ class EventRelay:
             return entry
         return self._queue(self._new_entry(fault, "pending", event=event))
 
-    def submit_burst(self, event: EventRecord, count: int) -> list[TraceEntry]:
-        """`count` copies of one event in time proportional to what the FIFO can take, not
-        to `count`: the copies that do not fit are counted lost at once (one trace entry
-        says how many), so a huge burst never stalls the loop that serves the guest."""
-        if count < 1:
-            return []
-        first = self.submit(event)
-        if first.state == "not-forwarded":
-            self.injected += count - 1
-            self.not_forwarded += count - 1
-            return [first]
-        entries = [first]
-        while len(entries) < count and len(self._fifo) < self.capacity:
-            entries.append(self.submit(event))
-        rest = count - len(entries)
-        if rest:
-            self.injected += rest
-            self.lost += rest
-            if not self._lost_unreported:
-                self._lost_sid = event.sid
-            self._lost_unreported += rest
-            lost = TraceEntry(self._seq + 1, time.time(), first.fault, "lost", event=event,
-                              note=f"{rest} copies lost: event FIFO full "
-                                   f"({self.capacity} records)")
-            self._seq += rest
-            self.trace.append(lost)
-            entries.append(lost)
-            log.warning("event FIFO full (%d records): %d copies of %s counted lost",
-                        self.capacity, rest, event.name)
-        return entries
+    def _count_lost_copies(self, event: EventRecord, fault: FaultRecord | None,
+                           copies: int) -> TraceEntry:
+        self.injected += copies
+        self.lost += copies
+        if not self._lost_unreported:
+            self._lost_sid = event.sid
+        self._lost_unreported += copies
+        lost = TraceEntry(self._seq + 1, time.time(), fault, "lost", event=event,
+                          note=f"{copies} copies lost: event FIFO full ({self.capacity} records)")
+        self._seq += copies
+        self.trace.append(lost)
+        log.warning("event FIFO full (%d records): %d copies of %s counted lost",
+                    self.capacity, copies, event.name)
+        return lost
 
     def submit_page_request(self, request: PageRequest) -> TraceEntry:
         """Accept one page request as a fault record for the guest."""
-        return self._queue(self._new_entry(fault_from_page_request(request), "pending",
-                                           request=request))
+        entry = self._queue(self._new_entry(fault_from_page_request(request), "pending",
+                                            request=request))
+        self.deliver()
+        return entry
 
     def _new_entry(self, fault: FaultRecord | None, state: str, **source) -> TraceEntry:
         self._seq += 1
@@ -191,12 +221,21 @@ class EventRelay:
         self.trace.append(entry)
         log.warning("event FIFO: %d event(s) were lost; a summary record is queued", count)
 
-    def flush(self, sink: Sink) -> int:
+    def deliver(self) -> int:
+        """Deliver waiting records to the attached sink, then notify it once."""
+        if self.sink is None:
+            return 0
+        delivered = self.flush(self.sink.push)
+        if delivered:
+            self.sink.notify()
+        return delivered
+
+    def flush(self, push: Push) -> int:
         """Deliver waiting records in order until the guest runs out of buffers."""
         delivered = 0
         while self._fifo:
             entry = self._fifo[0]
-            if not sink(entry.fault.encode(self.extended)):
+            if not push(entry.fault.encode(self.extended)):
                 break
             self._fifo.popleft()
             entry.state = "delivered"
@@ -256,6 +295,4 @@ class EventRelay:
 
     def _log(self, entry: TraceEntry) -> None:
         log.debug("event #%d %s sid=%d: %s%s", entry.seq, entry.name, entry.sid, entry.state,
-                 f" ({entry.note})" if entry.note else "")
-        for listener in self.on_state_change:
-            listener(entry)
+                  f" ({entry.note})" if entry.note else "")

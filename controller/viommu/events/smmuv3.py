@@ -67,6 +67,12 @@ ADDRESS_EVENTS = frozenset({
 # Events carrying FetchAddr in DW3: fetches of configuration, and a table walk's abort.
 FETCH_EVENTS = frozenset({EventId.F_STE_FETCH, EventId.F_CD_FETCH, EventId.F_VMS_FETCH,
                           EventId.F_WALK_EABT})
+# Configuration errors: they stay raised for the stream until it is reprogrammed.
+CONFIG_EVENTS = frozenset({EventId.C_BAD_STE, EventId.C_BAD_CD, EventId.C_BAD_SUBSTREAMID})
+
+
+def is_config_event(event_id: int) -> bool:
+    return event_id in CONFIG_EVENTS
 
 
 @dataclasses.dataclass(frozen=True)

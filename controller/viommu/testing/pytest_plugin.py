@@ -33,7 +33,6 @@ import pytest
 from viommu.cli.tracing import TraceFollower, format_entry
 from viommu.vm.hotplug import HotpluggedEndpoint
 from viommu.vm.machine import Machine
-from viommu.vm.paths import ROOT
 
 CONSOLE_EXCERPT = 6000  # characters of console output in a report
 QEMU_LOG_LINES = 40
@@ -57,8 +56,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("viommu")
     group.addoption("--viommu-profile", default="default",
                     help="machine profile (qemu-configs/NAME.toml) for the shared test guest")
-    group.addoption("--viommu-logs", default=str(ROOT / "test-logs"),
-                    help="where logs of VMs with failed tests are kept")
+    group.addoption("--viommu-logs", default=None,
+                    help="where logs of VMs with failed tests are kept (default: test-logs/ "
+                         "in the directory pytest runs from)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -76,7 +76,8 @@ def worker_name(config: pytest.Config) -> str:
 def viommu_vm(request: pytest.FixtureRequest) -> Iterator[Machine]:
     worker = worker_name(request.config)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    workdir = Path(request.config.getoption("--viommu-logs")) / f"{stamp}-{worker}"
+    logs = request.config.getoption("--viommu-logs") or request.config.rootpath / "test-logs"
+    workdir = Path(logs) / f"{stamp}-{worker}"
     machine = Machine(request.config.getoption("--viommu-profile"), workdir=workdir,
                       name=f"session-{worker}")
     machine.launch()

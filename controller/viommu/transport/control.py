@@ -87,6 +87,18 @@ class ControlServer:
     def register(self, command: Command) -> None:
         self.commands[command.name] = command
 
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    def call(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run a command in this process, as a client's `execute` would (CommandError for
+        what a client would get as a QMP error)."""
+        command = self.commands.get(name)
+        if command is None:
+            raise CommandError(f"The command {name} has not been found", "CommandNotFound")
+        return command.handler(command.validate(arguments))
+
     async def listen_unix(self, path: str, fd: int | None = None) -> None:
         """Serve on `path`; or on `fd`, a socket already listening there."""
         sock = listen_private_unix(path) if fd is None else socket.socket(fileno=fd)

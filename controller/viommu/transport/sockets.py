@@ -5,6 +5,15 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Readers(Protocol):
+    """Watches fds for readability: an asyncio loop, or a test's stand-in."""
+
+    def add_reader(self, fd: int, callback: Callable[[], object]) -> None: ...
+    def remove_reader(self, fd: int) -> bool: ...
 
 
 def listen_private_unix(path: str) -> socket.socket:
@@ -29,3 +38,16 @@ def unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def close_all(fds: list) -> None:
+    """Close and forget received fds: a second call on the same list closes nothing (fd
+    numbers may already belong to someone else); None entries are skipped."""
+    for fd in fds:
+        if fd is None:
+            continue
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    del fds[:]

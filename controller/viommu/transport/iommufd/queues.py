@@ -13,7 +13,7 @@ import stat
 import time
 from collections.abc import Callable, Mapping
 
-from viommu.events.pri import PageRequest, ResponseCode
+from viommu.events.page_requests import PageRequest, ResponseCode
 from viommu.events.smmuv3 import EventRecord
 from viommu.transport.iommufd.uapi import (
     HWPT_PGFAULT,

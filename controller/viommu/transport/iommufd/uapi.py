@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 
-from viommu.events.pri import PageRequest
+from viommu.events.page_requests import PageRequest
 from viommu.events.smmuv3 import EVENT_RECORD_SIZE
 
 # ioctl numbers: _IO(IOMMUFD_TYPE, IOMMUFD_CMD_*), no size or direction bits.

@@ -16,14 +16,15 @@ import array
 import collections
 import errno
 import logging
-import os
 import socket
 import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from viommu.transport.sockets import close_all
 from viommu.transport.vfio_user import messages as m
 from viommu.transport.vfio_user.dma import DmaMemory
+from viommu.transport.vfio_user.irqs import IrqEventfds
 from viommu.transport.vfio_user.messages import Command, Message, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class VfioUserConnection:
         self.name = name
         self._remove_reader = remove_reader
         self.memory = DmaMemory(MAX_DMA_MAPS)
-        self.irq_fds: dict[int, list[int | None]] = {}
+        self.irqs = IrqEventfds(name)
         self.version: m.Version | None = None
         self.closed = False
         # What the client sent, for tests and diagnosis: counts by command name, and the
@@ -119,7 +120,7 @@ class VfioUserConnection:
                       msg.name, exc)
             self.close()
         finally:
-            _close_all(msg.fds)
+            close_all(msg.fds)
 
     def _read_message(self) -> tuple[Message | None, ProtocolError | None]:
         """The next message, and why it must be refused when it cannot be served (too long,
@@ -131,12 +132,12 @@ class VfioUserConnection:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
         if not data:
-            _close_all(fds)
+            close_all(fds)
             return None, None
         try:
             msg_id, command, msg_flags, error, size, payload, problem = self._read_body(data)
         except BaseException:
-            _close_all(fds)  # a message that never completes owns no fds
+            close_all(fds)  # a message that never completes owns no fds
             raise
         if flags & socket.MSG_CTRUNC:
             problem = ProtocolError(f"more than {MAX_FDS} fds (max_msg_fds); the kernel "
@@ -240,20 +241,13 @@ class VfioUserConnection:
         self.sock.close()
         self.device.disconnected()
         self.memory.clear()
-        for fds in self.irq_fds.values():
-            _close_all(fds)
-        self.irq_fds.clear()
+        self.irqs.close()
 
     # --- VfioUserClient -----------------------------------------------------------------
 
     def interrupt(self, index: int, vector: int = 0) -> bool:
         """Signal an IRQ's eventfd; False when the client has not set one."""
-        fds = self.irq_fds.get(index, [])
-        fd = fds[vector] if vector < len(fds) else None
-        if fd is None:
-            return False
-        os.eventfd_write(fd, 1)
-        return True
+        return self.irqs.signal(index, vector)
 
     # --- version ------------------------------------------------------------------------
 
@@ -351,51 +345,7 @@ class VfioUserConnection:
     def _device_set_irqs(self, msg: Message) -> None:
         req = m.IrqSet.unpack(msg.payload)
         flags, count = self._irq(req.index)
-        if bin(req.data_type).count("1") != 1 or bin(req.action).count("1") != 1 or (
-                req.flags & ~(m.VFIO_IRQ_SET_DATA_TYPE_MASK | m.VFIO_IRQ_SET_ACTION_TYPE_MASK)):
-            raise ProtocolError(f"SET_IRQS flags {req.flags:#x} need one DATA and one ACTION")
-        if req.data_type != m.VFIO_IRQ_SET_DATA_EVENTFD and msg.fds:
-            raise ProtocolError(f"SET_IRQS without DATA_EVENTFD carries {len(msg.fds)} fds")
-        if req.action != m.VFIO_IRQ_SET_ACTION_TRIGGER:
-            raise ProtocolError(f"IRQ index {req.index} is not maskable (flags {flags:#x})")
-        if req.data_type == m.VFIO_IRQ_SET_DATA_NONE and req.count == 0:
-            self._disable_irqs(req.index)
-            return
-        if req.start + req.count > count:
-            raise ProtocolError(f"SET_IRQS vectors {req.start}+{req.count} exceed the {count} "
-                                f"of IRQ index {req.index}")
-        if req.data_type == m.VFIO_IRQ_SET_DATA_EVENTFD:
-            self._assign_eventfds(req, msg.fds, count)
-        else:
-            self._loopback(req)
-
-    def _assign_eventfds(self, req: m.IrqSet, fds: list[int], count: int) -> None:
-        """count fds bind vectors start..start+count-1; no fds unbinds them (QEMU sends no
-        fd for the -1 entries of a vfio_irq_set)."""
-        if fds and len(fds) != req.count:
-            raise ProtocolError(f"SET_IRQS EVENTFD for {req.count} vectors carries "
-                                f"{len(fds)} fds")
-        table = self.irq_fds.setdefault(req.index, [None] * count)
-        for i in range(req.count):
-            old = table[req.start + i]
-            table[req.start + i] = fds[i] if fds else None
-            if old is not None:
-                os.close(old)
-        del fds[:]  # the table owns them now
-        log.debug("%s: IRQ index %d vectors %d+%d -> %s", self.name, req.index, req.start,
-                  req.count, "eventfds" if table[req.start] is not None else "none")
-
-    def _loopback(self, req: m.IrqSet) -> None:
-        """DATA_NONE/DATA_BOOL with TRIGGER: the client fires the interrupt itself."""
-        if req.data_type == m.VFIO_IRQ_SET_DATA_BOOL and len(req.data) != req.count:
-            raise ProtocolError(f"SET_IRQS DATA_BOOL for {req.count} vectors carries "
-                                f"{len(req.data)} bytes")
-        for i in range(req.count):
-            if req.data_type == m.VFIO_IRQ_SET_DATA_NONE or req.data[i]:
-                self.interrupt(req.index, req.start + i)
-
-    def _disable_irqs(self, index: int) -> None:
-        _close_all(self.irq_fds.pop(index, []))
+        self.irqs.set_irqs(req, flags, count, msg.fds)
 
     # --- region access ------------------------------------------------------------------
 
@@ -452,14 +402,3 @@ def _check_argsz(argsz: int, needed: int, what: str) -> None:
     if argsz < needed:
         raise ProtocolError(f"{what} argsz {argsz} is below the {needed} bytes of the reply")
 
-
-def _close_all(fds) -> None:
-    """Close and forget: a second call on the same list closes nothing."""
-    for fd in fds:
-        if fd is None:
-            continue
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    del fds[:]

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from viommu.transport.sockets import listen_private_unix, unlink_quietly
+from viommu.transport.sockets import Readers, listen_private_unix, unlink_quietly
 from viommu.transport.vfio_user.connection import VfioUserConnection, VfioUserDevice
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class EndpointServer:
 
     # --- on an existing loop --------------------------------------------------------------
 
-    def listen(self, loop: asyncio.AbstractEventLoop) -> None:
+    def listen(self, loop: Readers) -> None:
         """Bind (mode 0600: the client gets our memory-mapping and interrupt rights) and
         accept on `loop`; call from the loop's thread."""
         sock = listen_private_unix(self.socket_path)

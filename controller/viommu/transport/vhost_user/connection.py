@@ -15,9 +15,11 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from viommu._dataplane import GuestMemory, VirtQueue
+from viommu._dataplane import GuestMemory
+from viommu.transport.sockets import Readers, close_all
 from viommu.transport.vhost_user import messages as m
 from viommu.transport.vhost_user.messages import Message, ProtocolError, Request
+from viommu.transport.vhost_user.vring import Vring
 
 log = logging.getLogger(__name__)
 
@@ -41,53 +43,25 @@ class VhostUserDevice(Protocol):
     def get_config(self) -> bytes: ...
     def set_config(self, offset: int, data: bytes) -> None: ...
     def memory_changed(self, mem: GuestMemory) -> None: ...
-    def queue_started(self, index: int, vq: VirtQueue, notify: Callable[[], None],
-                      signal_error: Callable[[], bool], kick_fd: int) -> bool:
-        """A ring runs; True when the device waits for its kicks itself (on `kick_fd`,
-        which stays the connection's), False to have `queue_kicked` called on each."""
+    def queue_started(self, index: int, vring: Vring) -> bool:
+        """A ring runs; True when the device waits for its kicks itself (on
+        `vring.kick_fd`, which stays the connection's), False to have `queue_kicked`
+        called on each."""
         ...
     def queue_stopped(self, index: int) -> None: ...
     def queue_kicked(self, index: int) -> None: ...
     def reset(self, reason: str) -> None: ...
 
 
-class Vring:
-    """Front-end-provided state of one virtqueue."""
-
-    def __init__(self, mem: GuestMemory, index: int) -> None:
-        self.vq = VirtQueue(mem, index)
-        self.index = index
-        self.kick_fd: int | None = None
-        self.call_fd: int | None = None
-        self.err_fd: int | None = None
-        self.enabled = False
-        self.addr: m.VringAddr | None = None
-        self.base = 0
-        # base we answered in GET_VRING_BASE: a restart from another base, or with other
-        # ring addresses, is a guest reset (QEMU sends no RESET_DEVICE for one).
-        self.stopped_at: int | None = None
-        self.running = False
-        self.kick_watched = False  # the loop reads kick_fd (the device did not take it)
-
-    def close_fds(self) -> None:
-        for name in ("kick_fd", "call_fd", "err_fd"):
-            fd = getattr(self, name)
-            if fd is not None:
-                os.close(fd)
-                setattr(self, name, None)
-
-
 class VhostUserConnection:
     """Serves one front-end on a connected socket; drive it with `on_readable()`."""
 
-    def __init__(self, sock: socket.socket, device: VhostUserDevice,
-                 add_reader: Callable[[int, Callable[[], None]], None],
-                 remove_reader: Callable[[int], None]) -> None:
+    def __init__(self, sock: socket.socket, device: VhostUserDevice, readers: Readers) -> None:
+        """`readers` watches the kick fds of rings the device leaves to the connection."""
         self.sock = sock
         self.sock.settimeout(5.0)
         self.device = device
-        self._add_reader = add_reader
-        self._remove_reader = remove_reader
+        self._readers = readers
         self.mem = GuestMemory()
         self._mappings: list[mmap.mmap] = []
         self.vrings = [Vring(self.mem, i) for i in range(device.num_queues)]
@@ -148,7 +122,7 @@ class VhostUserConnection:
                 fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
         received = list(fds)
         if not data:
-            _close_all(received)
+            close_all(received)
             return None
         try:
             if len(data) < m.HEADER.size:
@@ -159,7 +133,7 @@ class VhostUserConnection:
                                     f"payload (limit {m.MAX_PAYLOAD})")
             payload = self._recv_exact(size) if size else b""
         except BaseException:
-            _close_all(received)  # a message that never completes owns no fds
+            close_all(received)  # a message that never completes owns no fds
             raise
         return Message(request, flags, payload, received)
 
@@ -191,7 +165,7 @@ class VhostUserConnection:
             reply, ok = None, False
         finally:
             # Handlers take the fds they keep out of msg.fds; the rest must not leak.
-            _close_all(msg.fds)
+            close_all(msg.fds)
         if msg.request in _HAS_REPLY_BODY:
             # The front-end blocks on this reply: always send one. On failure a non-zero u64
             # (the failure value of every u64 status reply); where a body of another size
@@ -201,7 +175,7 @@ class VhostUserConnection:
             self._send(msg.request, m.pack_u64(0 if ok else 1))
 
     def _unsupported(self, msg: Message) -> None:
-        _close_all(msg.fds)
+        close_all(msg.fds)
         log.warning("vhost-user: %s (%d) is not supported by this back-end (%d payload bytes, "
                     "%d fds); answered as a failure", msg.name, msg.request, len(msg.payload),
                     len(msg.fds))
@@ -213,7 +187,7 @@ class VhostUserConnection:
         for vring in self.vrings:
             self._stop_ring(vring)
             vring.close_fds()
-        self._remove_reader(self.sock.fileno())
+        self._readers.remove_reader(self.sock.fileno())
         self.sock.close()
         self._unmap_memory()
 
@@ -250,7 +224,7 @@ class VhostUserConnection:
         return m.pack_u64(self.status)
 
     def _ignore(self, msg: Message) -> None:
-        _close_all(msg.fds)
+        close_all(msg.fds)
 
     # --- config space -----------------------------------------------------------------------
 
@@ -287,7 +261,7 @@ class VhostUserConnection:
                 log.info("vhost-user: region gpa=%#x size=%#x", region.guest_phys_addr,
                          region.memory_size)
         finally:
-            _close_all(msg.fds)
+            close_all(msg.fds)
         for vring in self.vrings:
             if vring.running:
                 self._resolve(vring)
@@ -393,11 +367,10 @@ class VhostUserConnection:
             return
         vring.running = True
         vring.stopped_at = None
-        owned = self.device.queue_started(vring.index, vring.vq, lambda: self._notify(vring),
-                                          lambda: self.signal_error(vring.index), vring.kick_fd)
+        owned = self.device.queue_started(vring.index, vring)
         vring.kick_watched = not owned
         if vring.kick_watched:
-            self._add_reader(vring.kick_fd, lambda: self._on_kick(vring))
+            self._readers.add_reader(vring.kick_fd, lambda: self._on_kick(vring))
             # Buffers made available before the kick fd existed are served now.
             self.device.queue_kicked(vring.index)
 
@@ -414,7 +387,7 @@ class VhostUserConnection:
             return
         vring.running = False
         if vring.kick_watched:
-            self._remove_reader(vring.kick_fd)
+            self._readers.remove_reader(vring.kick_fd)
             vring.kick_watched = False
         self.device.queue_stopped(vring.index)  # first: a device thread may still use it
         vring.vq.stop()
@@ -425,20 +398,6 @@ class VhostUserConnection:
         except BlockingIOError:
             pass
         self.device.queue_kicked(vring.index)
-
-    def signal_error(self, index: int) -> bool:
-        """Tell the front-end a vring failed (its SET_VRING_ERR eventfd). QEMU's generic
-        device only logs this (and only in debug builds): no vhost-user message makes it set
-        DEVICE_NEEDS_RESET for the guest. False when no error fd was given."""
-        vring = self.vrings[index]
-        if vring.err_fd is None:
-            return False
-        os.eventfd_write(vring.err_fd, 1)
-        return True
-
-    def _notify(self, vring: Vring) -> None:
-        if vring.call_fd is not None:
-            os.eventfd_write(vring.call_fd, 1)
 
     def _reset_device(self, msg: Message) -> None:
         for vring in self.vrings:
@@ -451,13 +410,3 @@ class VhostUserConnection:
             vring.stopped_at = None
         self.device.reset(f"guest reset ({why})")
 
-
-def _close_all(fds) -> None:
-    """Close and forget: a second call on the same list closes nothing (fd numbers may
-    already belong to someone else)."""
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    del fds[:]

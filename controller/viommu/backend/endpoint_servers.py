@@ -1,0 +1,73 @@
+"""The DMA endpoints this backend serves over vfio-user, each behind the vIOMMU.
+
+One vfio-user server per endpoint (viommu.transport.vfio_user.server); the endpoint's DMA
+port translates every access through the engine (viommu.endpoints.dma_port), and with PCIe
+PRI its page requests go to the page-request relay.
+"""
+
+from __future__ import annotations
+
+import os
+
+from viommu.dataplane.translation import Translator
+from viommu.device.config import ResourceLimit
+from viommu.device.virtio_iommu import VirtioIommuDevice
+from viommu.endpoints.dma_engine import DmaEndpoint
+from viommu.endpoints.dma_port import PriState, TranslatingDma
+from viommu.events.page_requests import PageRequestRelay
+from viommu.transport.sockets import Readers
+from viommu.transport.vfio_user.server import EndpointServer
+
+MAX_REQUESTER_ID = 0xFFFF  # bus:device.function
+
+
+class EndpointError(ValueError):
+    """An endpoint cannot be created or removed; the message says why."""
+
+
+class EndpointServers:
+    def __init__(self, device: VirtioIommuDevice, translator: Translator,
+                 page_requests: PageRequestRelay, readers: Readers, socket_dir: str) -> None:
+        self.device = device
+        self.translator = translator
+        self.page_requests = page_requests
+        self.readers = readers
+        self.socket_dir = socket_dir  # default home of endpoint sockets
+        self.servers: dict[int, EndpointServer] = {}
+        self.pri: dict[int, PriState] = {}
+
+    def create(self, sid: int, socket_path: str | None = None, pri: bool = False
+               ) -> tuple[str, PriState]:
+        """Serve a DMA endpoint with requester ID `sid`; returns its socket and PRI state."""
+        if not 0 <= sid <= MAX_REQUESTER_ID:
+            raise EndpointError(f"endpoint must be a PCI requester ID 0..{MAX_REQUESTER_ID:#x} "
+                                f"(the VIOT maps endpoint ID = requester ID), got {sid}")
+        if sid in self.servers:
+            raise EndpointError(f"endpoint {sid:#x} is already served; endpoint-delete it first")
+        path = socket_path or os.path.join(self.socket_dir, f"endpoint-{sid:x}.sock")
+        state = PriState(enabled=pri)  # kept only once the endpoint is served
+        device = DmaEndpoint(dma=lambda _memory: TranslatingDma(self.translator, sid, state,
+                                                                self.page_requests))
+        server = EndpointServer(path, device, name=f"endpoint {sid:#x}")
+        try:
+            server.listen(self.readers)
+        except (OSError, ValueError) as exc:  # UnicodeError is a ValueError
+            raise EndpointError(f"cannot listen on {path!r}: {exc}") from None
+        try:
+            self.device.add_endpoint(sid)
+        except ResourceLimit as exc:
+            server.close()
+            raise EndpointError(f"cannot add endpoint {sid:#x}: {exc}") from None
+        self.servers[sid] = server
+        self.pri[sid] = state
+        return path, state
+
+    def delete(self, sid: int) -> None:
+        server = self.servers.pop(sid, None)
+        if server is None:
+            raise EndpointError(f"endpoint {sid:#x} is not served here")
+        server.close()
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.close()
