@@ -31,7 +31,7 @@ from viommu.vm.backend_supervisor import (
     ThreadBackend,
     supervisor,
 )
-from viommu.vm.console import CommandResult, Console, ConsoleError
+from viommu.vm.console import CommandResult, Console, ConsoleClosed, ConsoleError
 from viommu.vm.errors import QMP_ERRORS, BootTimeout, MachineError, VMLaunchError, launch_failure
 from viommu.vm.guest import GUEST_FAULT_LINE, GuestShell, wait_fault_window
 from viommu.vm.hotplug import HotpluggedEndpoint
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXIT_GRACE_S = 5.0  # for a failing QEMU to exit, so that its exit status can be reported
+EXIT_GRACE_S = 15.0  # for a failing QEMU to exit, so that its exit status can be reported
 
 
 class Machine:
@@ -193,14 +193,16 @@ class Machine:
     def _wait_for_boot(self) -> None:
         try:
             self._shell.wait_ready(self.boot_timeout)
-        except ConsoleError as exc:
+        except ConsoleClosed as exc:
+            raise self._launch_failure(f"closed the console: {exc}") from exc
+        except ConsoleError as exc:  # QEMU runs: no need to wait for its exit
             raise self._launch_failure("runs, but the guest's shell did not come up within "
-                                       f"{self.boot_timeout:g} s", BootTimeout) from exc
+                                       f"{self.boot_timeout:g} s", BootTimeout, 0) from exc
 
-    def _launch_failure(self, what: str,
-                        kind: type[VMLaunchError] = VMLaunchError) -> MachineError:
+    def _launch_failure(self, what: str, kind: type[VMLaunchError] = VMLaunchError,
+                        grace: float = EXIT_GRACE_S) -> MachineError:
         return launch_failure(what, kind, qemu=self._qemu, backend=self._backend,
-                              backend_log=self.workdir / "backend.log", grace=EXIT_GRACE_S)
+                              backend_log=self.workdir / "backend.log", grace=grace)
 
     def reboot(self) -> float:
         """Reboot the guest (a guest-initiated reset, as `reboot -f` does on hardware);
