@@ -1,6 +1,6 @@
 """The iommufd host edge against generated fault and vEVENTQ streams over socketpairs
-(digest §F.2/F.3; Linux iommufd.h, eventq.c). SOCK_STREAM throughout, so partial reads are
-real and tested explicitly."""
+(Linux include/uapi/linux/iommufd.h, drivers/iommu/iommufd/eventq.c). SOCK_STREAM throughout,
+so partial reads are real and tested explicitly."""
 
 from __future__ import annotations
 
