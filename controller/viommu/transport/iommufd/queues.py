@@ -57,16 +57,20 @@ class PriMustBeDisabled(IommufdError):
             "reset) and stop forwarding its page requests")
 
 
-
 # ---- reading either kind of fd ----------------------------------------------------------
 
 
 class _Reader:
-    """Non-blocking reads that tell "nothing queued" from "peer closed" (see module doc)."""
+    """Non-blocking reads that tell "nothing queued" from "peer closed" (see the package
+    docstring), and the count of what could not be read."""
 
-    def __init__(self, fd: int, read_size: int) -> None:
+    def __init__(self, fd: int, read_size: int, what: str) -> None:
         self.fd = fd
         self._read_size = read_size
+        self._what = what  # for the log
+        self._buffer = b""
+        self.errors = 0
+        self.last_error = ""
         os.set_blocking(fd, False)
         mode = os.fstat(fd).st_mode
         # Only sockets and pipes have an EOF; an iommufd anon inode returns 0 when empty.
@@ -75,6 +79,11 @@ class _Reader:
 
     def fileno(self) -> int:
         return self.fd
+
+    def _error(self, what: str) -> None:
+        self.errors += 1
+        self.last_error = what
+        log.warning("iommufd %s: %s", self._what, what)
 
     def _read(self) -> bytes:
         if self.closed:
@@ -136,10 +145,9 @@ class FaultQueue(_Reader):
 
     def __init__(self, fd: int, dev_to_sid: Mapping[int, int],
                  on_group: Callable[[FaultGroup], None] | None = None) -> None:
-        super().__init__(fd, FAULT_READ_SIZE)
+        super().__init__(fd, FAULT_READ_SIZE, "fault queue")
         self.dev_to_sid = dev_to_sid
         self.on_group = on_group
-        self._buffer = b""
         self._partial: dict[int, list[HwptPgfault]] = {}  # cookie -> records before LAST_PAGE
         self._pending: dict[int, FaultGroup] = {}
         self._shut = False
@@ -147,8 +155,6 @@ class FaultQueue(_Reader):
         self.groups = 0
         self.answered = 0
         self.rejected = 0
-        self.errors = 0
-        self.last_error = ""
 
     def on_readable(self) -> list[FaultGroup]:
         """Read what is there (for loop.add_reader); returns, and calls back with, each group
@@ -264,11 +270,6 @@ class FaultQueue(_Reader):
         del self._pending[cookie]
         self.answered += 1
 
-    def _error(self, what: str) -> None:
-        self.errors += 1
-        self.last_error = what
-        log.warning("iommufd fault queue: %s", what)
-
 
 # ---- vEVENTQ ----------------------------------------------------------------------------
 
@@ -286,17 +287,14 @@ class VeventQueue(_Reader):
     def __init__(self, fd: int, on_event: Callable[[EventRecord], None],
                  on_lost: Callable[[int], None] | None = None, *,
                  expect_sequence: int | None = 0) -> None:
-        super().__init__(fd, VEVENTQ_READ_SIZE)
+        super().__init__(fd, VEVENTQ_READ_SIZE, "vEVENTQ")
         self.on_event = on_event
         self.on_lost = on_lost
         self._expected = expect_sequence
-        self._buffer = b""
         self.received = 0
         self.lost = 0
         self.gaps = 0
         self.lost_headers = 0
-        self.errors = 0
-        self.last_error = ""
 
     def on_readable(self) -> list[EventRecord]:
         """Read what is there (for loop.add_reader); returns the events it decoded."""
@@ -363,9 +361,3 @@ class VeventQueue(_Reader):
     def _garbage(self, what: str) -> None:
         self._error(f"{what}; dropped {len(self._buffer)} buffered bytes")
         self._buffer = b""
-
-    def _error(self, what: str) -> None:
-        self.errors += 1
-        self.last_error = what
-        log.warning("iommufd vEVENTQ: %s", what)
-
