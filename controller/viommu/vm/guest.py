@@ -10,9 +10,11 @@ from viommu.vm.errors import MachineError
 from viommu.vm.qemu_process import QemuProcess
 
 READY_LINE = r"viommu-guest: ready"  # the guest image's init prints it when its shell runs
-# Linux virtio-iommu's fault line, without the "virtio_iommu virtioN: " prefix.
+# The fault line of Linux's virtio-iommu driver (drivers/iommu/virtio-iommu.c,
+# viommu_fault_handler): dev_err's "virtio_iommu virtioN: " prefix, then the driver's text.
 GUEST_FAULT_LINE = r"virtio_iommu virtio\d+: (?:unknown|domain|page) fault from EP \d+.*$"
-# Linux's DEFAULT_RATELIMIT_INTERVAL for those lines, plus a margin for jiffies and delivery
+# Linux's DEFAULT_RATELIMIT_INTERVAL (include/linux/ratelimit_types.h) for those lines, plus a
+# margin for jiffies and delivery
 GUEST_FAULT_WINDOW_S = 5.0 + 0.3
 
 
