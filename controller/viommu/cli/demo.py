@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 from viommu.vm.console import ConsoleError
-from viommu.vm.machine import Machine, MachineError
+from viommu.vm.errors import MachineError
+from viommu.vm.machine import Machine
 from viommu.vm.paths import SetupMissing
 
 

@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 
 from viommu.cli.tracing import TraceFollower, format_entry
-from viommu.vm.machine import Endpoint, Machine
+from viommu.vm.hotplug import HotpluggedEndpoint
+from viommu.vm.machine import Machine
 
 CONSOLE_EXCERPT = 6000  # characters of console output in a report
 QEMU_LOG_LINES = 40
@@ -123,7 +124,7 @@ def expect_guest_line(guest: Machine, request: pytest.FixtureRequest) -> Callabl
 
 
 @pytest.fixture
-def dma_endpoint(guest: Machine, request: pytest.FixtureRequest) -> Iterator[Endpoint]:
+def dma_endpoint(guest: Machine, request: pytest.FixtureRequest) -> Iterator[HotpluggedEndpoint]:
     """A DMA endpoint plugged into the guest for this test (a free root port unless the
     viommu_endpoint marker names one), unplugged after."""
     marker = request.node.get_closest_marker("viommu_endpoint")
@@ -134,7 +135,7 @@ def dma_endpoint(guest: Machine, request: pytest.FixtureRequest) -> Iterator[End
 
 @contextlib.contextmanager
 def plugged_endpoint(vm: Machine, port: int | None = None, *, name: str | None = None,
-                     pri: bool = False, vfio: bool = False) -> Iterator[Endpoint]:
+                     pri: bool = False, vfio: bool = False) -> Iterator[HotpluggedEndpoint]:
     """Hot-plug a DMA endpoint (bound to vfio-pci in the guest when `vfio`); unplug it after.
     For module-scoped fixtures as well as the `dma_endpoint` fixture."""
     port = free_root_port(vm) if port is None else port
