@@ -185,7 +185,7 @@ def test_too_old_qemu_points_at_setup(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("VIOMMU_QEMU", str(old))
     assert cli.main(["up", "default", "--name", "old"]) == 1
     err = capsys.readouterr().err
-    assert "is 8.2" in err and "./scripts/setup" in err
+    assert "is QEMU 8.2" in err and "viommu setup" in err
 
 
 def test_unknown_profile_lists_the_known_ones(capsys: pytest.CaptureFixture) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from viommu.cli import views
 from viommu.cli.common import CliError, note, say
 from viommu.cli.terminal import DETACH_KEY_NAME, progress
-from viommu.vm import paths, runs
+from viommu.vm import runs
 from viommu.vm.accel import detect_accel, kvm_unusable_reason
 from viommu.vm.machine import Machine
 from viommu.vm.paths import SetupMissing
@@ -25,8 +25,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     _preflight()
     accel = _choose_accel(args.accel)
     machine = Machine(args.profile, accel=accel, name=name, run_dir=directory,
-                      boot_timeout=args.timeout)
-    with progress(f"booting {name} ({accel.upper()})"):
+                      boot_timeout=args.timeout, kernel=args.kernel, modules=args.modules,
+                      arch=args.arch)
+    machine.prepare()  # fetches or builds what is missing, with its own progress lines
+    with progress(f"booting {name} ({machine.arch}, {accel.upper()}, kernel "
+                  f"{machine.boot.image.kernel.release})"):
         machine.launch()
     machine.release()
     say(_up_usage(runs.RunState.load(directory), directory))
@@ -45,15 +48,8 @@ def _clear_stale(directory: Path, name: str) -> None:
 
 
 def _preflight() -> None:
-    """What `up` needs before it starts anything, each with what to do when it is missing."""
-    binary = paths.qemu_binary()
-    version = paths.qemu_version(binary)
-    if version is None or version < paths.MIN_QEMU_VERSION:
-        found = "does not run" if version is None else f"is {version[0]}.{version[1]}"
-        need = ".".join(map(str, paths.MIN_QEMU_VERSION))
-        raise SetupMissing(f"QEMU {binary} {found}; viommu needs >= {need}: run ./scripts/setup "
-                           "(it installs a private QEMU into .cache) or set VIOMMU_QEMU")
-    paths.guest_image()
+    """What `up` needs of the host before it starts anything (QEMU, the kernel and its
+    initramfs are the Machine's to provide), with what to do when it is missing."""
     try:
         os.close(os.memfd_create("viommu-check"))
     except OSError as exc:
@@ -88,8 +84,10 @@ def _up_usage(state: runs.RunState, directory: Path) -> str:
     ]
     width = max(len(c) for c, _ in commands)
     return "\n".join([
-        f"{n} is up: profile {state.profile}, {state.accel.upper()}, QEMU pid {state.qemu_pid}, "
-        f"backend pid {state.backend_pid}",
+        f"{n} is up: profile {state.profile}, {state.arch}, {state.accel.upper()}, QEMU pid "
+        f"{state.qemu_pid}, backend pid {state.backend_pid}",
+        f"kernel {state.kernel_release} ({state.kernel_origin})",
+        f"QEMU {state.qemu}",
         f"run directory: {directory} (sockets, state.json, logs)",
         f"console log:   {state.workdir}/console.log (kept while nobody is attached)", "",
         *(f"  {c.ljust(width)}   {what}" for c, what in commands)])
@@ -108,12 +106,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
             runs.remove_run(directory)
             status = "stale: removed"
         rows.append((state.name, state.profile, state.accel, state.qemu_pid, state.backend_pid,
-                     views.duration(state.uptime), status))
+                     views.duration(state.uptime), state.arch, state.kernel_release or None,
+                     status))
     if not rows:
         say(f"no VMs in {runs.run_root()}; start one with `viommu up default`")
         return 0
-    say(views.table(("name", "profile", "accel", "qemu", "backend", "uptime", "status"),
-                    rows))
+    say(views.table(("name", "profile", "accel", "qemu", "backend", "uptime", "arch", "kernel",
+                     "status"), rows))
     return 0
 
 

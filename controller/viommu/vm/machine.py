@@ -164,6 +164,12 @@ class Machine:
         return (self._prepared().platform.ram_base + self.profile.table_area_base,
                 self.profile.table_area_size)
 
+    def prepare(self) -> GuestBoot:
+        """Decide and provide what boots (QEMU, the kernel and its initramfs, fetched or
+        built on first use), and check the kernel's configuration; launch() does this first
+        if nobody did. KernelRefused or SetupMissing say what to do."""
+        return self._prepared()
+
     def _prepared(self) -> GuestBoot:
         if self.boot is None:
             self.boot = prepare_boot(self.profile, self.arch, self.kernel_spec,
