@@ -15,6 +15,7 @@ from pathlib import Path
 
 from viommu.provision import DEFAULT_ARCH, guest_image, kconfig
 from viommu.provision.arch import Arch, get_arch
+from viommu.provision.cache import SetupMissing
 from viommu.provision.initramfs import GuestImage
 from viommu.provision.qemu import ensure_qemu, find_qemu, launcher, qemu_version, version_text
 from viommu.vm.errors import MachineError
@@ -95,3 +96,28 @@ def kernel_cmdline(profile: Profile, board: Platform) -> str:
     if profile.table_area_size and board.topology == "viot":
         words.append(f"memmap={profile.table_area_size:#x}${profile.table_area_base:#x}")
     return " ".join(w for w in words if w)
+
+
+def describe_choice(profile: Profile | str, kernel: str | None = None, arch: str | None = None
+                    ) -> str:
+    """Which architecture, kernel and QEMU a Machine with these choices boots, without
+    fetching anything (a Debian series not fetched yet is named by its series)."""
+    from viommu.provision.kernels import resolve_kernel  # noqa: PLC0415 - only for reports
+    from viommu.vm.profile import load_profile  # noqa: PLC0415
+
+    loaded = load_profile(profile) if isinstance(profile, str) else profile
+    target = get_arch(choose_arch(arch, loaded))
+    spec = choose_kernel(kernel, loaded)
+    try:
+        k = resolve_kernel(spec, target, loaded.kernel_modules, fetch=False)
+        kernel_text = f"kernel {k.release} ({k.origin})"
+    except SetupMissing:
+        kernel_text = f"Debian kernel {spec or 'default'} (fetched at first use)"
+    except ValueError as exc:
+        kernel_text = f"kernel {spec} ({exc})"
+    try:
+        binary = find_qemu(target)
+        qemu_text = f"QEMU {version_text(qemu_version(binary))} ({binary})"
+    except SetupMissing:
+        qemu_text = "QEMU not set up yet (installed at first use)"
+    return f"{target.name}, {kernel_text}, {qemu_text}"
