@@ -11,6 +11,7 @@ files where modules.order lists them, uncompressed), and the image + modules var
 from __future__ import annotations
 
 import lzma
+import os
 import re
 import shutil
 from pathlib import Path
@@ -23,20 +24,21 @@ from viommu.provision.kernels import resolve_kernel
 from viommu.vm.boot import KernelRefused
 from viommu.vm.machine import Machine
 
-X86 = get_arch("x86_64")
+# The run's architecture (--viommu-arch sets VIOMMU_ARCH): the tree is laid out for it.
+ARCH = get_arch(os.environ.get("VIOMMU_ARCH") or "x86_64")
 EP = 0x100
 
 
 @pytest.fixture(scope="module")
 def debian_kernel():
-    return resolve_kernel("7", X86)
+    return resolve_kernel("7", ARCH)
 
 
 def lay_out_build_tree(kernel, tree: Path, drop: tuple[str, ...] = ()) -> Path:
     """What a built tree holds, from a packaged kernel; `drop` options are left out of
     .config and their modules are not built."""
-    (tree / "arch/x86/boot").mkdir(parents=True)
-    shutil.copyfile(kernel.image, tree / X86.tree_image)
+    (tree / ARCH.tree_image).parent.mkdir(parents=True)
+    shutil.copyfile(kernel.image, tree / ARCH.tree_image)
     (tree / "include/config").mkdir(parents=True)
     (tree / "include/config/kernel.release").write_text(kernel.release + "\n")
     config = kernel.config.read_text()
@@ -81,7 +83,7 @@ def test_a_kernel_build_tree_boots_behind_the_viommu(debian_kernel, tmp_path) ->
 
 def test_an_image_with_a_modules_install_tree_boots_behind_the_viommu(
         debian_kernel, tmp_path) -> None:
-    image = tmp_path / "bzImage"
+    image = tmp_path / Path(ARCH.tree_image).name
     shutil.copyfile(debian_kernel.image, image)
     modules = tmp_path / "install/lib/modules" / debian_kernel.release
     shutil.copytree(debian_kernel.modules_dir, modules)

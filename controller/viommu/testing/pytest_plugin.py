@@ -181,12 +181,13 @@ def plugged_endpoint(vm: Machine, port: int | None = None, *, name: str | None =
 
 
 def free_root_port(vm: Machine) -> int:
-    """The highest root port without a profile endpoint or one this plugin plugged."""
-    taken = {ep.port for ep in vm.profile.endpoints} | _PLUGGED.get(vm, set())
-    free = [p for p in range(vm.profile.root_ports) if p not in taken]
+    """The highest root port a hot-plug can use now (Machine.fresh_ports) that this plugin
+    did not plug."""
+    free = [p for p in vm.fresh_ports() if p not in _PLUGGED.get(vm, set())]
     if not free:
-        raise pytest.UsageError(f"no free root port on {vm.name}: all "
-                                f"{vm.profile.root_ports} hold endpoints")
+        raise pytest.UsageError(f"no free root port on {vm.name}: its "
+                                f"{vm.profile.root_ports} hold endpoints or, on "
+                                f"{vm.arch}, were hot-plugged since boot")
     return free[-1]
 
 

@@ -32,6 +32,11 @@ class HotpluggedEndpoint:
 def plug(vm: Machine, port: int, name: str | None, pri: bool,
          timeout: float) -> HotpluggedEndpoint:
     endpoint_id = bdf(vm.profile.port_bus(port), 0)
+    if port in vm.unplugged_ports and not vm.platform.replug:
+        raise MachineError(f"root port {port} of {vm.name} had a device unplugged since boot; "
+                           f"on {vm.arch} a port takes one hot-plug per boot: use another port "
+                           f"(free: {', '.join(map(str, vm.fresh_ports())) or 'none'}) or "
+                           "reboot")
     name = name or f"dma{port}"
     sock = vm.backend("endpoint-create", endpoint=endpoint_id, pri=pri)["socket"]
     vm.qmp("device_add", driver="vfio-user-pci", id=name, bus=f"rp{port}",
@@ -54,6 +59,7 @@ def unplug(vm: Machine, endpoint: HotpluggedEndpoint, timeout: float) -> None:
     poll(f"QEMU to delete {endpoint.name}", timeout,
          lambda: endpoint.name not in _devices_behind_root_ports(vm))
     vm.backend("endpoint-delete", endpoint=endpoint.endpoint_id)
+    vm.unplugged_ports.add(endpoint.port)
 
 
 def _devices_behind_root_ports(vm: Machine) -> set[str | None]:

@@ -40,6 +40,7 @@ from viommu.vm.guest import GUEST_FAULT_LINE, GuestShell, wait_fault_window
 from viommu.vm.guest_kernel import GuestKernel
 from viommu.vm.hotplug import HotpluggedEndpoint
 from viommu.vm.nic import NicTap
+from viommu.vm.platforms import Platform
 from viommu.vm.profile import Profile, load_profile
 from viommu.vm.qemu_cmdline import QemuCommandLine
 from viommu.vm.qemu_process import QemuProcess
@@ -87,6 +88,7 @@ class Machine:
         self.kernel_spec = choose_kernel(kernel, self.profile)
         self.kernel_modules = modules or self.profile.kernel_modules
         self.boot: GuestBoot | None = None  # what launch() boots, once prepared
+        self.unplugged_ports: set[int] = set()  # root ports hot-unplugged since boot
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._nic = NicTap(self.profile.network, network)
         self.accel = detect_accel() if accel == "auto" else accel
@@ -156,6 +158,18 @@ class Machine:
     def guest_kernel(self) -> GuestKernel:
         """What the guest's kernel does that others do not (viommu.vm.guest_kernel)."""
         return self._prepared().guest
+
+    @property
+    def platform(self) -> Platform:
+        """The machine the guest runs on (viommu.vm.platforms)."""
+        return self._prepared().platform
+
+    def fresh_ports(self) -> list[int]:
+        """Root ports without a profile endpoint that a hot-plug can use now."""
+        taken = {ep.port for ep in self.profile.endpoints}
+        replug = self.platform.replug
+        return [p for p in range(self.profile.root_ports)
+                if p not in taken and (replug or p not in self.unplugged_ports)]
 
     @property
     def table_area(self) -> tuple[int, int]:
@@ -259,7 +273,9 @@ class Machine:
     def reboot(self) -> float:
         """Reboot the guest (a guest-initiated reset, as `reboot -f` does on hardware);
         returns the seconds until its shell is back."""
-        return self._shell.reboot(self.boot_timeout)
+        seconds = self._shell.reboot(self.boot_timeout)
+        self.unplugged_ports.clear()
+        return seconds
 
     # --- QEMU's command line --------------------------------------------------------------------
 
