@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from viommu.backend.backend import Backend
-from viommu.cli import endpoints, views
+from viommu.cli import endpoints, readiness, views
 from viommu.cli import main as cli
 from viommu.cli.tracing import TraceFollower, format_entry
 from viommu.events.smmuv3 import EventId, EventRecord
@@ -20,7 +20,7 @@ from viommu.transport.control import CommandError
 from viommu.vm import runs
 
 SUBCOMMANDS = ["up", "ls", "down", "console", "inject", "trace", "state", "attach", "detach",
-               "shell", "demo", "backend"]
+               "shell", "demo", "backend", "setup"]
 NAMED = ["down", "console", "trace", "state", "shell"]
 
 
@@ -185,7 +185,41 @@ def test_too_old_qemu_points_at_setup(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("VIOMMU_QEMU", str(old))
     assert cli.main(["up", "default", "--name", "old"]) == 1
     err = capsys.readouterr().err
-    assert "is 8.2" in err and "./scripts/setup" in err
+    assert "is 8.2" in err and "run `viommu setup`" in err and "add --setup" in err
+
+
+def test_demo_without_qemu_says_to_run_setup_before_starting_anything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("VIOMMU_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("VIOMMU_QEMU", raising=False)
+    started = time.monotonic()
+    assert cli.main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run `viommu setup --arch x86_64`" in err, err
+    assert "add --setup" in err and time.monotonic() - started < 5  # no backend was started
+
+
+def test_setup_flag_runs_setup_for_the_vm_before_the_preflight(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(readiness, "ensure", lambda arch, kernels: calls.append(
+        ("ensure", arch, kernels)))
+    monkeypatch.setattr(readiness, "preflight", lambda arch, kernel: calls.append(
+        ("preflight", arch, kernel)))
+    args = cli.build_parser().parse_args(["up", "default", "--setup"])
+    readiness.prepare(args)
+    assert calls == [("ensure", "x86_64", ("7",)), ("preflight", "x86_64", None)]
+    calls.clear()
+    readiness.prepare(cli.build_parser().parse_args(["demo"]))
+    assert calls == [("preflight", "x86_64", None)]
+
+
+def test_a_profile_path_is_kept_absolute_and_a_name_stays_a_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert readiness.profile_argument("default") == "default"
+    assert readiness.profile_argument("./mine.toml") == str(tmp_path / "mine.toml")
+    assert readiness.profile_argument("sub/mine") == str(tmp_path / "sub" / "mine")
 
 
 def test_unknown_profile_lists_the_known_ones(capsys: pytest.CaptureFixture) -> None:

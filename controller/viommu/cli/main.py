@@ -16,6 +16,7 @@ from typing import Any
 from viommu import __version__
 from viommu.backend import cli as backend_cli
 from viommu.backend.cli import int_arg
+from viommu.cli import readiness
 from viommu.cli.common import CliError
 from viommu.cli.endpoints import cmd_attach, cmd_detach
 from viommu.cli.session import cmd_down, cmd_ls, cmd_up
@@ -33,6 +34,7 @@ EVENT_NAMES = [e.name for e in EventId]
 def cmd_demo(args: argparse.Namespace) -> int:
     from viommu.cli.demo import run_demo
 
+    readiness.prepare(args)
     return run_demo(profile=args.profile, accel=args.accel, keep_logs=args.logs)
 
 
@@ -55,13 +57,16 @@ def _session_commands(sub: Any) -> None:
     up = _add(sub, "up", cmd_up, "boot a VM and leave it running in the background", """
 viommu up default              # qemu-configs/default.toml, named "default"
 viommu up default --name a     # a second one beside it
-viommu up default --accel tcg""")
+viommu up default --accel tcg
+viommu up ./my-profile.toml    # a profile of your own, anywhere
+viommu up default --setup      # run `viommu setup` first""")
     up.add_argument("profile", metavar="PROFILE",
                     help="machine profile: a name in qemu-configs/ or a .toml path")
     up.add_argument("--name", help="name to use it by (default: the profile's)")
     up.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     up.add_argument("--timeout", type=float, default=120, metavar="S",
                     help="seconds to wait for the guest's shell")
+    readiness.add_setup_flag(up)
 
     ls = _add(sub, "ls", cmd_ls, "list VMs: name, profile, accel, pids, uptime, status", """
 viommu ls
@@ -179,13 +184,19 @@ viommu shell default
 
 
 def _one_shot_commands(sub: Any) -> None:
+    setup = _add(sub, "setup", readiness.cmd_setup, readiness.HELP, readiness.EXAMPLES)
+    readiness.add_arguments(setup)
+
     demo = _add(sub, "demo", cmd_demo, "boot a guest behind the vIOMMU, inject C_BAD_STE, "
                 "C_BAD_CD and F_TRANSLATION, show what the guest printed", """
 viommu demo
-viommu demo --accel tcg --logs /tmp/demo-logs""")
-    demo.add_argument("--profile", default="default", help="machine profile in qemu-configs/")
+viommu demo --accel tcg --logs /tmp/demo-logs
+viommu demo --setup            # run `viommu setup` first""")
+    demo.add_argument("--profile", default="default",
+                      help="machine profile: a name in qemu-configs/ or a .toml path")
     demo.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     demo.add_argument("--logs", metavar="DIR", help="keep QEMU, console and backend logs here")
+    readiness.add_setup_flag(demo)
 
     backend = _add(sub, "backend", backend_cli.run, backend_cli.HELP, backend_cli.EXAMPLES)
     backend_cli.add_arguments(backend)
@@ -220,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED_ERRORS as exc:
         if args.verbose:
             raise
-        print(f"viommu {args.command}: error: {exc}", file=sys.stderr)
+        hint = (" (or add --setup to this command)"
+                if isinstance(exc, SetupMissing) and hasattr(args, "setup") else "")
+        print(f"viommu {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 1
 
 

@@ -9,22 +9,22 @@ import json
 import os
 from pathlib import Path
 
-from viommu.cli import views
+from viommu.cli import readiness, views
 from viommu.cli.common import CliError, note, say
 from viommu.cli.terminal import DETACH_KEY_NAME, progress
-from viommu.vm import paths, runs
+from viommu.vm import runs
 from viommu.vm.accel import detect_accel, kvm_unusable_reason
 from viommu.vm.machine import Machine
-from viommu.vm.paths import SetupMissing
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     name = runs.check_name(args.name or Path(args.profile).stem)
     directory = runs.run_dir(name)
     _clear_stale(directory, name)
-    _preflight()
+    readiness.prepare(args)
     accel = _choose_accel(args.accel)
-    machine = Machine(args.profile, accel=accel, name=name, run_dir=directory,
+    profile = readiness.profile_argument(args.profile)
+    machine = Machine(profile, accel=accel, name=name, run_dir=directory,
                       boot_timeout=args.timeout)
     with progress(f"booting {name} ({accel.upper()})"):
         machine.launch()
@@ -42,24 +42,6 @@ def _clear_stale(directory: Path, name: str) -> None:
                        f"use it, stop it with `viommu down {name}`, or pick another --name")
     note(f"removing the stale run directory of {name!r} (its QEMU is gone)")
     runs.remove_run(directory)
-
-
-def _preflight() -> None:
-    """What `up` needs before it starts anything, each with what to do when it is missing."""
-    binary = paths.qemu_binary()
-    version = paths.qemu_version(binary)
-    if version is None or version < paths.MIN_QEMU_VERSION:
-        found = "does not run" if version is None else f"is {version[0]}.{version[1]}"
-        need = ".".join(map(str, paths.MIN_QEMU_VERSION))
-        raise SetupMissing(f"QEMU {binary} {found}; viommu needs >= {need}: run ./scripts/setup "
-                           "(it installs a private QEMU into .cache) or set VIOMMU_QEMU")
-    paths.guest_image()
-    try:
-        os.close(os.memfd_create("viommu-check"))
-    except OSError as exc:
-        raise SetupMissing(f"no shared memory: memfd_create failed ({exc.strerror}); the "
-                           "backend maps guest RAM from a shared memfd: allow memfd_create "
-                           "(in a container, in its seccomp profile)") from None
 
 
 def _choose_accel(requested: str) -> str:
