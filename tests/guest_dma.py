@@ -60,7 +60,8 @@ class TableArea:
 
     def __init__(self, guest: Machine, granule: int = 4096) -> None:
         self.guest = guest
-        self.ram = GuestRam(guest.profile.table_area_size, guest.profile.table_area_base)
+        base, size = guest.table_area
+        self.ram = GuestRam(size, base)
         self.tables = Stage1Tables(self.ram, granule)
         self.cd_gpa = self.ram.alloc(64, 64)
         self.write_cd(valid=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from viommu.backend.backend import Backend
-from viommu.cli import endpoints, readiness, views
+from viommu.cli import endpoints, inject_options, readiness, views
 from viommu.cli import main as cli
 from viommu.cli.tracing import TraceFollower, format_entry
 from viommu.events.smmuv3 import EventId, EventRecord
@@ -185,33 +185,16 @@ def test_too_old_qemu_points_at_setup(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("VIOMMU_QEMU", str(old))
     assert cli.main(["up", "default", "--name", "old"]) == 1
     err = capsys.readouterr().err
-    assert "is 8.2" in err and "run `viommu setup`" in err and "add --setup" in err
+    assert "is QEMU 8.2" in err and "viommu setup" in err
 
 
-def test_demo_without_qemu_says_to_run_setup_before_starting_anything(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setenv("VIOMMU_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.delenv("VIOMMU_QEMU", raising=False)
-    started = time.monotonic()
-    assert cli.main(["demo"]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "run `viommu setup --arch x86_64`" in err, err
-    assert "add --setup" in err and time.monotonic() - started < 5  # no backend was started
-
-
-def test_setup_flag_runs_setup_for_the_vm_before_the_preflight(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_setup_flag_runs_setup_for_the_vm_it_boots(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(readiness, "ensure", lambda arch, kernels: calls.append(
-        ("ensure", arch, kernels)))
-    monkeypatch.setattr(readiness, "preflight", lambda arch, kernel: calls.append(
-        ("preflight", arch, kernel)))
-    args = cli.build_parser().parse_args(["up", "default", "--setup"])
-    readiness.prepare(args)
-    assert calls == [("ensure", "x86_64", ("7",)), ("preflight", "x86_64", None)]
-    calls.clear()
-    readiness.prepare(cli.build_parser().parse_args(["demo"]))
-    assert calls == [("preflight", "x86_64", None)]
+    monkeypatch.setattr(readiness, "ensure", lambda arch, kernels: calls.append((arch, kernels)))
+    for argv in (["up", "default", "--setup", "--kernel", "6.12"], ["demo", "--setup"], ["demo"]):
+        args = cli.build_parser().parse_args(argv)
+        readiness.setup_if_asked(args, getattr(args, "profile", "default"))
+    assert calls == [("x86_64", ("6.12",)), ("x86_64", ("7",))]
 
 
 def test_a_profile_path_is_kept_absolute_and_a_name_stays_a_name(
@@ -291,3 +274,18 @@ def test_table_aligns_columns_and_marks_empty_ones() -> None:
     assert views.table(("a", "bb"), [(1, None), ("long", 2)]).splitlines() == [
         "a     bb", "1     -", "long  2"]
     assert views.table(("a",), []).endswith("(none)")
+
+
+def test_inject_options_become_inject_event_arguments_and_back(backend: Backend) -> None:
+    argv = ["inject", "vm", "F_CD_FETCH", "--sid", "0x100", "--ssid", "1", "--fetch-addr",
+            "0x1000", "--count", "2"]
+    fields = inject_options.fields_from_args(cli.build_parser().parse_args(argv))
+    assert fields == {"ssid": 1, "fetch-addr": 0x1000, "count": 2}
+    reply = backend.control.call("inject-event", {"type": "F_CD_FETCH", "sid": 0x100, **fields})
+    assert reply["pending"] + reply["delivered"] + reply["lost"] == 2  # the backend takes them
+    options, rest = inject_options.options_from_fields(
+        {**fields, "privileged": True, "class": "TT", "fetch_addr": 0x2000, "stag": 3})
+    again = cli.build_parser().parse_args(["inject", "vm", "F_CD_FETCH", *options])
+    assert inject_options.fields_from_args(again) == {
+        **fields, "privileged": True, "class": "TT", "fetch-addr": 0x2000}
+    assert rest == {"stag": 3}  # no option for it

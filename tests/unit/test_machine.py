@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from viommu.vm import machine as machine_module
-from viommu.vm import paths, runs
+from viommu.vm import runs
 from viommu.vm.errors import BackendLaunchError, BootTimeout, VMLaunchError
 from viommu.vm.guest import GUEST_FAULT_WINDOW_S
 from viommu.vm.machine import Machine
@@ -48,8 +48,10 @@ def no_leftovers(vm: Machine) -> None:
 def test_a_kernel_qemu_cannot_open_is_a_launch_error_with_its_exit_status_and_log(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "no-such-kernel"
-    monkeypatch.setattr(paths, "guest_image", lambda: (missing, missing, {}))
     vm = Machine("default", workdir=tmp_path / "vm", accel="tcg", boot_timeout=5)
+    boot = vm.guest_kernel and vm.boot  # prepared: QEMU, the kernel and its initramfs
+    kernel = dataclasses.replace(boot.image.kernel, image=missing)
+    vm.boot = dataclasses.replace(boot, image=dataclasses.replace(boot.image, kernel=kernel))
     with pytest.raises(VMLaunchError) as failure:
         vm.launch()
     error = failure.value

@@ -3,11 +3,14 @@ VM driven from this process."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from viommu.provision.arch import ARCHES
+from viommu.provision.kernels import DEBIAN_SERIES, DEFAULT_KERNEL
 from viommu.vm import runs
 from viommu.vm.machine import Machine
 
@@ -34,3 +37,15 @@ def attached_vm(name: str) -> Iterator[tuple[Machine, runs.RunState, Path]]:
     finally:
         vm.release()
 
+
+
+def add_guest_arguments(parser: argparse.ArgumentParser) -> None:
+    """--kernel, --modules and --arch: which guest boots (fetched or built on first use)."""
+    parser.add_argument("--kernel", metavar="SPEC",
+                        help=f"the guest kernel: a Debian series ({', '.join(DEBIAN_SERIES)}; "
+                             f"default {DEFAULT_KERNEL}, or VIOMMU_KERNEL), a kernel build tree "
+                             "(as `vng` takes one), or a kernel image")
+    parser.add_argument("--modules", metavar="DIR",
+                        help="with --kernel IMAGE: its modules, a lib/modules/<release> tree")
+    parser.add_argument("--arch", choices=sorted(ARCHES),
+                        help="guest architecture (default x86_64, or VIOMMU_ARCH)")

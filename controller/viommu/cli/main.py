@@ -17,12 +17,15 @@ from viommu import __version__
 from viommu.backend import cli as backend_cli
 from viommu.backend.cli import int_arg
 from viommu.cli import readiness
-from viommu.cli.common import CliError
+from viommu.cli.common import CliError, add_guest_arguments, say
 from viommu.cli.endpoints import cmd_attach, cmd_detach
 from viommu.cli.session import cmd_down, cmd_ls, cmd_up
 from viommu.cli.terminal import DETACH_KEY_NAME
 from viommu.cli.vm_commands import cmd_console, cmd_inject, cmd_shell, cmd_state, cmd_trace
 from viommu.events.smmuv3 import ADDRESS_EVENTS, FETCH_EVENTS, EventId
+from viommu.provision import kconfig as kconfig_module
+from viommu.provision.arch import ARCHES, get_arch
+from viommu.provision.kernels import resolve_kernel
 from viommu.vm import runs
 from viommu.vm.console import ConsoleError
 from viommu.vm.errors import MachineError
@@ -34,8 +37,28 @@ EVENT_NAMES = [e.name for e in EventId]
 def cmd_demo(args: argparse.Namespace) -> int:
     from viommu.cli.demo import run_demo
 
-    readiness.prepare(args)
-    return run_demo(profile=args.profile, accel=args.accel, keep_logs=args.logs)
+    readiness.setup_if_asked(args, args.profile)
+    return run_demo(profile=args.profile, accel=args.accel, keep_logs=args.logs,
+                    kernel=args.kernel, modules=args.modules, arch=args.arch)
+
+
+def cmd_kconfig(args: argparse.Namespace) -> int:
+    """Print the fragment; with --kernel, check that kernel instead (exit 1 when it lacks
+    something)."""
+    if args.kernel is None:
+        say(kconfig_module.fragment(args.arch, args.feature).rstrip())
+        return 0
+    kernel = resolve_kernel(args.kernel, get_arch(args.arch), args.modules)
+    config = kconfig_module.read_config(kernel)
+    if config is None:
+        raise CliError(f"kernel {kernel.release}: no configuration found (no .config or "
+                       f"config-{kernel.release} beside it, no IKCONFIG in the image)")
+    gaps = kconfig_module.missing(kernel, config, args.feature)
+    if gaps:
+        say(kconfig_module.explain(kernel, gaps))
+        return 1
+    say(f"kernel {kernel.release} ({kernel.origin}) has what viommu needs")
+    return 0
 
 
 # --- the parser -------------------------------------------------------------------------------
@@ -58,14 +81,18 @@ def _session_commands(sub: Any) -> None:
 viommu up default              # qemu-configs/default.toml, named "default"
 viommu up default --name a     # a second one beside it
 viommu up default --accel tcg
-viommu up ./my-profile.toml    # a profile of your own, anywhere
-viommu up default --setup      # run `viommu setup` first""")
+viommu up default --kernel 6.12              # Debian's 6.12 LTS kernel (fetched once)
+viommu up default --kernel ~/src/linux       # the kernel you just built
+viommu up default --arch aarch64             # an arm64 guest on QEMU's virt machine
+viommu up ./my-profile.toml                  # a profile of your own, anywhere
+viommu up default --setup                    # run `viommu setup` for it first""")
     up.add_argument("profile", metavar="PROFILE",
                     help="machine profile: a name in qemu-configs/ or a .toml path")
     up.add_argument("--name", help="name to use it by (default: the profile's)")
     up.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     up.add_argument("--timeout", type=float, default=120, metavar="S",
                     help="seconds to wait for the guest's shell")
+    add_guest_arguments(up)
     readiness.add_setup_flag(up)
 
     ls = _add(sub, "ls", cmd_ls, "list VMs: name, profile, accel, pids, uptime, status", """
@@ -191,12 +218,26 @@ def _one_shot_commands(sub: Any) -> None:
                 "C_BAD_CD and F_TRANSLATION, show what the guest printed", """
 viommu demo
 viommu demo --accel tcg --logs /tmp/demo-logs
-viommu demo --setup            # run `viommu setup` first""")
+viommu demo --setup            # run `viommu setup` for it first""")
     demo.add_argument("--profile", default="default",
                       help="machine profile: a name in qemu-configs/ or a .toml path")
     demo.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     demo.add_argument("--logs", metavar="DIR", help="keep QEMU, console and backend logs here")
+    add_guest_arguments(demo)
     readiness.add_setup_flag(demo)
+
+    kconfig = _add(sub, "kconfig", cmd_kconfig, "what a guest kernel's configuration needs: a "
+                   "fragment to merge, or what a given kernel lacks", """
+viommu kconfig > viommu.config               # then, in the kernel tree:
+scripts/kconfig/merge_config.sh .config viommu.config
+viommu kconfig --arch aarch64 --feature vfio
+viommu kconfig --kernel ~/src/linux          # check a kernel: exit 1 if it lacks something""")
+    kconfig.add_argument("--arch", choices=sorted(ARCHES), default="x86_64")
+    kconfig.add_argument("--feature", action="append", choices=kconfig_module.FEATURES,
+                         help="only these features' options besides the basics (repeat; "
+                              "default: every feature)")
+    kconfig.add_argument("--kernel", metavar="SPEC", help="check this kernel instead")
+    kconfig.add_argument("--modules", metavar="DIR", help="with --kernel IMAGE: its modules")
 
     backend = _add(sub, "backend", backend_cli.run, backend_cli.HELP, backend_cli.EXAMPLES)
     backend_cli.add_arguments(backend)
@@ -231,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED_ERRORS as exc:
         if args.verbose:
             raise
-        hint = (" (or add --setup to this command)"
-                if isinstance(exc, SetupMissing) and hasattr(args, "setup") else "")
-        print(f"viommu {args.command}: error: {exc}{hint}", file=sys.stderr)
+        print(f"viommu {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
 

@@ -1,5 +1,5 @@
-"""`viommu setup`, and what `up` and `demo` check before they start anything: each missing
-piece is a SetupMissing that says to run `viommu setup`, and `--setup` runs it first."""
+"""`viommu setup` on the command line, and `--setup` for the commands that boot a VM: it
+runs the same set-up for that VM's architecture and kernel before anything starts."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import argparse
 import os
 from pathlib import Path
 
-from viommu.provision import DEFAULT_ARCH, DEFAULT_KERNEL, ensure, setup_cli
-from viommu.vm import paths
-from viommu.vm.paths import SetupMissing
+from viommu.provision import DEFAULT_KERNEL, ensure, setup_cli
+from viommu.vm.boot import choose_arch, choose_kernel
+from viommu.vm.profile import load_profile
 
 HELP = setup_cli.HELP
 EXAMPLES = setup_cli.EXAMPLES
@@ -25,36 +25,14 @@ def add_setup_flag(parser: argparse.ArgumentParser) -> None:
                         help="run `viommu setup` for this VM's architecture and kernel first")
 
 
-def target(args: argparse.Namespace) -> tuple[str, str | None]:
-    """(architecture, kernel SPEC) a command boots; the options are there once `up` and
-    `demo` take --arch and --kernel."""
-    return getattr(args, "arch", None) or DEFAULT_ARCH, getattr(args, "kernel", None)
-
-
-def prepare(args: argparse.Namespace) -> None:
-    """Before a command boots a VM: `viommu setup` when asked (--setup), then the pre-flight."""
-    arch, kernel = target(args)
-    if getattr(args, "setup", False):
-        ensure(arch, (kernel or DEFAULT_KERNEL,))
-    preflight(arch, kernel)
-
-
-def preflight(arch: str = DEFAULT_ARCH, kernel: str | None = None) -> None:
-    """What booting needs before it starts anything, each with what to do when it is missing."""
-    binary = paths.qemu_binary(arch)
-    version = paths.qemu_version(binary)
-    if version is None or version < paths.MIN_QEMU_VERSION:
-        found = "does not run" if version is None else f"is {version[0]}.{version[1]}"
-        need = ".".join(map(str, paths.MIN_QEMU_VERSION))
-        raise SetupMissing(f"QEMU {binary} {found}; viommu needs >= {need}: run `viommu setup` "
-                           "(it installs a private QEMU into its cache) or set VIOMMU_QEMU")
-    paths.guest_image(arch, kernel)
-    try:
-        os.close(os.memfd_create("viommu-check"))
-    except OSError as exc:
-        raise SetupMissing(f"no shared memory: memfd_create failed ({exc.strerror}); the "
-                           "backend maps guest RAM from a shared memfd: allow memfd_create "
-                           "(in a container, in its seccomp profile)") from None
+def setup_if_asked(args: argparse.Namespace, profile: str) -> None:
+    """--setup: `viommu setup` for the architecture and kernel this command boots (chosen as
+    Machine chooses them: options, environment, profile, defaults)."""
+    if not getattr(args, "setup", False):
+        return
+    loaded = load_profile(profile)
+    kernel = choose_kernel(args.kernel, loaded) or DEFAULT_KERNEL
+    ensure(choose_arch(args.arch, loaded), (kernel,))
 
 
 def profile_argument(profile: str) -> str:

@@ -15,18 +15,23 @@ from viommu.cli.terminal import DETACH_KEY_NAME, progress
 from viommu.vm import runs
 from viommu.vm.accel import detect_accel, kvm_unusable_reason
 from viommu.vm.machine import Machine
+from viommu.vm.paths import SetupMissing
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     name = runs.check_name(args.name or Path(args.profile).stem)
     directory = runs.run_dir(name)
     _clear_stale(directory, name)
-    readiness.prepare(args)
-    accel = _choose_accel(args.accel)
+    _preflight()
     profile = readiness.profile_argument(args.profile)
+    readiness.setup_if_asked(args, profile)
+    accel = _choose_accel(args.accel)
     machine = Machine(profile, accel=accel, name=name, run_dir=directory,
-                      boot_timeout=args.timeout)
-    with progress(f"booting {name} ({accel.upper()})"):
+                      boot_timeout=args.timeout, kernel=args.kernel, modules=args.modules,
+                      arch=args.arch)
+    machine.prepare()  # fetches or builds what is missing, with its own progress lines
+    with progress(f"booting {name} ({machine.arch}, {accel.upper()}, kernel "
+                  f"{machine.boot.image.kernel.release})"):
         machine.launch()
     machine.release()
     say(_up_usage(runs.RunState.load(directory), directory))
@@ -42,6 +47,17 @@ def _clear_stale(directory: Path, name: str) -> None:
                        f"use it, stop it with `viommu down {name}`, or pick another --name")
     note(f"removing the stale run directory of {name!r} (its QEMU is gone)")
     runs.remove_run(directory)
+
+
+def _preflight() -> None:
+    """What `up` needs of the host before it starts anything (QEMU, the kernel and its
+    initramfs are the Machine's to provide), with what to do when it is missing."""
+    try:
+        os.close(os.memfd_create("viommu-check"))
+    except OSError as exc:
+        raise SetupMissing(f"no shared memory: memfd_create failed ({exc.strerror}); the "
+                           "backend maps guest RAM from a shared memfd: allow memfd_create "
+                           "(in a container, in its seccomp profile)") from None
 
 
 def _choose_accel(requested: str) -> str:
@@ -70,8 +86,10 @@ def _up_usage(state: runs.RunState, directory: Path) -> str:
     ]
     width = max(len(c) for c, _ in commands)
     return "\n".join([
-        f"{n} is up: profile {state.profile}, {state.accel.upper()}, QEMU pid {state.qemu_pid}, "
-        f"backend pid {state.backend_pid}",
+        f"{n} is up: profile {state.profile}, {state.arch}, {state.accel.upper()}, QEMU pid "
+        f"{state.qemu_pid}, backend pid {state.backend_pid}",
+        f"kernel {state.kernel_release} ({state.kernel_origin})",
+        f"QEMU {state.qemu}",
         f"run directory: {directory} (sockets, state.json, logs)",
         f"console log:   {state.workdir}/console.log (kept while nobody is attached)", "",
         *(f"  {c.ljust(width)}   {what}" for c, what in commands)])
@@ -90,12 +108,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
             runs.remove_run(directory)
             status = "stale: removed"
         rows.append((state.name, state.profile, state.accel, state.qemu_pid, state.backend_pid,
-                     views.duration(state.uptime), status))
+                     views.duration(state.uptime), state.arch, state.kernel_release or None,
+                     status))
     if not rows:
         say(f"no VMs in {runs.run_root()}; start one with `viommu up default`")
         return 0
-    say(views.table(("name", "profile", "accel", "qemu", "backend", "uptime", "status"),
-                    rows))
+    say(views.table(("name", "profile", "accel", "qemu", "backend", "uptime", "arch", "kernel",
+                     "status"), rows))
     return 0
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from viommu.backend.backend import Backend
+from viommu.device.config import DeviceConfig
 from viommu.transport.sockets import listen_private_unix
 from viommu.vm.errors import BackendLaunchError
 from viommu.vm.processes import PidProcess, Supervised, end_process
@@ -53,13 +54,14 @@ class BackendSupervisor(Protocol):
 
 
 def supervisor(*, in_process: bool, vhost_socket: str, control_socket: str,
-               endpoint_ids: Sequence[int], log_path: Path,
-               detached: bool) -> BackendSupervisor:
+               endpoint_ids: Sequence[int], log_path: Path, detached: bool,
+               msi_window: tuple[int, int]) -> BackendSupervisor:
     """A backend to start: in a thread of this process, or in a process of its own (in a
-    session of its own, to outlive this process, when `detached`)."""
+    session of its own, to outlive this process, when `detached`). `msi_window`: the MSI
+    doorbell range of the platform, which PROBE reports as reserved."""
     if in_process:
-        return ThreadBackend(vhost_socket, control_socket, endpoint_ids, log_path)
-    return ChildBackend(vhost_socket, control_socket, endpoint_ids, log_path,
+        return ThreadBackend(vhost_socket, control_socket, endpoint_ids, log_path, msi_window)
+    return ChildBackend(vhost_socket, control_socket, endpoint_ids, log_path, msi_window,
                         new_session=detached)
 
 
@@ -76,18 +78,21 @@ class _ProcessBackend(Supervised):
 
 class ChildBackend(_ProcessBackend):
     def __init__(self, vhost_socket: str, control_socket: str, endpoint_ids: Sequence[int],
-                 log_path: Path, *, new_session: bool = False) -> None:
+                 log_path: Path, msi_window: tuple[int, int], *,
+                 new_session: bool = False) -> None:
         """`new_session`: a session of its own, so it outlives this process (`viommu up`)."""
         self.vhost_socket = vhost_socket
         self.control_socket = control_socket
         self.endpoint_ids = list(endpoint_ids)
         self.log_path = log_path
+        self.msi_window = msi_window
         self.new_session = new_session
 
     def command(self, vhost_fd: int, control_fd: int) -> list[str]:
         cmd = [sys.executable, "-m", "viommu.backend", "--socket", self.vhost_socket,
                "--control", self.control_socket, "--socket-fd", str(vhost_fd),
-               "--control-fd", str(control_fd)]
+               "--control-fd", str(control_fd),
+               "--msi-window", "{:#x}-{:#x}".format(*self.msi_window)]
         for endpoint in self.endpoint_ids:
             cmd += ["--endpoint", str(endpoint)]
         return cmd
@@ -125,8 +130,9 @@ class ThreadBackend:
     pid = None  # it runs in this process
 
     def __init__(self, vhost_socket: str, control_socket: str, endpoint_ids: Sequence[int],
-                 log_path: Path) -> None:
-        self.backend = Backend(vhost_socket, control_socket, list(endpoint_ids))
+                 log_path: Path, msi_window: tuple[int, int]) -> None:
+        self.backend = Backend(vhost_socket, control_socket, list(endpoint_ids),
+                               DeviceConfig(resv_msi=msi_window))
         self.log_path = log_path
         self._handler: logging.Handler | None = None
         self._threads: list[threading.Thread] = []

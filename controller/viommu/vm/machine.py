@@ -31,9 +31,13 @@ from viommu.vm.backend_supervisor import (
     ThreadBackend,
     supervisor,
 )
+from viommu.vm.boot import GuestBoot, choose_arch, choose_kernel
+from viommu.vm.boot import prepare as prepare_boot
 from viommu.vm.console import CommandResult, Console, ConsoleClosed, ConsoleError
+from viommu.vm.devicetree import write_dtb
 from viommu.vm.errors import QMP_ERRORS, BootTimeout, MachineError, VMLaunchError, launch_failure
 from viommu.vm.guest import GUEST_FAULT_LINE, GuestShell, wait_fault_window
+from viommu.vm.guest_kernel import GuestKernel
 from viommu.vm.hotplug import HotpluggedEndpoint
 from viommu.vm.nic import NicTap
 from viommu.vm.profile import Profile, load_profile
@@ -55,7 +59,8 @@ class Machine:
                  accel: str = "auto", name: str = "vm", boot_timeout: float = 120,
                  backend_in_process: bool = False, iommu: str | None = None,
                  network: PrivateNetwork | None = None,
-                 run_dir: Path | str | None = None) -> None:
+                 run_dir: Path | str | None = None, kernel: str | None = None,
+                 modules: str | Path | None = None, arch: str | None = None) -> None:
         """`iommu` overrides the profile's: "viommu" (ours), "qemu" (QEMU's in-process
         virtio-iommu-pci, to compare against) or "none". `network`: the segment the VM's NIC
         joins (the profile's [network], or its defaults); VMs given the same one can talk.
@@ -66,11 +71,22 @@ class Machine:
 
         `run_dir` makes a detached VM (`viommu up`): QEMU and the backend run in sessions of
         their own and outlive this process; sockets, logs and state.json live in `run_dir`,
-        and `Machine.attach(run_dir)` drives the VM again from another process."""
+        and `Machine.attach(run_dir)` drives the VM again from another process.
+
+        `kernel`: a kernel SPEC (viommu.provision.kernels: a Debian series such as "7" or
+        "6.12", a kernel build tree, or an image with `modules`), `arch` the guest
+        architecture ("x86_64", "aarch64"); unset, VIOMMU_KERNEL and VIOMMU_ARCH, then the
+        profile's, then the defaults decide. Whatever is missing is fetched or built at
+        launch, and a kernel lacking an option viommu needs is refused before it boots
+        (viommu.vm.boot.KernelRefused)."""
         self.profile = load_profile(profile) if isinstance(profile, str) else profile
         self._profile_ref = profile if isinstance(profile, str) else self.profile.name
         if iommu is not None:
             self.profile = dataclasses.replace(self.profile, iommu=iommu)
+        self.arch = choose_arch(arch, self.profile)
+        self.kernel_spec = choose_kernel(kernel, self.profile)
+        self.kernel_modules = modules or self.profile.kernel_modules
+        self.boot: GuestBoot | None = None  # what launch() boots, once prepared
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._nic = NicTap(self.profile.network, network)
         self.accel = detect_accel() if accel == "auto" else accel
@@ -85,6 +101,7 @@ class Machine:
         self.vhost_socket = self._sockets["vhost-user"]
         self.control_socket = self._sockets["control"]
         self._viot = self.workdir / "viot.bin"
+        self._dtb = self.workdir / "virt.dtb"
         self._backend: BackendSupervisor | None = None
         self._control = QmpChannel(self.control_socket, "backend")
         self._qemu = QemuProcess(
@@ -135,6 +152,34 @@ class Machine:
     def endpoint_ids(self) -> list[int]:
         return [self.profile.endpoint_id(ep) for ep in self.profile.endpoints]
 
+    @property
+    def guest_kernel(self) -> GuestKernel:
+        """What the guest's kernel does that others do not (viommu.vm.guest_kernel)."""
+        return self._prepared().guest
+
+    @property
+    def table_area(self) -> tuple[int, int]:
+        """(guest-physical base, size) of the RAM reserved from the guest kernel for tables
+        tests write: the profile's offset into the platform's RAM."""
+        return (self._prepared().platform.ram_base + self.profile.table_area_base,
+                self.profile.table_area_size)
+
+    def prepare(self) -> GuestBoot:
+        """Decide and provide what boots (QEMU, the kernel and its initramfs, fetched or
+        built on first use), and check the kernel's configuration; launch() does this first
+        if nobody did. KernelRefused or SetupMissing say what to do."""
+        return self._prepared()
+
+    def _prepared(self) -> GuestBoot:
+        if self.boot is None:
+            self.boot = prepare_boot(self.profile, self.arch, self.kernel_spec,
+                                     self.kernel_modules, self._features())
+        return self.boot
+
+    def _features(self) -> list[str]:
+        """What this VM's profile uses beyond the basics (kconfig feature names)."""
+        return ["network"] if self.profile.network is not None else []
+
     # --- launch -------------------------------------------------------------------------------
 
     def launch(self) -> None:
@@ -156,12 +201,18 @@ class Machine:
         log.info("%s booted in %.1f s (%s)", self.name, self.boot_seconds, self.accel)
 
     def _prepare(self) -> None:
-        """The work directory, the private socket directory, the VIOT and the NIC's tap."""
+        """What boots (QEMU, kernel, initramfs, checked), the work directory, the private
+        socket directory, the VIOT or the device tree, and the NIC's tap."""
+        boot = self._prepared()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._sockdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self._sockdir, 0o700)
-        if self.profile.iommu == "viommu":
+        if self.profile.iommu == "viommu" and boot.platform.topology == "viot":
             self._viot.write_bytes(build_viot(self.profile.iommu_bdf, self.profile.viot_ranges()))
+        elif self.profile.iommu == "viommu":
+            write_dtb(self._command_line().dump_dtb_command(self._dtb.with_suffix(".qemu.dtb")),
+                      self._dtb, self.profile.iommu_bdf, self.profile.viot_ranges(),
+                      self.table_area)
         self._nic.nic()
 
     def _start_backend(self) -> None:
@@ -170,7 +221,8 @@ class Machine:
         self._backend = supervisor(
             in_process=self.backend_in_process, vhost_socket=self.vhost_socket,
             control_socket=self.control_socket, endpoint_ids=self.endpoint_ids,
-            log_path=self.workdir / "backend.log", detached=self.run_dir is not None)
+            log_path=self.workdir / "backend.log", detached=self.run_dir is not None,
+            msi_window=self._prepared().platform.msi_window)
         self._backend.start()
 
     def _start_qemu(self) -> None:
@@ -212,11 +264,17 @@ class Machine:
     # --- QEMU's command line --------------------------------------------------------------------
 
     def qemu_command(self) -> list[str]:
-        """QEMU's command line (viommu.vm.qemu_cmdline); launch() writes the VIOT it names."""
+        """QEMU's command line (viommu.vm.qemu_cmdline); launch() writes the VIOT or the
+        device tree it names."""
+        return self._command_line().args()
+
+    def _command_line(self) -> QemuCommandLine:
+        boot = self._prepared()
         console_log = self.workdir / "console.log" if self.run_dir is not None else None
+        dtb = self._dtb if boot.platform.topology == "devicetree" else None
         return QemuCommandLine(self.profile, self.name, self.accel, self._sockets["serial"],
-                               self._sockets["qmp"], self.vhost_socket, self._viot,
-                               detached_console_log=console_log, nic=self._nic.nic()).args()
+                               self._sockets["qmp"], self.vhost_socket, self._viot, boot, dtb,
+                               detached_console_log=console_log, nic=self._nic.nic())
 
     # --- shutdown -------------------------------------------------------------------------------
 
@@ -300,9 +358,13 @@ class Machine:
 
     def _save_run_state(self) -> None:
         backend_pid = self._backend.pid if self._backend is not None else None
+        boot = self._prepared()
         runs.RunState(name=self.name, profile=self._profile_ref, accel=self.accel,
                       qemu_pid=self._qemu.pid, backend_pid=backend_pid, started=time.time(),
-                      workdir=str(self.workdir), sockets=dict(self._sockets)).save(self.run_dir)
+                      workdir=str(self.workdir), sockets=dict(self._sockets), arch=self.arch,
+                      kernel=self.kernel_spec, kernel_release=boot.image.kernel.release,
+                      kernel_origin=boot.image.kernel.origin,
+                      qemu=boot.qemu_description).save(self.run_dir)
 
     @classmethod
     def attach(cls, run_dir: Path | str) -> Machine:
@@ -311,7 +373,7 @@ class Machine:
         client at a time). `release()` lets go of it, `shutdown()` ends it."""
         state = runs.RunState.load(Path(run_dir))
         vm = cls(state.profile, workdir=state.workdir, accel=state.accel, name=state.name,
-                 run_dir=run_dir)
+                 run_dir=run_dir, kernel=state.kernel, arch=state.arch)
         vm._shell.lazy = True
         vm._qemu.adopt(state.qemu_pid)
         if not vm._qemu.running():

@@ -69,6 +69,11 @@ class RunState:
     workdir: str  # logs: qemu.log, console.log, backend.log
     sockets: dict[str, str] = dataclasses.field(default_factory=dict)
     endpoints: list[dict] = dataclasses.field(default_factory=list)  # hot-plugged DMA endpoints
+    arch: str = "x86_64"
+    kernel: str | None = None  # the kernel SPEC as given (None: the default)
+    kernel_release: str = ""  # what booted: `uname -r` ...
+    kernel_origin: str = ""  # ... and where it came from, with its exact version
+    qemu: str = ""  # the QEMU binary and its version
 
     def save(self, directory: Path) -> None:
         tmp = directory / f".{STATE_FILE}.tmp"
