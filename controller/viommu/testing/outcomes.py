@@ -1,0 +1,91 @@
+"""What became of each test: pytest reports a test in phases (setup, call, teardown); this
+folds them into one outcome per test, in the order tests finished, for the KTAP and JSON
+results (viommu.testing.ktap, viommu.testing.results). Only pytest and the standard library
+are imported here: the plugin loads it in every pytest run."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# What a result counts as, as kselftest counts (tools/testing/selftests/kselftest.h).
+RESULTS = ("pass", "fail", "xfail", "xpass", "skip", "error")
+FAILED = ("fail", "error")
+# KCIDB's test status vocabulary (kernelci/kcidb-io schema), for results.json.
+KCIDB_STATUS = {"pass": "PASS", "fail": "FAIL", "xfail": "PASS", "xpass": "PASS",
+                "skip": "SKIP", "error": "ERROR"}
+DETAIL_LINES = 15
+
+
+@dataclasses.dataclass
+class Outcome:
+    nodeid: str
+    result: str = "pass"  # one of RESULTS
+    reason: str = ""  # one line: why it failed, erred or was skipped
+    details: str = ""  # the failure as pytest printed it (its last lines)
+    duration: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.result in FAILED
+
+
+def _reason(report: Any) -> str:
+    """One line saying why: a skip's reason, else the exception pytest reported."""
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # a skip: (path, line, message)
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    crash = getattr(longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else (report.longreprtext or "")
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if crash is not None and lines else (lines[-1] if lines else "")
+
+
+def _details(report: Any) -> str:
+    lines = (report.longreprtext or "").rstrip().splitlines()
+    return "\n".join(lines[-DETAIL_LINES:])
+
+
+class OutcomeLog:
+    """Outcomes as the reports of their phases arrive (in xdist's controller too)."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome] = []
+        self._running: dict[str, Outcome] = {}
+
+    def add(self, report: Any) -> Outcome | None:
+        """Fold in one phase's TestReport; returns the test's Outcome once it is complete."""
+        outcome = self._running.setdefault(report.nodeid, Outcome(report.nodeid))
+        outcome.duration += report.duration
+        xfail = hasattr(report, "wasxfail")
+        if report.when == "setup" and not report.passed:
+            outcome.result = "error" if report.failed else "xfail" if xfail else "skip"
+            outcome.reason = report.wasxfail if xfail else _reason(report)
+        elif report.when == "call":
+            if xfail:  # pytest reports an expected failure as skipped, a non-strict pass passed
+                outcome.result = "xfail" if report.skipped else "xpass"
+                outcome.reason = report.wasxfail
+            elif not report.passed:
+                outcome.result = "fail" if report.failed else "skip"
+                outcome.reason = _reason(report)
+        elif report.when == "teardown" and report.failed and not outcome.failed:
+            outcome.result = "error"
+            outcome.reason = f"teardown: {_reason(report)}"
+        if report.failed and not outcome.details:
+            outcome.details = _details(report)
+        if report.when != "teardown":
+            return None
+        self.outcomes.append(self._running.pop(report.nodeid))
+        return outcome
+
+    def add_collection_error(self, report: Any) -> None:
+        """A test file that could not be collected: its tests never ran, which CI must see."""
+        self.outcomes.append(Outcome(report.nodeid or "collection", "error",
+                                     f"collection failed: {_reason(report)}",
+                                     _details(report)))
+
+    def totals(self) -> dict[str, int]:
+        counts = dict.fromkeys(RESULTS, 0)
+        for outcome in self.outcomes:
+            counts[outcome.result] += 1
+        return counts
