@@ -97,6 +97,7 @@ def not_set_up(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Pa
     monkeypatch.setenv("VIOMMU_CACHE", str(cache))
     for variable in ("VIOMMU_QEMU", "VIOMMU_ARCH", "VIOMMU_KERNEL"):
         monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("COLUMNS", "200")  # summary lines whole
     return cache
 
 
