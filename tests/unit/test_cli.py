@@ -274,6 +274,9 @@ def test_table_aligns_columns_and_marks_empty_ones() -> None:
     assert views.table(("a", "bb"), [(1, None), ("long", 2)]).splitlines() == [
         "a     bb", "1     -", "long  2"]
     assert views.table(("a",), []).endswith("(none)")
+    wide = "x" * 300  # never wrapped, whatever the terminal; brackets are text, not markup
+    assert views.table(("a", "b"), [(wide, "[bold]R[/]")]).splitlines()[1] == (
+        f"{wide}  [bold]R[/]")
 
 
 def test_inject_options_become_inject_event_arguments_and_back(backend: Backend) -> None:
