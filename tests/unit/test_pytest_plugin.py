@@ -168,7 +168,8 @@ def test_ktap_output_counts_as_pytest_does(pytester: pytest.Pytester, not_set_up
     assert by_name["test_outcomes.py::test_expected_failure"].endswith("# XFAIL known driver bug")
     assert "test_outcomes.py::test_odd_names[a_b]" in by_name  # no '#' in a KTAP name
     failing = lines.index(by_name["test_outcomes.py::test_fails"])
-    assert "# E       AssertionError: the answer # is wrong" in lines[:failing]
+    assert lines[failing - 3:failing] == ["# AssertionError: the answer # is wrong",
+                                          "# assert (6 * 7) == 43", "# at test_outcomes.py:20"]
 
 
 def test_results_dir_has_a_summary_of_every_test(pytester: pytest.Pytester,

@@ -6,6 +6,7 @@ are imported here: the plugin loads it in every pytest run."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 # What a result counts as, as kselftest counts (tools/testing/selftests/kselftest.h).
@@ -42,8 +43,23 @@ def _reason(report: Any) -> str:
 
 
 def _details(report: Any) -> str:
-    lines = (report.longreprtext or "").rstrip().splitlines()
-    return "\n".join(lines[-DETAIL_LINES:])
+    """The exception pytest reported and where the test was when it was raised; else the
+    last lines of the report."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if crash is None:
+        return "\n".join((report.longreprtext or "").rstrip().splitlines()[-DETAIL_LINES:])
+    where = _test_frame(report) or f"{crash.path}:{crash.lineno}"
+    return "\n".join([*crash.message.splitlines()[:DETAIL_LINES], f"at {where}"])
+
+
+def _test_frame(report: Any) -> str | None:
+    """path:line of the innermost traceback entry in the test's own file."""
+    test_file = Path(report.location[0]).name
+    entries = getattr(getattr(report.longrepr, "reprtraceback", None), "reprentries", [])
+    places = [entry.reprfileloc for entry in entries
+              if getattr(entry, "reprfileloc", None) is not None]
+    mine = [p for p in places if Path(p.path).name == test_file]
+    return f"{mine[-1].path}:{mine[-1].lineno}" if mine else None
 
 
 class OutcomeLog:
