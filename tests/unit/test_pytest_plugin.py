@@ -6,6 +6,7 @@ And the results it writes for kernel CI: KTAP that a TAP parser (tap.py) counts 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,20 @@ def test_ktap_output_counts_as_pytest_does(pytester: pytest.Pytester, not_set_up
     failing = lines.index(by_name["test_outcomes.py::test_fails"])
     assert lines[failing - 3:failing] == ["# AssertionError: the answer # is wrong",
                                           "# assert (6 * 7) == 43", "# at test_outcomes.py:20"]
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist"])
+def test_a_file_that_cannot_be_collected_is_one_error_in_ktap(
+        pytester: pytest.Pytester, not_set_up: Path, workers: list[str]) -> None:
+    pytester.makepyfile(test_fine="def test_fine():\n    pass\n",
+                        test_broken="import no_such_module\n")
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--viommu-ktap", "out.ktap",
+                                  *workers)
+    text = (pytester.path / "out.ktap").read_text()
+    # pytest stops before running tests when a file cannot be collected; xdist runs the rest
+    assert ktap_results(text)["not ok"] == 1
+    assert re.search(r"^not ok \d test_broken.py # ERROR collection failed: "
+                     r"ModuleNotFoundError", text, re.M), text
 
 
 def test_results_dir_has_a_summary_of_every_test(pytester: pytest.Pytester,

@@ -6,6 +6,7 @@ are imported here: the plugin loads it in every pytest run."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,9 @@ def _reason(report: Any) -> str:
         return str(longrepr[2]).removeprefix("Skipped: ")
     crash = getattr(longrepr, "reprcrash", None)
     text = crash.message if crash is not None else (report.longreprtext or "")
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    # pytest's "E   " marks the exception's lines
+    lines = [re.sub(r"^E\s+", "", line.strip()) for line in str(text).splitlines()
+             if line.strip()]
     return lines[0] if crash is not None and lines else (lines[-1] if lines else "")
 
 
@@ -95,10 +98,12 @@ class OutcomeLog:
         return outcome
 
     def add_collection_error(self, report: Any) -> None:
-        """A test file that could not be collected: its tests never ran, which CI must see."""
-        self.outcomes.append(Outcome(report.nodeid or "collection", "error",
-                                     f"collection failed: {_reason(report)}",
-                                     _details(report)))
+        """A test file that could not be collected: its tests never ran, which CI must see
+        (once, though every xdist worker reports it)."""
+        nodeid = report.nodeid or "collection"
+        if all(outcome.nodeid != nodeid for outcome in self.outcomes):
+            self.outcomes.append(Outcome(nodeid, "error", f"collection failed: "
+                                         f"{_reason(report)}", _details(report)))
 
     def totals(self) -> dict[str, int]:
         counts = dict.fromkeys(RESULTS, 0)
