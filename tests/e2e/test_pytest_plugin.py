@@ -34,6 +34,7 @@ def test_injected_fault_reaches_the_guest(inject, expect_guest_line):
     expect_guest_line(r"virtio_iommu virtio\d+: unknown fault from EP 256$")
 
 
+@pytest.mark.viommu_endpoint(vfio=True)  # bound to vfio-pci: in a group on every kernel
 def test_a_hot_plugged_endpoint_gets_an_iommu_group(guest, dma_endpoint):
     assert guest.run(f"test -e /sys/bus/pci/devices/{dma_endpoint.sysfs_name}/iommu_group"
                      ).status == 0

@@ -63,6 +63,9 @@ def plugged(vm: Machine, server: EndpointServer) -> Iterator[Machine]:
     left it in."""
     vm.qmp("device_add", driver="vfio-user-pci", id="dma1", bus="rp1",
            socket={"type": "unix", "path": server.socket_path})
+    if not vm.guest_kernel.attaches_at_registration:  # 6.12: attached at driver bind
+        wait_for("the guest to enumerate 02:00.0", lambda: vm.run(f"test -e {SYSFS}").status == 0)
+        vm.run("viommu-vfio bind 0000:02:00.0").check()
     wait_for("the guest to enumerate 02:00.0 into an IOMMU group",
              lambda: vm.run(f"test -e {SYSFS}/iommu_group").status == 0)
     yield vm

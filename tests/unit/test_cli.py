@@ -292,3 +292,33 @@ def test_inject_options_become_inject_event_arguments_and_back(backend: Backend)
     assert inject_options.fields_from_args(again) == {
         **fields, "privileged": True, "class": "TT", "fetch-addr": 0x2000}
     assert rest == {"stag": 3}  # no option for it
+
+
+def test_a_kernel_lacking_an_option_is_refused_in_one_line_before_anything_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from test_provision import GOOD_CONFIG, build_tree
+
+    tree = build_tree(tmp_path, GOOD_CONFIG.replace("CONFIG_VIRTIO_IOMMU=m\n", ""))
+    monkeypatch.setenv("VIOMMU_RUN_DIR", str(tmp_path / "runs"))
+    assert cli.main(["up", "default", "--name", "refused", "--kernel", str(tree)]) == 1
+    err = capsys.readouterr().err
+    assert "lacks what viommu needs: CONFIG_VIRTIO_IOMMU (the guest's virtio-iommu driver)" in err
+    errors = [line for line in err.splitlines() if not line.startswith("viommu: note:")]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert not (tmp_path / "runs" / "refused" / "state.json").exists()
+
+
+def test_kconfig_prints_a_fragment_and_checks_a_kernel(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    from test_provision import GOOD_CONFIG, build_tree
+
+    assert cli.main(["kconfig", "--feature", "vfio"]) == 0
+    fragment = capsys.readouterr().out
+    assert "CONFIG_VIRTIO_IOMMU=y" in fragment and "CONFIG_VFIO_PCI=y" in fragment
+    assert "CONFIG_VIRTIO_BLK=y" not in fragment  # only the features asked for
+    good = build_tree(tmp_path / "good")
+    assert cli.main(["kconfig", "--kernel", str(good)]) == 0
+    assert "has what viommu needs" in capsys.readouterr().out
+    bad = build_tree(tmp_path / "bad", GOOD_CONFIG.replace("CONFIG_ACPI_VIOT=y\n", ""))
+    assert cli.main(["kconfig", "--kernel", str(bad)]) == 1
+    assert "CONFIG_ACPI_VIOT" in capsys.readouterr().out

@@ -140,8 +140,13 @@ _MODULE_OF = {"VIRTIO_IOMMU": "virtio_iommu", "VFIO_PCI": "vfio_pci", "VFIO": "v
               "VIRTIO_NET": "virtio_net", "VIRTIO_PCI": "virtio_pci"}
 
 
+def module_of(option: str) -> str:
+    """The module an `=m` option builds."""
+    return _MODULE_OF.get(option, option.lower())
+
+
 def _module_for(option: str, modules: dict[str, Path]) -> bool:
-    return _MODULE_OF.get(option, option.lower()) in modules
+    return module_of(option) in modules
 
 
 def explain(kernel: Kernel, gaps: list[Requirement]) -> str:

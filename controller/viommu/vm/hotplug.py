@@ -37,8 +37,12 @@ def plug(vm: Machine, port: int, name: str | None, pri: bool,
     vm.qmp("device_add", driver="vfio-user-pci", id=name, bus=f"rp{port}",
            socket={"type": "unix", "path": sock})
     endpoint = HotpluggedEndpoint(name, endpoint_id, port)
-    poll(f"the guest to put {endpoint.sysfs_name} in an IOMMU group", timeout,
-         lambda: vm.run(f"test -e /sys/bus/pci/devices/{endpoint.sysfs_name}/iommu_group"
+    # Kernels that attach endpoints when the IOMMU registers give it an IOMMU group at once;
+    # older ones only when a driver binds it (viommu.vm.guest_kernel).
+    ready = "iommu_group" if vm.guest_kernel.attaches_at_registration else ""
+    poll(f"the guest to enumerate {endpoint.sysfs_name}"
+         f"{' into an IOMMU group' if ready else ''}", timeout,
+         lambda: vm.run(f"test -e /sys/bus/pci/devices/{endpoint.sysfs_name}/{ready}"
                         ).status == 0)
     return endpoint
 

@@ -401,7 +401,9 @@ class Machine:
     def add_endpoint(self, port: int, name: str | None = None, pri: bool = False,
                      timeout: float = 30) -> HotpluggedEndpoint:
         """Hot-plug a DMA endpoint served by the backend (vfio-user) into root port `port`
-        (with PCIe PRI when `pri`); returns once the guest has it in an IOMMU group."""
+        (with PCIe PRI when `pri`); returns once the guest has enumerated it, and where the
+        kernel attaches endpoints when the IOMMU registers, put it in an IOMMU group (older
+        kernels do when a driver binds it: `viommu-vfio bind`)."""
         return hotplug.plug(self, port, name, pri, timeout)
 
     def remove_endpoint(self, endpoint: HotpluggedEndpoint, timeout: float = 30) -> None:
