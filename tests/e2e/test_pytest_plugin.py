@@ -85,7 +85,8 @@ def test_junit_report_and_two_xdist_workers_each_with_its_own_vm(
     assert "marker-of-the-failing-test" in (failing / "console.log").read_text()
     assert "F_TRANSLATION sid=0x100" in (failing / "backend-trace.txt").read_text()
     reproducer = (failing / "reproduce.sh").read_text()
-    assert re.search(r'^"\$VIOMMU" up default --name "\$NAME" --arch x86_64', reproducer, re.M)
+    assert re.search(r'^"\$VIOMMU" up default --name "\$NAME" --arch \S+ --kernel \S+$',
+                     reproducer, re.M), reproducer
     assert re.search(r'^"\$VIOMMU" inject "\$NAME" F_TRANSLATION --sid 0x100 --addr 0x7000 '
                      r"--access write$", reproducer, re.M)
     summary = json.loads((results / "results.json").read_text())
