@@ -1,13 +1,17 @@
 """The pytest plugin from the outside (pytester): a pytest run with --junitxml and two
 pytest-xdist workers, so two VMs boot side by side (one each) in one inner run. A failing
 test's junit XML carries its console excerpt and backend trace; the workers' VMs share no
-name, process or socket."""
+name, process or socket. The same run writes KTAP and a results directory: every guest
+test's console log, backend trace and reproduce.sh."""
 
 from __future__ import annotations
 
+import json
+import re
 import xml.etree.ElementTree as ET
 
 import pytest
+from tap.parser import Parser
 
 from viommu.provision.cache import cache_root
 
@@ -55,7 +59,7 @@ def test_junit_report_and_two_xdist_workers_each_with_its_own_vm(
     logs = pytester.path / "vm-logs"
     result = pytester.runpytest_subprocess(
         "-n", "2", "--junitxml=junit.xml", f"--viommu-logs={logs}", "-p", "no:cacheprovider",
-        timeout=600)
+        "--viommu-results=results", timeout=600)
     result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(["*viommu: guest console during this test*",
                                  "*marker-of-the-failing-test*"])
@@ -72,3 +76,19 @@ def test_junit_report_and_two_xdist_workers_each_with_its_own_vm(
     names, pids, sockets = zip(*(vm.split() for vm in vms), strict=True)
     assert sorted(names) == ["session-gw0", "session-gw1"]
     assert len(set(pids)) == 2 and len(set(sockets)) == 2
+
+    results = pytester.path / "results"
+    ktap = [line for line in Parser().parse_text((results / "results.ktap").read_text())
+            if line.category == "test"]
+    assert sorted(line.ok for line in ktap) == [False, True, True, True]
+    failing = results / "test_inner.py_test_that_fails"
+    assert "marker-of-the-failing-test" in (failing / "console.log").read_text()
+    assert "F_TRANSLATION sid=0x100" in (failing / "backend-trace.txt").read_text()
+    reproducer = (failing / "reproduce.sh").read_text()
+    assert re.search(r'^"\$VIOMMU" up default --name "\$NAME" --arch \S+ --kernel \S+$',
+                     reproducer, re.M), reproducer
+    assert re.search(r'^"\$VIOMMU" inject "\$NAME" F_TRANSLATION --sid 0x100 --addr 0x7000 '
+                     r"--access write$", reproducer, re.M)
+    summary = json.loads((results / "results.json").read_text())
+    assert {t["artifacts"] for t in summary["tests"]} == {
+        path.name for path in results.iterdir() if path.is_dir()}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from viommu.backend.backend import Backend
-from viommu.cli import endpoints, views
+from viommu.cli import endpoints, inject_options, readiness, views
 from viommu.cli import main as cli
 from viommu.cli.tracing import TraceFollower, format_entry
 from viommu.events.smmuv3 import EventId, EventRecord
@@ -20,7 +20,7 @@ from viommu.transport.control import CommandError
 from viommu.vm import runs
 
 SUBCOMMANDS = ["up", "ls", "down", "console", "inject", "trace", "state", "attach", "detach",
-               "shell", "demo", "backend"]
+               "shell", "demo", "backend", "setup"]
 NAMED = ["down", "console", "trace", "state", "shell"]
 
 
@@ -188,6 +188,23 @@ def test_too_old_qemu_points_at_setup(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "is QEMU 8.2" in err and "viommu setup" in err
 
 
+def test_setup_flag_runs_setup_for_the_vm_it_boots(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(readiness, "ensure", lambda arch, kernels: calls.append((arch, kernels)))
+    for argv in (["up", "default", "--setup", "--kernel", "6.12"], ["demo", "--setup"], ["demo"]):
+        args = cli.build_parser().parse_args(argv)
+        readiness.setup_if_asked(args, getattr(args, "profile", "default"))
+    assert calls == [("x86_64", ("6.12",)), ("x86_64", ("7",))]
+
+
+def test_a_profile_path_is_kept_absolute_and_a_name_stays_a_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert readiness.profile_argument("default") == "default"
+    assert readiness.profile_argument("./mine.toml") == str(tmp_path / "mine.toml")
+    assert readiness.profile_argument("sub/mine") == str(tmp_path / "sub" / "mine")
+
+
 def test_unknown_profile_lists_the_known_ones(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["up", "no-such-profile"]) == 1
     assert "known: default" in capsys.readouterr().err
@@ -257,6 +274,24 @@ def test_table_aligns_columns_and_marks_empty_ones() -> None:
     assert views.table(("a", "bb"), [(1, None), ("long", 2)]).splitlines() == [
         "a     bb", "1     -", "long  2"]
     assert views.table(("a",), []).endswith("(none)")
+    wide = "x" * 300  # never wrapped, whatever the terminal; brackets are text, not markup
+    assert views.table(("a", "b"), [(wide, "[bold]R[/]")]).splitlines()[1] == (
+        f"{wide}  [bold]R[/]")
+
+
+def test_inject_options_become_inject_event_arguments_and_back(backend: Backend) -> None:
+    argv = ["inject", "vm", "F_CD_FETCH", "--sid", "0x100", "--ssid", "1", "--fetch-addr",
+            "0x1000", "--count", "2"]
+    fields = inject_options.fields_from_args(cli.build_parser().parse_args(argv))
+    assert fields == {"ssid": 1, "fetch-addr": 0x1000, "count": 2}
+    reply = backend.control.call("inject-event", {"type": "F_CD_FETCH", "sid": 0x100, **fields})
+    assert reply["pending"] + reply["delivered"] + reply["lost"] == 2  # the backend takes them
+    options, rest = inject_options.options_from_fields(
+        {**fields, "privileged": True, "class": "TT", "fetch_addr": 0x2000, "stag": 3})
+    again = cli.build_parser().parse_args(["inject", "vm", "F_CD_FETCH", *options])
+    assert inject_options.fields_from_args(again) == {
+        **fields, "privileged": True, "class": "TT", "fetch-addr": 0x2000}
+    assert rest == {"stag": 3}  # no option for it
 
 
 def test_a_kernel_lacking_an_option_is_refused_in_one_line_before_anything_starts(

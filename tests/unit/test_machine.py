@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import subprocess
 import time
 from pathlib import Path
 
@@ -87,3 +88,37 @@ def test_a_guest_too_slow_for_the_boot_timeout_is_a_boot_timeout(tmp_path: Path)
     assert error.command[0].endswith("qemu-system-x86_64")
     assert time.monotonic() - started < 60
     no_leftovers(vm)
+
+
+def test_a_socket_qemu_has_bound_but_not_yet_listens_on_is_tried_again(tmp_path: Path) -> None:
+    """QEMU binds a socket (its file appears) just before it listens: a connection in
+    between is refused, and connecting again once it listens succeeds."""
+    import socket
+    import threading
+
+    from viommu.vm.qemu_process import QemuProcess
+
+    path = str(tmp_path / "serial.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)  # bound, not listening: connecting is refused
+    qemu = QemuProcess(name="vm", serial_socket=path, qmp_socket=str(tmp_path / "qmp.sock"),
+                       log_path=tmp_path / "qemu.log", console_log=tmp_path / "console.log",
+                       detached=True)
+    qemu.proc = subprocess.Popen(["sleep", "30"])
+    attempts = []
+
+    def connect() -> None:
+        attempts.append(1)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)
+
+    timer = threading.Timer(0.2, server.listen)
+    timer.start()
+    try:
+        qemu._once_listening(connect)
+    finally:
+        timer.join()
+        qemu.proc.kill()
+        qemu.proc.wait()
+        server.close()
+    assert len(attempts) > 1

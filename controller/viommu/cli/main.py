@@ -16,6 +16,7 @@ from typing import Any
 from viommu import __version__
 from viommu.backend import cli as backend_cli
 from viommu.backend.cli import int_arg
+from viommu.cli import readiness
 from viommu.cli.common import CliError, add_guest_arguments, say
 from viommu.cli.endpoints import cmd_attach, cmd_detach
 from viommu.cli.session import cmd_down, cmd_ls, cmd_up
@@ -36,6 +37,7 @@ EVENT_NAMES = [e.name for e in EventId]
 def cmd_demo(args: argparse.Namespace) -> int:
     from viommu.cli.demo import run_demo
 
+    readiness.setup_if_asked(args, args.profile)
     return run_demo(profile=args.profile, accel=args.accel, keep_logs=args.logs,
                     kernel=args.kernel, modules=args.modules, arch=args.arch)
 
@@ -81,7 +83,9 @@ viommu up default --name a     # a second one beside it
 viommu up default --accel tcg
 viommu up default --kernel 6.12              # Debian's 6.12 LTS kernel (fetched once)
 viommu up default --kernel ~/src/linux       # the kernel you just built
-viommu up default --arch aarch64             # an arm64 guest on QEMU's virt machine""")
+viommu up default --arch aarch64             # an arm64 guest on QEMU's virt machine
+viommu up ./my-profile.toml                  # a profile of your own, anywhere
+viommu up default --setup                    # run `viommu setup` for it first""")
     up.add_argument("profile", metavar="PROFILE",
                     help="machine profile: a name in qemu-configs/ or a .toml path")
     up.add_argument("--name", help="name to use it by (default: the profile's)")
@@ -89,6 +93,7 @@ viommu up default --arch aarch64             # an arm64 guest on QEMU's virt mac
     up.add_argument("--timeout", type=float, default=120, metavar="S",
                     help="seconds to wait for the guest's shell")
     add_guest_arguments(up)
+    readiness.add_setup_flag(up)
 
     ls = _add(sub, "ls", cmd_ls, "list VMs: name, profile, accel, pids, uptime, status", """
 viommu ls
@@ -206,14 +211,20 @@ viommu shell default
 
 
 def _one_shot_commands(sub: Any) -> None:
+    setup = _add(sub, "setup", readiness.cmd_setup, readiness.HELP, readiness.EXAMPLES)
+    readiness.add_arguments(setup)
+
     demo = _add(sub, "demo", cmd_demo, "boot a guest behind the vIOMMU, inject C_BAD_STE, "
                 "C_BAD_CD and F_TRANSLATION, show what the guest printed", """
 viommu demo
-viommu demo --accel tcg --logs /tmp/demo-logs""")
-    demo.add_argument("--profile", default="default", help="machine profile in qemu-configs/")
+viommu demo --accel tcg --logs /tmp/demo-logs
+viommu demo --setup            # run `viommu setup` for it first""")
+    demo.add_argument("--profile", default="default",
+                      help="machine profile: a name in qemu-configs/ or a .toml path")
     demo.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     demo.add_argument("--logs", metavar="DIR", help="keep QEMU, console and backend logs here")
     add_guest_arguments(demo)
+    readiness.add_setup_flag(demo)
 
     kconfig = _add(sub, "kconfig", cmd_kconfig, "what a guest kernel's configuration needs: a "
                    "fragment to merge, or what a given kernel lacks", """

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from viommu.cli import views
+from viommu.cli import readiness, views
 from viommu.cli.common import CliError, note, say
 from viommu.cli.terminal import DETACH_KEY_NAME, progress
 from viommu.vm import runs
@@ -23,8 +23,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     directory = runs.run_dir(name)
     _clear_stale(directory, name)
     _preflight()
+    profile = readiness.profile_argument(args.profile)
+    readiness.setup_if_asked(args, profile)
     accel = _choose_accel(args.accel)
-    machine = Machine(args.profile, accel=accel, name=name, run_dir=directory,
+    machine = Machine(profile, accel=accel, name=name, run_dir=directory,
                       boot_timeout=args.timeout, kernel=args.kernel, modules=args.modules,
                       arch=args.arch)
     machine.prepare()  # fetches or builds what is missing, with its own progress lines

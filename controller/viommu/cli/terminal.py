@@ -1,5 +1,6 @@
-"""The terminal side of the command line: progress lines for long steps, and an interactive
-serial console over a VM's serial socket."""
+"""The terminal side of the command line: progress for long steps (rich), and an interactive
+serial console over a VM's serial socket (a raw terminal pumped to and from the socket: no
+library does that for a unix socket)."""
 
 from __future__ import annotations
 
@@ -9,42 +10,43 @@ import select
 import socket
 import sys
 import termios
-import threading
 import time
 import tty
 from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import Progress, ProgressColumn, SpinnerColumn, Task, TextColumn
+from rich.text import Text
 
 DETACH_KEY = b"\x1d"  # Ctrl-]
 DETACH_KEY_NAME = "Ctrl-]"
 
 
+class _Seconds(ProgressColumn):
+    """The time so far as '5.7 s', as the final line prints it."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.elapsed or 0:.1f} s")
+
+
 @contextlib.contextmanager
 def progress(label: str) -> Iterator[None]:
-    """'booting… 5.7 s' on stderr: redrawn while it runs on a terminal, one line elsewhere
-    (so CI logs get the time without a hundred redraws)."""
+    """'booting… 5.7 s' on stderr: a spinner and a running clock (rich) while it runs on a
+    terminal, then one line, which is all a CI log gets."""
+    console = Console(stderr=True, highlight=False, markup=False, emoji=False)
     started = time.monotonic()
-    done = threading.Event()
-    tty_out = sys.stderr.isatty()
-
-    def redraw() -> None:
-        while not done.wait(0.1):
-            sys.stderr.write(f"\r{label}… {time.monotonic() - started:.1f} s")
-            sys.stderr.flush()
-
-    ticker = threading.Thread(target=redraw, daemon=True) if tty_out else None
-    if ticker is not None:
-        ticker.start()
     outcome = "failed after "
     try:
-        yield
+        if console.is_terminal:
+            with Progress(SpinnerColumn(), TextColumn(f"{label}…", markup=False), _Seconds(),
+                          console=console, transient=True) as bar:
+                bar.add_task(label, total=None)
+                yield
+        else:
+            yield
         outcome = ""
     finally:
-        done.set()
-        if ticker is not None:
-            ticker.join()
-        end = "\r" if tty_out else ""
-        sys.stderr.write(f"{end}{label}… {outcome}{time.monotonic() - started:.1f} s\n")
-        sys.stderr.flush()
+        console.print(f"{label}… {outcome}{time.monotonic() - started:.1f} s")
 
 
 def interact(sock: socket.socket) -> None:

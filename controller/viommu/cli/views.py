@@ -1,21 +1,31 @@
-"""Plain-text tables for the command line: `viommu ls` and `viommu state`."""
+"""Tables for the command line (`viommu ls` and `viommu state`), laid out by rich."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from rich.console import Console
+from rich.table import Table
 
 MAX_MAPPINGS_SHOWN = 20
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Left-aligned columns, two spaces apart; None shows as '-'."""
-    cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in row]
-                                           for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-             for row in cells]
-    return "\n".join(line.rstrip() for line in lines) + ("" if rows else "\n(none)")
+    """Left-aligned columns, two spaces apart, no borders (so that scripts and grep read
+    them as words); None shows as '-'."""
+    grid = Table(box=None, show_edge=False, pad_edge=False, padding=(0, 2, 0, 0),
+                 header_style=None)
+    for header in headers:
+        grid.add_column(str(header), no_wrap=True, overflow="ignore")
+    for row in rows:
+        grid.add_row(*("-" if v is None else str(v) for v in row))
+    out = io.StringIO()
+    Console(file=out, width=1 << 16, color_system=None, markup=False, highlight=False,
+            emoji=False).print(grid)
+    text = "\n".join(line.rstrip() for line in out.getvalue().splitlines())
+    return text + ("" if rows else "\n(none)")
 
 
 def duration(seconds: float) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from viommu.cli import views
 from viommu.cli.common import attached_vm, say
+from viommu.cli.inject_options import fields_from_args
 from viommu.cli.terminal import DETACH_KEY_NAME, interact
 from viommu.cli.tracing import TraceFollower, format_entry
 from viommu.events.smmuv3 import EventId
@@ -46,12 +47,7 @@ def _tail_lines(path: Path, count: int) -> list[str]:
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
-    fields = {k: v for k, v in (("ssid", args.ssid), ("address", args.addr),
-                                ("access", args.access), ("ipa", args.ipa),
-                                ("fetch_addr", args.fetch_addr), ("count", args.count),
-                                ("class", args.event_class))
-              if v is not None}
-    fields.update({flag: True for flag in ("privileged", "s2", "stall") if getattr(args, flag)})
+    fields = fields_from_args(args)
     with attached_vm(args.name) as (vm, state, _):
         log_path = Path(state.workdir) / "console.log"
         offset = log_path.stat().st_size if log_path.exists() else 0

@@ -198,7 +198,8 @@ def _compile(arch: Arch, source: Path, binary: Path) -> None:
         packages = " ".join(arch.cross_packages)
         raise SetupMissing(f"no C compiler for {arch.name} guest tools ({compiler}): install "
                            f"{'gcc and libc6-dev' if arch.native else packages} (apt-get "
-                           "install, as root), or run ./scripts/setup, which does") from None
+                           "install, as root; in a checkout ./scripts/setup does), then run "
+                           "`viommu setup` again") from None
     if result.returncode != 0:
         raise SetupMissing(f"building guest tool {source.name} failed:\n{result.stderr}")
     strip = "strip" if arch.native else f"{arch.cross_prefix}strip"

@@ -13,44 +13,49 @@ Fixtures:
   `@pytest.mark.viommu_endpoint(port=N, pri=True, vfio=True)` chooses how.
 
 When a test that used `guest` fails, its report gets the console output of that test, the
-backend's trace entries since the test started and the tail of QEMU's log: as report
-sections (shown by pytest) and as properties (in --junitxml output). The VM's logs are kept
-under test-logs/; those of a session without failures are removed.
+events it injected, the backend's trace entries since the test started and the tail of QEMU's
+log: as report sections (shown by pytest) and as properties (in --junitxml output). The VM's
+logs are kept under test-logs/; those of a session without failures are removed.
+
+For kernel CI: `--viommu-ktap FILE` writes the results as KTAP (viommu.testing.ktap), and
+`--viommu-results DIR` keeps, for every test that used a guest, its console log, backend
+trace, QEMU and backend logs and a reproduce.sh (viommu.testing.guest_record), with
+results.json and results.ktap for the run (viommu.testing.results).
+
+The plugin is loaded by every pytest run where viommu is installed, so importing it imports
+nothing heavy (the VM side is imported by the fixtures), and a fixture that cannot have its
+VM (viommu not set up, or not importable) fails its tests with one line saying what to do;
+tests that use none of its fixtures run as if it were not there.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from viommu.cli.tracing import TraceFollower, format_entry
-from viommu.vm.hotplug import HotpluggedEndpoint
-from viommu.vm.machine import Machine
+from viommu import __version__
+from viommu.testing.guest_record import GuestRecord, artifact_name
+from viommu.testing.outcomes import OutcomeLog
+from viommu.testing.reproduce import VmChoice
+from viommu.testing.results import ResultsReporter
 
-CONSOLE_EXCERPT = 6000  # characters of console output in a report
-QEMU_LOG_LINES = 40
+if TYPE_CHECKING:
+    from viommu.vm.hotplug import HotpluggedEndpoint
+    from viommu.vm.machine import Machine
+
 _FAILED_KEY = pytest.StashKey[bool]()
-_RECORD_KEY = pytest.StashKey["GuestRecord"]()
+_RECORD_KEY = pytest.StashKey[GuestRecord]()
+_OUTCOMES_KEY = pytest.StashKey[OutcomeLog]()
 # Root ports holding an endpoint plugged by this plugin, per machine.
 _PLUGGED: weakref.WeakKeyDictionary[Machine, set[int]] = weakref.WeakKeyDictionary()
-
-
-@dataclasses.dataclass
-class GuestRecord:
-    """What a test did to its guest, for its report should it fail."""
-
-    machine: Machine
-    console_mark: int
-    trace: TraceFollower | None
-    injected: list[str] = dataclasses.field(default_factory=list)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,6 +71,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--viommu-arch", default=None, choices=("x86_64", "aarch64"),
                     help="guest architecture of the test VMs (default: VIOMMU_ARCH, else "
                          "x86_64)")
+    group.addoption("--viommu-ktap", default=None, metavar="FILE",
+                    help="write the results as KTAP (what kernel CI reads) to FILE")
+    group.addoption("--viommu-results", default=None, metavar="DIR",
+                    help="keep every guest test's console log, backend trace, QEMU log and "
+                         "reproduce.sh in DIR/<test>/, with results.json and results.ktap")
 
 
 def guest_choice(config: pytest.Config) -> dict:
@@ -77,10 +87,16 @@ def guest_choice(config: pytest.Config) -> dict:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """What the VMs of this run boot, exactly: reports must say which kernel was tested."""
-    from viommu.vm.boot import describe_choice
+    return [f"viommu: {describe_guest(config)}"]
 
-    choice = guest_choice(config)
-    return [f"viommu: {describe_choice(config.getoption('--viommu-profile'), **choice)}"]
+
+def describe_guest(config: pytest.Config) -> str:
+    try:
+        from viommu.vm.boot import describe_choice
+
+        return describe_choice(config.getoption("--viommu-profile"), **guest_choice(config))
+    except Exception as exc:  # noqa: BLE001 - a header must never stop a test run
+        return f"cannot say what the guests boot ({type(exc).__name__}: {exc})"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -93,6 +109,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "viommu_endpoint(port=None, pri=False, vfio=False, name=None): how the "
         "dma_endpoint fixture plugs its endpoint")
+    config.stash[_OUTCOMES_KEY] = OutcomeLog()
+    ktap, results = config.getoption("--viommu-ktap"), config.getoption("--viommu-results")
+    if (ktap or results) and not hasattr(config, "workerinput"):  # xdist's controller
+        config.pluginmanager.register(ResultsReporter(
+            ktap, results, [f"viommu {__version__}: {describe_guest(config)}"],
+            guest_choice(config)), "viommu-results")
 
 
 def worker_name(config: pytest.Config) -> str:
@@ -100,14 +122,40 @@ def worker_name(config: pytest.Config) -> str:
     return getattr(config, "workerinput", {}).get("workerid", "main")
 
 
+def _machine_class(config: pytest.Config) -> type[Machine]:
+    """Machine, once viommu is set up for the run's architecture; else the test fails with
+    one line saying what to do. Only QEMU is looked for: a kernel not fetched yet is fetched
+    at first use, as everywhere."""
+    try:
+        from viommu.provision.arch import get_arch
+        from viommu.provision.cache import SetupMissing
+        from viommu.provision.qemu import find_qemu
+        from viommu.vm.boot import choose_arch
+        from viommu.vm.machine import Machine
+        from viommu.vm.profile import load_profile
+    except ImportError as exc:
+        problem = (f"viommu is installed but cannot be imported ({exc}): reinstall it "
+                   "(pip install --force-reinstall viommu)")
+    else:
+        arch = choose_arch(config.getoption("--viommu-arch"),
+                           load_profile(config.getoption("--viommu-profile")))
+        try:
+            find_qemu(get_arch(arch))
+            return Machine
+        except SetupMissing as exc:
+            problem = f"viommu is not set up: {exc}"
+    pytest.fail(problem, pytrace=False)  # outside the except: one line, no chained traceback
+
+
 @pytest.fixture(scope="session")
 def viommu_vm(request: pytest.FixtureRequest) -> Iterator[Machine]:
+    machine_class = _machine_class(request.config)
     worker = worker_name(request.config)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logs = request.config.getoption("--viommu-logs") or request.config.rootpath / "test-logs"
     workdir = Path(logs) / f"{stamp}-{worker}"
-    machine = Machine(request.config.getoption("--viommu-profile"), workdir=workdir,
-                      name=f"session-{worker}", **guest_choice(request.config))
+    machine = machine_class(request.config.getoption("--viommu-profile"), workdir=workdir,
+                            name=f"session-{worker}", **guest_choice(request.config))
     machine.launch()
     request.config.stash[_FAILED_KEY] = False
     yield machine
@@ -120,21 +168,37 @@ def viommu_vm(request: pytest.FixtureRequest) -> Iterator[Machine]:
 
 @pytest.fixture
 def guest(viommu_vm: Machine, request: pytest.FixtureRequest) -> Iterator[Machine]:
-    """The shared guest; what this test did to it is reported if it fails."""
-    trace = TraceFollower(viommu_vm.backend) if viommu_vm.profile.iommu == "viommu" else None
-    request.node.stash[_RECORD_KEY] = GuestRecord(viommu_vm, viommu_vm.mark(), trace)
-    yield viommu_vm
+    """The shared guest; what this test did to it is reported if it fails (and kept with
+    --viommu-results)."""
+    record = GuestRecord.start(viommu_vm, vm_choice(viommu_vm, request.config))
+    request.node.stash[_RECORD_KEY] = record
+    with record.recording_injections():
+        yield viommu_vm
+    if request.config.getoption("--viommu-results"):
+        record.take_snapshot()
+
+
+def vm_choice(machine: Machine, config: pytest.Config) -> VmChoice:
+    """What `viommu up` takes to boot this VM again."""
+    from viommu.cli.readiness import profile_argument
+    from viommu.provision import DEFAULT_KERNEL
+
+    boot = machine.boot
+    described = "" if boot is None else (
+        f"{machine.arch}, kernel {boot.kernel_description}, {boot.qemu_description}, "
+        f"{machine.accel.upper()}")
+    modules = machine.kernel_modules
+    return VmChoice(profile_argument(config.getoption("--viommu-profile")), machine.arch,
+                    machine.kernel_spec or DEFAULT_KERNEL, str(modules) if modules else None,
+                    described)
 
 
 @pytest.fixture
 def inject(guest: Machine, request: pytest.FixtureRequest) -> Callable[..., dict]:
     """inject(event, sid=None, **fields) -> the backend's answer (delivered, guest_line...)."""
-    record = request.node.stash[_RECORD_KEY]
 
     def inject_event(event: str, sid: int | None = None, **fields: object) -> dict:
-        reply = guest.inject(event, sid, **fields)
-        record.injected.append(f"{event} sid={sid} {fields} -> {reply}")
-        return reply
+        return guest.inject(event, sid, **fields)
 
     return inject_event
 
@@ -196,41 +260,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     outcome = yield
     report = outcome.get_result()
     record = item.stash.get(_RECORD_KEY, None)
-    if record is None or not report.failed:
+    if record is None:
         return
-    item.config.stash[_FAILED_KEY] = True
-    for title, text in failure_sections(record):
-        report.sections.append((f"viommu: {title}", text))
-        # junitxml writes a report's user_properties as <property> elements.
-        report.user_properties.append((f"viommu {title}", text))
-        item.user_properties.append((f"viommu {title}", text))
-
-
-def failure_sections(record: GuestRecord) -> list[tuple[str, str]]:
-    machine = record.machine
-    sections = []
-    if machine.console is not None:
-        excerpt = machine.console.transcript[record.console_mark:][-CONSOLE_EXCERPT:]
-        sections.append(("guest console during this test", excerpt or "(nothing printed)"))
-    if record.injected:
-        sections.append(("events injected", "\n".join(record.injected)))
-    if record.trace is not None:
-        sections.append(("backend trace during this test", _trace_text(record.trace)))
-    sections.append(("qemu log (tail)", _tail(machine.workdir / "qemu.log")))
-    sections.append(("logs", str(machine.workdir)))
-    return sections
-
-
-def _trace_text(trace: TraceFollower) -> str:
-    try:
-        return "\n".join(map(format_entry, trace.poll())) or "(no entries)"
-    except Exception as exc:  # noqa: BLE001 - the backend may be what failed
-        return f"(backend did not answer: {exc})"
-
-
-def _tail(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()[-QEMU_LOG_LINES:]
-    except OSError:
-        return "(no log)"
-    return "\n".join(lines) or "(empty)"
+    if report.failed:
+        item.config.stash[_FAILED_KEY] = True
+        for title, text in record.failure_sections():
+            report.sections.append((f"viommu: {title}", text))
+            # junitxml writes a report's user_properties as <property> elements.
+            report.user_properties.append((f"viommu {title}", text))
+            item.user_properties.append((f"viommu {title}", text))
+    done = item.config.stash[_OUTCOMES_KEY].add(report)
+    results = item.config.getoption("--viommu-results")
+    if done is not None and results:
+        record.write_artifacts(Path(results) / artifact_name(item.nodeid), done)

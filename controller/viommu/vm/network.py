@@ -18,6 +18,7 @@ import os
 import struct
 import threading
 
+import psutil
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -166,7 +167,7 @@ def remove_stale_namespaces() -> list[str]:
     removed = []
     for name in netns.listnetns():
         pid = name.removeprefix(NAMESPACE_PREFIX).split("-")[0]
-        if name.startswith(NAMESPACE_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+        if name.startswith(NAMESPACE_PREFIX) and pid.isdigit() and not psutil.pid_exists(int(pid)):
             try:
                 netns.remove(name)
                 removed.append(name)
@@ -175,14 +176,6 @@ def remove_stale_namespaces() -> list[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 def _explain(exc: OSError | NetlinkError, doing: str) -> NetworkError:

@@ -4,12 +4,11 @@ detached VM, found again by pid from another process."""
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import subprocess
-import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Protocol
+
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -48,51 +47,66 @@ class Supervised:
         return exit_status(self.proc, timeout) if self.proc is not None else None
 
 
-def process_alive(pid: int, token: str) -> bool:
-    """Whether `pid` runs a command line containing `token` (one of its socket paths): a
-    pid reused by an unrelated process, or a zombie (empty command line), is not ours."""
+def find_process(pid: int, token: str) -> psutil.Process | None:
+    """The live process `pid` if its command line contains `token` (one of its socket
+    paths): a pid reused by an unrelated process, or a zombie, is not ours."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return token.encode() in cmdline
+        proc = psutil.Process(pid)
+        if proc.status() != psutil.STATUS_ZOMBIE and token in "\0".join(proc.cmdline()):
+            return proc
+    except psutil.Error:  # gone, or not ours to look at
+        pass
+    return None
+
+
+def process_alive(pid: int, token: str) -> bool:
+    return find_process(pid, token) is not None
 
 
 class PidProcess:
     """A VM's QEMU or backend found again from state.json: the part of subprocess.Popen that
-    Machine uses. It is not our child, so its exit status is unknown and reported as 0."""
+    Machine uses, over psutil (which also tells a reused pid from the process it found). It
+    is not our child, so its exit status is unknown and reported as 0."""
 
     def __init__(self, pid: int, token: str) -> None:
         self.pid = pid
-        self.token = token
-        self.returncode: int | None = None
+        self._proc = find_process(pid, token)
+        self.returncode: int | None = None if self._proc is not None else 0
 
     def poll(self) -> int | None:
-        if self.returncode is None and not process_alive(self.pid, self.token):
+        if self.returncode is None and not _running(self._proc):
             self.returncode = 0
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
-            time.sleep(0.05)
+        if self.poll() is None:
+            try:
+                self._proc.wait(timeout)
+            except psutil.TimeoutExpired:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout) from None
+            self.returncode = 0
         return self.returncode
 
     def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
+        self._signal(psutil.Process.terminate)
 
     def kill(self) -> None:
-        self._signal(signal.SIGKILL)
+        self._signal(psutil.Process.kill)
 
-    def _signal(self, signum: int) -> None:
+    def _signal(self, send: Callable[[psutil.Process], None]) -> None:
         if self.poll() is not None:
             return
         try:
-            os.kill(self.pid, signum)
-        except ProcessLookupError:  # it exited between the check and the signal
+            send(self._proc)
+        except psutil.NoSuchProcess:  # it exited between the check and the signal
             self.returncode = 0
+
+
+def _running(proc: psutil.Process | None) -> bool:
+    try:
+        return proc is not None and proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def exit_status(proc: Process, timeout: float) -> int | None:

@@ -9,7 +9,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from viommu.vm.console import Console
@@ -57,10 +57,10 @@ class QemuProcess(Supervised):
         """The console first: QEMU waits for it (wait=on) before it goes on, so no output is
         lost. Then QMP. OSError or a QMP error when QEMU does not get that far."""
         self._wait_for_socket(self.serial_socket)
-        self.open_console()
+        self._once_listening(self.open_console)
         if self.detached:
             self._wait_for_socket(self.qmp.path)
-            self.qmp.connect()
+            self._once_listening(self.qmp.connect)
         else:
             self.qmp.accept(timeout=SOCKET_TIMEOUT_S)
 
@@ -80,6 +80,20 @@ class QemuProcess(Supervised):
                 raise TimeoutError(f"QEMU did not create {path} within {SOCKET_TIMEOUT_S:g} s")
             time.sleep(0.02)
 
+    def _once_listening(self, connect: Callable[[], object]) -> None:
+        """QEMU creates a socket's file (bind) just before it listens on it: a connection in
+        between is refused (seen on a loaded host), so try again while QEMU runs."""
+        deadline = time.monotonic() + SOCKET_TIMEOUT_S
+        while True:
+            try:
+                connect()
+                return
+            except (ConnectionRefusedError, MachineError) as exc:
+                if not _refused(exc) or self.proc.poll() is not None \
+                        or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.02)
+
     # --- the end ---------------------------------------------------------------------------------
 
     def quit(self, timeout: float) -> None:
@@ -96,3 +110,12 @@ class QemuProcess(Supervised):
         if self.console is not None:
             self.console.close()
             self.console = None
+
+
+def _refused(exc: BaseException | None) -> bool:
+    """Whether a connection refused is what failed (under the QMP client's own errors)."""
+    while exc is not None:
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        exc = exc.__cause__
+    return False
