@@ -49,6 +49,30 @@ cdef struct EventFields:        # viommu.events.smmuv3.EventRecord's fields, sam
     uint64_t address            # InputAddr
     uint64_t ipa                # DW3, for events without FetchAddr
     uint64_t fetch_addr         # DW3, for events with it
+    # E_PAGE_REQUEST only, which has no other field of dword 1 (and no dword 3)
+    uint8_t span                # the hinted span, in 4 KiB pages
+    uint8_t hints               # PageHint bits: the accesses anticipated
+
+# Where each PageHint (uapi/smmuv3.pxd) of EventFields.hints is in dword 1 of the record.
+cdef int[6] PAGE_HINT_BITS = [EVTQ_1_PR, EVTQ_1_PW, EVTQ_1_PX, EVTQ_1_UR, EVTQ_1_UW, EVTQ_1_UX]
+
+cdef void page_request_encode(const EventFields *e, iommu_vevent_arm_smmuv3 *r) noexcept nogil:
+    cdef int i
+    r.evt[1] = set_field(e.span, EVTQ_1_SPAN_MSB, EVTQ_1_SPAN_LSB)
+    for i in range(6):
+        if e.hints & (1 << i):
+            r.evt[1] |= <uint64_t>1 << PAGE_HINT_BITS[i]
+    r.evt[2] = e.address & ~((<uint64_t>1 << EVTQ_2_PAGE_ADDR_LSB) - 1)
+    r.evt[3] = 0
+
+cdef void page_request_decode(const iommu_vevent_arm_smmuv3 *r, EventFields *e) noexcept nogil:
+    cdef int i
+    e.span = field(r.evt[1], EVTQ_1_SPAN_MSB, EVTQ_1_SPAN_LSB)
+    e.hints = 0
+    for i in range(6):
+        if bit(r.evt[1], PAGE_HINT_BITS[i]):
+            e.hints |= 1 << i
+    e.address = r.evt[2] & ~((<uint64_t>1 << EVTQ_2_PAGE_ADDR_LSB) - 1)
 
 cdef void evtq_encode(const EventFields *e, iommu_vevent_arm_smmuv3 *r) noexcept nogil:
     r.evt[0] = (set_field(e.event_id, EVTQ_0_ID_MSB, EVTQ_0_ID_LSB)
@@ -66,6 +90,8 @@ cdef void evtq_encode(const EventFields *e, iommu_vevent_arm_smmuv3 *r) noexcept
     r.evt[2] = e.address
     r.evt[3] = (addr_field(e.ipa, EVTQ_3_IPA_MSB, EVTQ_3_IPA_LSB)
                 | addr_field(e.fetch_addr, EVTQ_3_FETCH_ADDR_MSB, EVTQ_3_FETCH_ADDR_LSB))
+    if e.event_id == E_PAGE_REQUEST:
+        page_request_encode(e, r)
 
 cdef void evtq_decode(const iommu_vevent_arm_smmuv3 *r, EventFields *e) noexcept nogil:
     e.event_id = field(r.evt[0], EVTQ_0_ID_MSB, EVTQ_0_ID_LSB)
@@ -82,7 +108,12 @@ cdef void evtq_decode(const iommu_vevent_arm_smmuv3 *r, EventFields *e) noexcept
     e.ttrnw = bit(r.evt[1], EVTQ_1_TT_READ)
     e.address = r.evt[2]
     e.ipa = e.fetch_addr = 0
-    if evt_has_fetch_addr(e.event_id):
+    e.span = e.hints = 0
+    if e.event_id == E_PAGE_REQUEST:
+        # dword 1 holds only the span and the hints: none of the fields read above
+        e.stag = e.stall = e.pnu = e.ind = e.rnw = e.s2 = e.event_class = e.ttrnw = 0
+        page_request_decode(r, e)
+    elif evt_has_fetch_addr(e.event_id):
         e.fetch_addr = addr_field(r.evt[3], EVTQ_3_FETCH_ADDR_MSB, EVTQ_3_FETCH_ADDR_LSB)
     else:
         e.ipa = addr_field(r.evt[3], EVTQ_3_IPA_MSB, EVTQ_3_IPA_LSB)
@@ -99,6 +130,7 @@ def encode_event_record(record) -> bytes:
     e.stag, e.stall, e.pnu, e.ind = record.stag, record.stall, record.pnu, record.ind
     e.rnw, e.s2, e.event_class, e.ttrnw = record.rnw, record.s2, record.event_class, record.ttrnw
     e.address, e.ipa, e.fetch_addr = record.address, record.ipa, record.fetch_addr
+    e.span, e.hints = record.span, record.page_hints
     evtq_encode(&e, &r)
     return (<char *>&r)[:sizeof(r)]
 
@@ -113,7 +145,8 @@ def decode_event_record(const uint8_t[::1] raw not None) -> dict:
     return {"event_id": e.event_id, "sid": e.sid, "ssid": e.ssid, "ssv": e.ssv,
             "stag": e.stag, "stall": e.stall, "pnu": e.pnu, "ind": e.ind, "rnw": e.rnw,
             "s2": e.s2, "event_class": e.event_class, "ttrnw": e.ttrnw,
-            "address": e.address, "ipa": e.ipa, "fetch_addr": e.fetch_addr}
+            "address": e.address, "ipa": e.ipa, "fetch_addr": e.fetch_addr,
+            "span": e.span, "page_hints": e.hints}
 
 
 # --- the engine's faults ----------------------------------------------------------------------------

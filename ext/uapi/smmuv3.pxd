@@ -157,6 +157,28 @@ cpdef enum:
     EVTQ_3_IPA_LSB = 12
     EVTQ_3_FETCH_ADDR_MSB = 51
     EVTQ_3_FETCH_ADDR_LSB = 3
+    # E_PAGE_REQUEST (IHI 0070 7.3, "E_PAGE_REQUEST") has a layout of its own: the span of
+    # the hinted access in 4 KiB pages, the accesses it anticipates for each privilege
+    # level, and InputAddr[63:12] (bits 11:0 of dword 2 are RES0).
+    EVTQ_1_SPAN_MSB = 51
+    EVTQ_1_SPAN_LSB = 44
+    EVTQ_1_PR = 39
+    EVTQ_1_PW = 38
+    EVTQ_1_PX = 37
+    EVTQ_1_UR = 35
+    EVTQ_1_UW = 34
+    EVTQ_1_UX = 33
+    EVTQ_2_PAGE_ADDR_LSB = 12
+
+# The accesses an E_PAGE_REQUEST anticipates, named as the architecture names its flags
+# (privileged / unprivileged read, write, execute), as one bit mask (EventRecord.page_hints).
+cpdef enum PageHint:
+    PAGE_HINT_PR = 1 << 0
+    PAGE_HINT_PW = 1 << 1
+    PAGE_HINT_PX = 1 << 2
+    PAGE_HINT_UR = 1 << 3
+    PAGE_HINT_UW = 1 << 4
+    PAGE_HINT_UX = 1 << 5
 
 # One record as the event queue holds it, and as iommufd's vEVENTQ hands it over
 # (include/uapi/linux/iommufd.h).

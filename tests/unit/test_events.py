@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from viommu.events.faults import FaultRecord, NotForwarded, fault_from_event
 from viommu.events.relay import EventRelay
-from viommu.events.smmuv3 import FETCH_EVENTS, EventClass, EventId, EventRecord
+from viommu.events.smmuv3 import FETCH_EVENTS, EventClass, EventId, EventRecord, PageHint
 from viommu.uapi import FaultFlag, FaultReason
 
 
@@ -31,14 +31,46 @@ def test_c_bad_ste_record_is_the_id_and_sid_only() -> None:
     assert raw == struct.pack("<4Q", 0x04 | 256 << 32, 0, 0, 0)
 
 
-@given(st.builds(
-    EventRecord, event_id=st.sampled_from(list(EventId)), sid=st.integers(0, 2**32 - 1),
-    ssid=st.integers(0, 2**20 - 1), ssv=st.booleans(), stag=st.integers(0, 0xFFFF),
-    stall=st.booleans(), pnu=st.booleans(), ind=st.booleans(), rnw=st.booleans(),
-    s2=st.booleans(), event_class=st.sampled_from(list(EventClass)), ttrnw=st.booleans(),
-    address=st.integers(0, 2**64 - 1), ipa=st.just(0), fetch_addr=st.just(0)))
+@given(st.one_of(st.builds(
+    EventRecord, event_id=st.sampled_from([e for e in EventId if e != EventId.E_PAGE_REQUEST]),
+    sid=st.integers(0, 2**32 - 1), ssid=st.integers(0, 2**20 - 1), ssv=st.booleans(),
+    stag=st.integers(0, 0xFFFF), stall=st.booleans(), pnu=st.booleans(), ind=st.booleans(),
+    rnw=st.booleans(), s2=st.booleans(), event_class=st.sampled_from(list(EventClass)),
+    ttrnw=st.booleans(), address=st.integers(0, 2**64 - 1), ipa=st.just(0),
+    fetch_addr=st.just(0)), st.builds(
+    EventRecord, event_id=st.just(EventId.E_PAGE_REQUEST), sid=st.integers(0, 2**32 - 1),
+    ssid=st.integers(0, 2**20 - 1), ssv=st.booleans(),
+    address=st.integers(0, 2**52 - 1).map(lambda page: page << 12),
+    span=st.integers(0, 0xFF), page_hints=st.integers(0, 0x3F))))
 def test_event_record_decode_inverts_encode(record: EventRecord) -> None:
     assert EventRecord.decode(record.encode()) == record
+
+
+def test_page_request_hint_record_has_the_architectures_own_layout() -> None:
+    """E_PAGE_REQUEST (IHI 0070 7.3): Span in DW1[51:44], pR/pW/pX in DW1[39:37], uR/uW/uX
+    in DW1[35:33], InputAddr[63:12] in DW2; nothing of the fault records' DW1 or DW3."""
+    record = EventRecord(event_id=EventId.E_PAGE_REQUEST, sid=0x100, ssid=3, ssv=True,
+                         address=0xDEAD_B000, span=2, page_hints=PageHint.PW | PageHint.UX)
+    dw0, dw1, dw2, dw3 = struct.unpack("<4Q", record.encode())
+    assert dw0 == 0x24 | 1 << 11 | 3 << 12 | 0x100 << 32
+    assert dw1 == 2 << 44 | 1 << 38 | 1 << 33
+    assert (dw2, dw3) == (0xDEAD_B000, 0)
+
+
+def test_a_page_request_hint_reaches_the_guest_with_its_address_and_access() -> None:
+    record = EventRecord(event_id=EventId.E_PAGE_REQUEST, sid=EP, address=0xDEAD_B000,
+                         span=1, page_hints=PageHint.UW)
+    fault = fault_from_event(record)
+    assert fault.guest_line() == f"page fault from EP {EP} at 0xdeadb000 [W]"
+    assert FaultRecord.decode(fault.encode()) == FaultRecord(
+        FaultReason.MAPPING, FaultFlag.ADDRESS | FaultFlag.WRITE, EP, 0xDEAD_B000)
+
+
+@pytest.mark.parametrize("fields", [{"address": 0xDEAD_B123}, {"rnw": True}, {"stall": True}],
+                         ids=["unaligned-address", "rnw", "stall"])
+def test_a_page_request_hint_refuses_what_its_record_cannot_hold(fields: dict) -> None:
+    with pytest.raises(ValueError, match="E_PAGE_REQUEST"):
+        EventRecord(event_id=EventId.E_PAGE_REQUEST, sid=1, **fields)
 
 
 def test_fetch_address_decodes_for_fetch_events_and_ipa_for_others() -> None:

@@ -203,7 +203,7 @@ def test_response_failure_writes_invalid_and_demands_pri_disable(faults) -> None
     queue, peer = faults
     peer.sendall(fault(6))
     queue.read_groups(timeout=1)
-    with pytest.raises(PriMustBeDisabled, match=f"disable PRI for endpoint {EP}") as err:
+    with pytest.raises(PriMustBeDisabled, match=f"disable PRI for endpoint {EP:#x}") as err:
         queue.respond(6, ResponseCode.RESPONSE_FAILURE)
     assert (err.value.cookie, err.value.sid, err.value.dev_id) == (6, EP, DEV_ID)
     assert responses(peer) == [(6, 1)]

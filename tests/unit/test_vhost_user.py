@@ -397,3 +397,33 @@ def test_a_guest_reset_clears_a_broken_device(fe) -> None:
     fe.guest.reset_rings()
     fe.start()  # rings restarted at base 0: the guest reset
     assert fe.backend.vhost.broken is None
+
+
+def test_a_guest_reset_clears_sticky_config_faults(fe) -> None:
+    fe.start()
+    fe.request(ATTACH)
+    fe.backend.control.call("inject-event", {"type": "C_BAD_CD", "sid": 256, "ssid": 1})
+    [before] = fe.backend.control.call("query-endpoints")
+    assert before["config_fault"] == "C_BAD_CD"
+    fe.stop()
+    fe.guest.reset_rings()
+    fe.start()  # rings restarted at base 0: the guest reset (a reboot, or system_reset)
+    [after] = fe.backend.control.call("query-endpoints")
+    assert fe.backend.vhost.resets == 1 and after["config_fault"] is None
+
+
+@pytest.mark.parametrize("command,args", [
+    ("memory-read", {"gpa": -1, "size": 8}),
+    ("memory-write", {"gpa": -1, "data": "00"}),
+    ("memory-read", {"gpa": 1 << 64, "size": 8}),
+    ("stage2-set", {"ipa": -4096, "size": 4096, "access": "ro"}),
+])
+def test_a_negative_or_too_big_guest_address_is_an_error_naming_the_argument(
+        fe, command: str, args: dict) -> None:
+    from viommu.transport.control import CommandError
+
+    fe.start()  # guest memory is there: the address itself is what is wrong
+    with pytest.raises(CommandError) as error:
+        fe.backend.control.call(command, args)
+    name = "ipa" if "ipa" in args else "gpa"
+    assert error.value.desc.startswith(f"{name} is a 64-bit guest-physical address")

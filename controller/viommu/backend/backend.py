@@ -81,7 +81,8 @@ class Backend:
                                          self.loop,
                                          os.path.dirname(control_path or socket_path))
         self.iommufd = IommufdEdge(self.relay, self.page_requests, self.control)
-        for commands in (EventCommands(self.device, self.relay, self.page_requests),
+        for commands in (EventCommands(self.device, self.relay, self.page_requests,
+                                       self.endpoints.guest_absence),
                          PageRequestCommands(self.device, self.relay, self.page_requests,
                                              self.endpoints.pri, self.control),
                          StateCommands(self.vhost, self.translator, self.listener),

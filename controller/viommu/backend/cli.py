@@ -23,7 +23,11 @@ viommu backend --socket vu.sock --endpoint 0x100 --endpoint 0x200 --poll-us 0"""
 
 def int_arg(text: str) -> int:
     """An integer command-line argument, decimal or 0x-hex (IDs, addresses)."""
-    return int(text, 0)
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (decimal, or hex with "
+                                         "0x: 256, 0x100)") from None
 
 
 def range_arg(text: str) -> tuple[int, int]:

@@ -11,6 +11,7 @@ import os
 
 from viommu.dataplane.translation import Translator
 from viommu.device.config import ResourceLimit
+from viommu.device.streams import SERVED
 from viommu.device.virtio_iommu import VirtioIommuDevice
 from viommu.endpoints.dma_engine import DmaEndpoint
 from viommu.endpoints.dma_port import PriState, TranslatingDma
@@ -41,7 +42,7 @@ class EndpointServers:
         """Serve a DMA endpoint with requester ID `sid`; returns its socket and PRI state."""
         if not 0 <= sid <= MAX_REQUESTER_ID:
             raise EndpointError(f"endpoint must be a PCI requester ID 0..{MAX_REQUESTER_ID:#x} "
-                                f"(the VIOT maps endpoint ID = requester ID), got {sid}")
+                                f"(the VIOT maps endpoint ID = requester ID), got {sid:#x}")
         if sid in self.servers:
             raise EndpointError(f"endpoint {sid:#x} is already served; endpoint-delete it first")
         path = socket_path or os.path.join(self.socket_dir, f"endpoint-{sid:x}.sock")
@@ -54,13 +55,19 @@ class EndpointServers:
         except (OSError, ValueError) as exc:  # UnicodeError is a ValueError
             raise EndpointError(f"cannot listen on {path!r}: {exc}") from None
         try:
-            self.device.add_endpoint(sid)
+            self.device.add_endpoint(sid, SERVED)
         except ResourceLimit as exc:
             server.close()
             raise EndpointError(f"cannot add endpoint {sid:#x}: {exc}") from None
         self.servers[sid] = server
         self.pri[sid] = state
         return path, state
+
+    def guest_absence(self, sid: int) -> str | None:
+        """Why the guest does not have endpoint `sid`, or None (VirtioIommuDevice's rule,
+        with whether QEMU is connected to the device we serve there)."""
+        server = self.servers.get(sid)
+        return self.device.guest_absence(sid, plugged=server is not None and server.connected)
 
     def delete(self, sid: int) -> None:
         server = self.servers.pop(sid, None)

@@ -16,8 +16,9 @@ VALUE_OPTIONS = {
     "fetch-addr": ("--fetch-addr", "fetch_addr"),
     "count": ("--count", "count"),
     "class": ("--class", "event_class"),
+    "span": ("--span", "span"),
 }
-FLAG_OPTIONS = ("privileged", "s2", "stall")  # argument = dest, option --NAME
+FLAG_OPTIONS = ("privileged", "s2", "stall", "force")  # argument = dest, option --NAME
 # Python keyword arguments cannot hold a '-': Machine.inject(fetch_addr=...) means this.
 ALIASES = {"fetch_addr": "fetch-addr"}
 
@@ -38,7 +39,8 @@ def options_from_fields(fields: dict[str, Any]) -> tuple[list[str], dict[str, An
     for key, value in fields.items():
         name = ALIASES.get(key, key)
         if name in VALUE_OPTIONS and value is not None:
-            text = hex(value) if isinstance(value, int) and name != "count" else str(value)
+            text = hex(value) if isinstance(value, int) and name not in ("count", "span") \
+                else str(value)
             options += [VALUE_OPTIONS[name][0], text]
         elif name in FLAG_OPTIONS and isinstance(value, bool):
             options += [f"--{name}"] if value else []

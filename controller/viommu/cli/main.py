@@ -157,13 +157,18 @@ viommu inject default C_BAD_STE --sid 0x100
 viommu inject default C_BAD_CD --sid 0x100 --ssid 1 --wait 10
 viommu inject default F_TRANSLATION --sid 0x100 --addr 0x10000 --access write
 viommu inject default F_PERMISSION --addr 0x7000 --count 40 --json
+viommu inject default E_PAGE_REQUEST --addr 0xdeadb000 --access write --span 2
 
 events:
 {everything}
 with an address (--addr, --access, --privileged, --s2, --ipa, --class, --stall):
 {with_address}
 with a fetch address (--fetch-addr):
-{with_fetch}""")
+{with_fetch}
+a page request hint, E_PAGE_REQUEST: a page address (--addr), the access it anticipates
+  (--access, --privileged) and the pages it spans (--span)
+an endpoint the guest does not have (declared with add-endpoint and never probed, or
+  hot-unplugged) takes events only with --force; the answer then says so""")
     _add_name(inject)
     inject.add_argument("event", metavar="EVENT", type=str.upper, choices=EVENT_NAMES,
                         help="SMMUv3 event name (list below)")
@@ -178,7 +183,10 @@ with a fetch address (--fetch-addr):
     inject.add_argument("--fetch-addr", type=int_arg, help="FetchAddr of a fetch fault")
     inject.add_argument("--class", dest="event_class", choices=("CD", "TT", "IN"))
     inject.add_argument("--stall", action="store_true")
+    inject.add_argument("--span", type=int, help="E_PAGE_REQUEST: the pages it spans")
     inject.add_argument("--count", type=int, help="a burst of this many")
+    inject.add_argument("--force", action="store_true",
+                        help="deliver even for an endpoint the guest does not have")
     inject.add_argument("--json", action="store_true", help="print the answer as JSON")
     inject.add_argument("--wait", type=float, metavar="S",
                         help="wait up to S seconds for the guest's fault line in console.log")

@@ -75,7 +75,7 @@ def _counters(requests: dict, events: dict, translations: dict) -> str:
             ("request status", _pairs(requests["status"])),
             ("events", _pairs({k: events[k] for k in (
                 "injected", "delivered", "pending", "lost", "not_forwarded", "drained",
-                "upstream_lost")})),
+                "upstream_lost", "to_absent_endpoints")})),
             ("page requests", _pairs({k: pri[k] for k in (
                 "requests", "groups", "pending_groups", "stop_markers", "timeouts",
                 "overflows")}) + f" policy={pri['policy']}"),

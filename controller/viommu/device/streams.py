@@ -43,3 +43,15 @@ class EndpointState:
     # Page-table mode: the stream's STE words (iommufd's iommu_hwpt_arm_smmuv3 ste[0..1]),
     # bound by ATTACH_TABLE or the control API; None in MAP mode.
     table: tuple[int, int] | None = None
+    # How the backend learnt of it: BOOT (its command line: a device QEMU starts with),
+    # DECLARED (add-endpoint, before a device is plugged there) or SERVED (endpoint-create:
+    # our own DMA endpoint, there while QEMU's vfio-user-pci is connected to it).
+    origin: str = "boot"
+
+    @property
+    def seen_by_guest(self) -> bool:
+        """The guest's driver probed or attached it since the last reset."""
+        return self.probed or self.domain is not None
+
+
+BOOT, DECLARED, SERVED = "boot", "declared", "served"

@@ -15,7 +15,7 @@ from viommu.device.config import BYPASS_OFFSET, DeviceConfig, ResourceLimit
 from viommu.device.mappings import MappingTable
 from viommu.device.observers import DeviceObserver, PageResponder
 from viommu.device.request_log import RequestLog
-from viommu.device.streams import Domain, EndpointState
+from viommu.device.streams import DECLARED, SERVED, Domain, EndpointState
 from viommu.uapi import (
     PAGE_RESP_F_PASID_VALID,
     VIOMMU_F_ATTACH_TABLE,
@@ -106,7 +106,8 @@ class VirtioIommuDevice:
                     self._stream_changed(ep.endpoint_id)
 
     def reset(self) -> None:
-        """Device reset: every endpoint detached, every domain gone; `bypass` is kept.
+        """Device reset: every endpoint detached, every domain gone, every sticky
+        configuration fault cleared (the guest programs its streams anew); `bypass` is kept.
 
         Negotiated features are left alone: over vhost-user the front-end sends SET_FEATURES
         before the ring restart that reveals the reset, and again on every start."""
@@ -116,14 +117,35 @@ class VirtioIommuDevice:
             ep.domain = None
             ep.probed = False
             ep.table = None
+            ep.config_fault = None
             self._stream_changed(ep.endpoint_id)
 
-    def add_endpoint(self, endpoint_id: int) -> None:
+    def add_endpoint(self, endpoint_id: int, origin: str = DECLARED) -> None:
+        """Know `endpoint_id` as an endpoint; `origin` says who brought it (DECLARED:
+        add-endpoint, SERVED: endpoint-create). Adding one known already changes only its
+        origin, and only to SERVED (a device is now plugged where it was declared)."""
         if endpoint_id not in self.endpoints and len(self.endpoints) >= self.config.max_endpoints:
             raise ResourceLimit(f"already {len(self.endpoints)} endpoints, the limit")
         if endpoint_id not in self.endpoints:
-            self.endpoints[endpoint_id] = EndpointState(endpoint_id)
+            self.endpoints[endpoint_id] = EndpointState(endpoint_id, origin=origin)
             self._stream_changed(endpoint_id)
+        elif origin == SERVED:
+            self.endpoints[endpoint_id].origin = SERVED
+
+    def guest_absence(self, endpoint_id: int, plugged: bool = False) -> str | None:
+        """Why the guest does not have this endpoint, or None when it does (or may): one
+        from the command line is a device QEMU started with; one declared with add-endpoint
+        is the guest's once its driver probed or attached it; one we serve is there while
+        QEMU's vfio-user-pci is connected to it (`plugged`)."""
+        ep = self.endpoints[endpoint_id]
+        if ep.origin == DECLARED and not ep.seen_by_guest:
+            return (f"endpoint {endpoint_id:#x} was declared with add-endpoint and the "
+                    "guest's driver has not probed it since the last reset: there may be "
+                    "no device behind it")
+        if ep.origin == SERVED and not plugged:
+            return (f"endpoint {endpoint_id:#x} is served over vfio-user but no device is "
+                    "plugged for it (never plugged, or hot-unplugged)")
+        return None
 
     def bind_table(self, endpoint_id: int, ste0: int, ste1: int) -> None:
         """Page-table mode for a stream: its STE words, for guests without ATTACH_TABLE."""
@@ -382,7 +404,7 @@ class VirtioIommuDevice:
         else:
             mode = "bypass" if self.bypass else "blocked"
         state = {"endpoint": ep.endpoint_id, "domain": ep.domain, "mode": mode,
-                 "probed": ep.probed, "config_fault": ep.config_fault}
+                 "probed": ep.probed, "config_fault": ep.config_fault, "origin": ep.origin}
         if ep.table is not None:
             state["ste"] = [f"{word:#018x}" for word in ep.table]
         return state

@@ -2,7 +2,9 @@
 virtio-iommu mapping.
 
 Translation-class events become MAPPING faults with the input address, F_STREAM_DISABLED
-becomes a DOMAIN fault, configuration errors become UNKNOWN faults without an address.
+becomes a DOMAIN fault, configuration errors become UNKNOWN faults without an address. An
+E_PAGE_REQUEST (a page request hint) becomes a MAPPING fault with its page address and the
+accesses it anticipates, as a PCIe page request does.
 Host-side problems (bad StreamID, STE/VMS fetch, TLB/config conflicts) are not the guest's
 business and are not forwarded.
 """
@@ -13,12 +15,19 @@ import dataclasses
 
 from viommu import _dataplane as hw
 from viommu.events.page_requests import PageRequest
-from viommu.events.smmuv3 import ADDRESS_EVENTS, EventId, EventRecord
+from viommu.events.smmuv3 import (
+    ADDRESS_EVENTS,
+    PAGE_HINT_EXEC,
+    PAGE_HINT_PRIVILEGED,
+    PAGE_HINT_READ,
+    PAGE_HINT_WRITE,
+    EventId,
+    EventRecord,
+)
 from viommu.uapi import ExtFaultFlag, FaultFlag, FaultReason
 
 _MAPPING_EVENTS = frozenset({
     EventId.F_TRANSLATION, EventId.F_PERMISSION, EventId.F_ACCESS, EventId.F_ADDR_SIZE,
-    EventId.E_PAGE_REQUEST,
 })
 HOST_ONLY_EVENTS = frozenset({
     EventId.C_BAD_STREAMID, EventId.F_STE_FETCH, EventId.F_VMS_FETCH,
@@ -89,6 +98,8 @@ def fault_from_event(event: EventRecord) -> FaultRecord:
         raise NotForwarded(f"{event_id.name} is a host-side error; it is logged, not forwarded")
     if event_id == EventId.F_STREAM_DISABLED:
         return FaultRecord(FaultReason.DOMAIN, 0, event.sid)
+    if event_id == EventId.E_PAGE_REQUEST:
+        return _fault_from_page_hint(event)
     reason = FaultReason.MAPPING if event_id in _MAPPING_EVENTS else FaultReason.UNKNOWN
     if event_id not in ADDRESS_EVENTS:
         return FaultRecord(reason, 0, event.sid)
@@ -97,3 +108,16 @@ def fault_from_event(event: EventRecord) -> FaultRecord:
         flags |= FaultFlag.EXEC
     return FaultRecord(reason, int(flags), event.sid, event.address)
 
+
+
+def _fault_from_page_hint(event: EventRecord) -> FaultRecord:
+    """An E_PAGE_REQUEST as a MAPPING fault at its page address, with the accesses it
+    anticipates (the privileged ones marked PRIV in the extended record)."""
+    hints = event.page_hints
+    flags = int(FaultFlag.ADDRESS)
+    flags |= FaultFlag.READ if hints & PAGE_HINT_READ else 0
+    flags |= FaultFlag.WRITE if hints & PAGE_HINT_WRITE else 0
+    flags |= FaultFlag.EXEC if hints & PAGE_HINT_EXEC else 0
+    flags |= ExtFaultFlag.PRIV if hints & PAGE_HINT_PRIVILEGED else 0
+    return FaultRecord(FaultReason.MAPPING, int(flags), event.sid, event.address,
+                       event.ssid if event.ssv else None)

@@ -29,6 +29,37 @@ from viommu.uapi import FaultReason
 
 log = logging.getLogger(__name__)
 
+# Host-side events are logged as warnings, at most this many per window, so that a flood of
+# them cannot flood the log (Linux's printk_ratelimit defaults: 10 per 5 s).
+HOST_EVENT_LOG_BURST = 10
+HOST_EVENT_LOG_WINDOW_S = 5.0
+
+
+class RateLimit:
+    """At most `burst` yeses per `window` seconds; counts the noes until the next yes."""
+
+    def __init__(self, burst: int, window: float, clock=time.monotonic) -> None:
+        self.burst = burst
+        self.window = window
+        self.clock = clock
+        self._start = -window
+        self._used = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = self.clock()
+        if now - self._start >= self.window:
+            self._start, self._used = now, 0
+        if self._used < self.burst:
+            self._used += 1
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        count, self.suppressed = self.suppressed, 0
+        return count
+
 # Writes one encoded fault record into a guest buffer; False when none is posted.
 Push = Callable[[bytes], bool]
 
@@ -114,9 +145,13 @@ class EventRelay:
         self._lost_unreported = 0
         self._lost_sid = 0
         self.summaries = 0
+        # Injected on purpose for endpoints the guest does not have (inject-event force):
+        # part of the counts above, and counted apart here.
+        self.to_absent_endpoints = 0
         # The driver negotiated viommu's extended fault record (PASID, group ID).
         self.extended = False
         self.sink: EventSink | None = None
+        self._host_event_log = RateLimit(HOST_EVENT_LOG_BURST, HOST_EVENT_LOG_WINDOW_S)
 
     def attach_sink(self, sink: EventSink) -> None:
         """Deliver to `sink` as records arrive (and on `deliver()`, when it has buffers)."""
@@ -145,6 +180,8 @@ class EventRelay:
         if first.state == "not-forwarded":
             self.injected += count - 1
             self.not_forwarded += count - 1
+            if count > 1:
+                self._log_host_event(first, count - 1)
             return [first]
         entries = [first]
         while len(entries) < count and len(self._fifo) < self.capacity:
@@ -161,7 +198,7 @@ class EventRelay:
         except NotForwarded as exc:
             entry = self._new_entry(None, "not-forwarded", event=event, note=str(exc))
             self.not_forwarded += 1
-            self._log(entry)
+            self._log_host_event(entry, 1)
             return entry
         return self._queue(self._new_entry(fault, "pending", event=event))
 
@@ -291,8 +328,21 @@ class EventRelay:
                 "upstream_lost": self.upstream_lost, "summaries": self.summaries,
                 # summary records queued behind the events, not yet delivered
                 "summaries_pending": len(self._fifo) - self.pending,
-                "capacity": self.capacity}
+                "capacity": self.capacity, "to_absent_endpoints": self.to_absent_endpoints}
 
     def _log(self, entry: TraceEntry) -> None:
-        log.debug("event #%d %s sid=%d: %s%s", entry.seq, entry.name, entry.sid, entry.state,
+        log.debug("event #%d %s sid=%#x: %s%s", entry.seq, entry.name, entry.sid, entry.state,
                   f" ({entry.note})" if entry.note else "")
+
+    def _log_host_event(self, entry: TraceEntry, copies: int) -> None:
+        """A host-side error is the host's to act on: a warning in the log (rate-limited),
+        since the guest never hears of it."""
+        if not self._host_event_log.allow():
+            self._host_event_log.suppressed += copies - 1
+            return
+        suppressed = self._host_event_log.take_suppressed()
+        log.warning("%s for stream %#x (event #%d%s): a host-side error, not forwarded to the "
+                    "guest%s", entry.name, entry.sid, entry.seq,
+                    f", and {copies - 1} more like it" if copies > 1 else "",
+                    f"; {suppressed} more host-side event(s) were not logged (rate limit)"
+                    if suppressed else "")

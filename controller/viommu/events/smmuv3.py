@@ -40,6 +40,13 @@ EventId = python_enum(hw.EventId, kind=_EventIdBase, module=__name__,
 EventClass = python_enum(hw.EventClass, "CLASS_", module=__name__,
                          doc="CLASS field: what the faulting access was for (CD fetch, "
                              "stage-1 table fetch, the input address itself).")
+PageHint = python_enum(hw.PageHint, "PAGE_HINT_", enum.IntFlag, module=__name__,
+                       doc="The accesses an E_PAGE_REQUEST anticipates: (P)rivileged or "
+                           "(U)nprivileged (R)ead, (W)rite, e(X)ecute.")
+PAGE_HINT_READ = PageHint.PR | PageHint.UR
+PAGE_HINT_WRITE = PageHint.PW | PageHint.UW
+PAGE_HINT_EXEC = PageHint.PX | PageHint.UX
+PAGE_HINT_PRIVILEGED = PageHint.PR | PageHint.PW | PageHint.PX
 
 # Events whose record carries InputAddr (and RnW/InD/PnU), per the architecture.
 ADDRESS_EVENTS = frozenset(e for e in EventId if hw.event_has_input_addr(e))
@@ -77,6 +84,11 @@ class EventRecord:
     address: int = 0
     ipa: int = 0
     fetch_addr: int = 0
+    # E_PAGE_REQUEST only: the span of the hinted access in 4 KiB pages, and the accesses
+    # it anticipates (PageHint bits). Its record has none of the fields above but the
+    # stream's and `address` (a page address: InputAddr[63:12]).
+    span: int = 0
+    page_hints: int = 0
 
     def __post_init__(self) -> None:
         _check_bits("event_id", self.event_id, _field_bits(hw.EVTQ_0_ID_MSB, hw.EVTQ_0_ID_LSB))
@@ -90,6 +102,21 @@ class EventRecord:
         _check_bits("fetch_addr", self.fetch_addr, hw.EVTQ_3_FETCH_ADDR_MSB + 1)
         if self.ipa and self.fetch_addr:
             raise ValueError("ipa and fetch_addr share DW3: give at most one")
+        _check_bits("span", self.span, _field_bits(hw.EVTQ_1_SPAN_MSB, hw.EVTQ_1_SPAN_LSB))
+        _check_bits("page_hints", self.page_hints, len(PageHint))
+        if self.event_id == EventId.E_PAGE_REQUEST:
+            self._check_page_request()
+        elif self.span or self.page_hints:
+            raise ValueError("span and page_hints are fields of E_PAGE_REQUEST records only")
+
+    def _check_page_request(self) -> None:
+        if self.address & ((1 << hw.EVTQ_2_PAGE_ADDR_LSB) - 1):
+            raise ValueError(f"an E_PAGE_REQUEST carries a page address (InputAddr[63:12]), "
+                             f"not {self.address:#x}")
+        others = [f.name for f in dataclasses.fields(self)
+                  if f.name in _NOT_IN_PAGE_REQUESTS and getattr(self, f.name) != f.default]
+        if others:
+            raise ValueError(f"E_PAGE_REQUEST records carry no {', '.join(others)}")
 
     @property
     def name(self) -> str:
@@ -109,6 +136,11 @@ class EventRecord:
         out = dataclasses.asdict(self)
         out["type"] = self.name
         return out
+
+
+# Fields of the other records that an E_PAGE_REQUEST's record has no room for.
+_NOT_IN_PAGE_REQUESTS = frozenset({"stag", "stall", "pnu", "ind", "rnw", "s2", "event_class",
+                                   "ttrnw", "ipa", "fetch_addr"})
 
 
 def _check_bits(name: str, value: int, bits: int) -> None:

@@ -3,6 +3,11 @@
 Greeting, `qmp_capabilities` negotiation, `execute` → `return`/`error` with `id` echoed,
 asynchronous events: so qemu.qmp and qmp-shell drive the backend as they drive QEMU.
 Commands declare their arguments; a bad argument gets a QMP error naming it.
+
+A client that does not read its replies costs the others nothing: its next request is read
+only once its unsent replies are below PAUSE_BYTES (so its requests are not executed, and
+its replies not built, meanwhile), and one whose unsent replies and events pass
+MAX_UNSENT_BYTES anyway (events keep coming) is dropped, with the reason in the log.
 """
 
 from __future__ import annotations
@@ -21,6 +26,12 @@ from viommu.transport.sockets import listen_private_unix
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 1 << 20
+# Unsent output of one client: past PAUSE_BYTES its requests wait (asyncio's write-buffer
+# high-water mark; they go on below a quarter of it); past MAX_UNSENT_BYTES before a reply or
+# an event is added, it is dropped. One reply may be bigger than either (a full trace is a
+# few MiB): it is always sent whole.
+PAUSE_BYTES = 256 << 10
+MAX_UNSENT_BYTES = 16 << 20
 
 
 class CommandError(Exception):
@@ -130,6 +141,7 @@ class ControlServer:
                         "capabilities": []}}
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.set_write_buffer_limits(high=PAUSE_BYTES)
         client = _Client(writer)
         self._clients.add(client)
         client.send(self.greeting())
@@ -142,11 +154,17 @@ class ControlServer:
                 if not chunk:
                     break
                 buffer += decoder.decode(chunk)
-                buffer = self._drain(client, buffer)
+                while True:
+                    document, buffer = _next_document(buffer)
+                    if document is None:
+                        break
+                    client.send(self._answer(client, document))
+                    # Returns at once unless the client leaves its replies unread: then its
+                    # next request waits, and nothing more is built for it.
+                    await writer.drain()
                 if len(buffer) > MAX_REQUEST_BYTES:
                     client.send(_error(f"request longer than {MAX_REQUEST_BYTES} bytes", None))
                     buffer = ""
-                await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -154,18 +172,21 @@ class ControlServer:
             writer.close()
 
     def _drain(self, client: _Client, buffer: str) -> str:
-        """Execute every complete request in the buffer; return the incomplete rest."""
+        """Answer every complete request in the buffer; return the incomplete rest."""
         while True:
             document, buffer = _next_document(buffer)
             if document is None:
                 return buffer
-            try:
-                request = json.loads(document)
-            except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-                client.send(_error(f"JSON parse error, {reason}", None))
-                continue
-            client.send(self._execute(client, request))
+            client.send(self._answer(client, document))
+
+    def _answer(self, client: _Client, document: str) -> dict:
+        """The reply to one document: parsed and executed, or why it could not be."""
+        try:
+            request = json.loads(document)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            return _error(f"JSON parse error, {reason}", None)
+        return self._execute(client, request)
 
     def _execute(self, client: _Client, request: Any) -> dict:
         if not isinstance(request, dict):
@@ -205,8 +226,15 @@ class _Client:
         self.negotiated = False
 
     def send(self, msg: dict) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(json.dumps(msg).encode() + b"\r\n")
+        if self.writer.is_closing():
+            return
+        unsent = self.writer.transport.get_write_buffer_size()
+        if unsent > MAX_UNSENT_BYTES:
+            log.warning("control: dropping a client that reads nothing: %d bytes of replies "
+                        "and events unsent (limit %d)", unsent, MAX_UNSENT_BYTES)
+            self.writer.transport.abort()
+            return
+        self.writer.write(json.dumps(msg).encode() + b"\r\n")
 
 
 def _next_document(buffer: str) -> tuple[str | None, str]:
@@ -222,6 +250,8 @@ def _next_document(buffer: str) -> tuple[str | None, str]:
                 escaped = True
             elif ch == '"':
                 in_string = False
+                if depth == 0:  # a bare string: a document (not an object) to answer
+                    return buffer[:i + 1], buffer[i + 1:]
         elif ch == '"':
             in_string = True
         elif ch in "{[":

@@ -3,8 +3,10 @@ gets our guest-memory mappings and interrupt rights)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import stat
 from collections.abc import Callable
 from typing import Protocol
 
@@ -17,8 +19,9 @@ class Readers(Protocol):
 
 
 def listen_private_unix(path: str) -> socket.socket:
-    """A non-blocking listening socket at `path` (a stale one is replaced), mode 0600."""
-    unlink_quietly(path)
+    """A non-blocking listening socket at `path`, mode 0600. A stale socket of ours there
+    is replaced; anything else is refused (clear_stale_socket)."""
+    clear_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
@@ -31,6 +34,35 @@ def listen_private_unix(path: str) -> socket.socket:
     sock.listen(1)
     sock.setblocking(False)
     return sock
+
+
+def clear_stale_socket(path: str) -> None:
+    """Make room for a socket at `path`: a socket of our user that nothing listens on is
+    removed. Anything else there stays, and OSError says what it is: a file or directory
+    (not a socket), someone else's socket, or one that is in use."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket; refusing "
+                              "to replace it")
+    if st.st_uid != os.getuid():
+        raise PermissionError(errno.EPERM, f"{path} is a socket of uid {st.st_uid}, not ours; "
+                              "refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        unlink_quietly(path)  # nothing listens: a stale socket, left by a process that died
+        return
+    except BlockingIOError:  # its backlog is full: something listens
+        pass
+    finally:
+        probe.close()
+    raise FileExistsError(errno.EADDRINUSE, f"{path} is a socket in use (something listens "
+                          "on it); refusing to replace it")
 
 
 def unlink_quietly(path: str) -> None:

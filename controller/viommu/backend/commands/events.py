@@ -8,6 +8,7 @@ which notifies the driver.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from viommu.backend.commands.traces import TRACE_ARGS, trace_slice
@@ -20,6 +21,7 @@ from viommu.events.smmuv3 import (
     EventClass,
     EventId,
     EventRecord,
+    PageHint,
     is_config_event,
 )
 from viommu.transport.control import Arg, Command, CommandError, ControlServer
@@ -29,6 +31,13 @@ ACCESSES = ("read", "write", "exec")
 # inject-event arguments that only events with an input address carry
 ACCESS_ARGS = frozenset({"address", "access", "privileged", "s2", "ipa", "class", "stall",
                          "stag"})
+# what an E_PAGE_REQUEST (a page request hint) carries: a page address, the access it
+# anticipates and the privilege, and how many pages the hint spans
+PAGE_HINT_ARGS = frozenset({"address", "access", "privileged", "span"})
+# access (privileged?) -> the E_PAGE_REQUEST flag: pR, uR, pW, uW, pX, uX
+PAGE_HINTS = {("read", True): PageHint.PR, ("read", False): PageHint.UR,
+              ("write", True): PageHint.PW, ("write", False): PageHint.UW,
+              ("exec", True): PageHint.PX, ("exec", False): PageHint.UX}
 
 
 def access_arg(args: dict[str, Any]) -> str:
@@ -40,10 +49,13 @@ def access_arg(args: dict[str, Any]) -> str:
 
 class EventCommands:
     def __init__(self, device: VirtioIommuDevice, relay: EventRelay,
-                 page_requests: PageRequestRelay) -> None:
+                 page_requests: PageRequestRelay,
+                 guest_absence: Callable[[int], str | None] | None = None) -> None:
+        """`guest_absence(sid)`: why the guest does not have that endpoint, or None."""
         self.device = device
         self.relay = relay
         self.page_requests = page_requests
+        self.guest_absence = guest_absence or self.device.guest_absence
 
     def register(self, control: ControlServer) -> None:
         control.register(Command("inject-event", self.inject_event, (
@@ -58,7 +70,9 @@ class EventCommands:
             Arg("fetch-addr", (int,), help="FetchAddr of a fetch fault"),
             Arg("class", (str,), help="CD, TT or IN (default)"),
             Arg("stall", (bool,)), Arg("stag", (int,)),
+            Arg("span", (int,), help="E_PAGE_REQUEST: pages the hint spans (default 1)"),
             Arg("count", (int,), help="inject this many copies (a burst)"),
+            Arg("force", (bool,), help="deliver even for an endpoint the guest does not have"),
         ), "Inject SMMUv3 event records for a stream; they reach the guest as fault records"))
         control.register(Command("query-events", self.query_events, TRACE_ARGS,
                                  help="Event counters and trace"))
@@ -70,26 +84,35 @@ class EventCommands:
             raise CommandError(str(exc)) from None
         sid = args["sid"]
         if sid not in self.device.endpoints:
-            known = ", ".join(str(e) for e in sorted(self.device.endpoints))
-            raise CommandError(f"sid {sid} is not an endpoint of this vIOMMU (known: {known})")
+            known = ", ".join(f"{e:#x}" for e in sorted(self.device.endpoints))
+            raise CommandError(f"sid {sid:#x} is not an endpoint of this vIOMMU "
+                               f"(known: {known or 'none'})")
         count = args.get("count", 1)
         if not 1 <= count <= MAX_INJECT_COUNT:
             raise CommandError(f"count must be 1..{MAX_INJECT_COUNT}, got {count}")
         record = record_from_args(event_id, sid, args)
+        absent = self.guest_absence(sid)
+        if absent and not args.get("force", False):
+            raise CommandError(f"{absent}; force=true delivers it anyway (viommu inject "
+                               "--force)")
         if is_config_event(event_id):
             self.device.note_config_fault(sid, event_id.name)
         before = self.relay.counters()
         first = self.relay.submit_burst(record, count)[0]
         after = self.relay.counters()
+        if absent:
+            self.relay.to_absent_endpoints += count
         # The FIFO is delivered in order, so this burst's records are the last ones pending.
         pending = min(after["pending"], count)
         lost = after["lost"] - before["lost"]
         not_forwarded = after["not_forwarded"] - before["not_forwarded"]
+        notes = [note for note in (first.note, absent and f"delivered as asked, but {absent}")
+                 if note]
         return {"seq": first.seq, "count": count, "pending": pending, "lost": lost,
                 "not_forwarded": not_forwarded,
                 "delivered": count - pending - lost - not_forwarded,
                 "guest_line": first.fault.guest_line() if first.fault else None,
-                "note": first.note or None}
+                "note": "; ".join(notes) or None}
 
     def query_events(self, args: dict) -> dict:
         trace = trace_slice(self.relay.trace, lambda e: e.seq, args)
@@ -99,15 +122,19 @@ class EventCommands:
 
 def record_from_args(event_id: EventId, sid: int, args: dict[str, Any]) -> EventRecord:
     """The SMMUv3 record; fields the architecture does not give this event type are refused."""
-    allowed = {"type", "sid", "ssid", "count"}
+    allowed = {"type", "sid", "ssid", "count", "force"}
     if event_id in ADDRESS_EVENTS:
         allowed |= ACCESS_ARGS
     if event_id in FETCH_EVENTS:
         allowed.add("fetch-addr")
+    if event_id == EventId.E_PAGE_REQUEST:
+        allowed |= PAGE_HINT_ARGS
     extra = sorted(set(args) - allowed)
     if extra:
         raise CommandError(f"{event_id.name} records carry no {', '.join(extra)}")
     access = access_arg(args)
+    if event_id == EventId.E_PAGE_REQUEST:
+        return page_hint_record(sid, access, args)
     class_name = args.get("class", "IN" if event_id in ADDRESS_EVENTS else "CD").upper()
     if class_name not in EventClass.__members__:
         raise CommandError(f"class must be CD, TT or IN, not {args['class']!r}")
@@ -120,5 +147,20 @@ def record_from_args(event_id: EventId, sid: int, args: dict[str, Any]) -> Event
             ipa=args.get("ipa", 0), fetch_addr=args.get("fetch-addr", 0),
             event_class=EventClass[class_name], stall=args.get("stall", False),
             stag=args.get("stag", 0))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def page_hint_record(sid: int, access: str, args: dict[str, Any]) -> EventRecord:
+    """An E_PAGE_REQUEST: the page at `address`, `span` pages, the access anticipated (one
+    of pR/pW/pX/uR/uW/uX, by `access` and `privileged`)."""
+    span = args.get("span", 1)
+    if not 1 <= span <= 0xFF:
+        raise CommandError(f"span is 1..255 pages (the record's Span field), got {span}")
+    try:
+        return EventRecord(
+            event_id=EventId.E_PAGE_REQUEST, sid=sid, ssid=args.get("ssid", 0),
+            ssv="ssid" in args, address=args.get("address", 0), span=span,
+            page_hints=PAGE_HINTS[access, args.get("privileged", False)])
     except ValueError as exc:
         raise CommandError(str(exc)) from None

@@ -46,8 +46,9 @@ class MemoryCommands:
         size = args["size"]
         if not 0 < size <= MAX_MEMORY_ACCESS:
             raise CommandError(f"size must be 1..{MAX_MEMORY_ACCESS}, got {size}")
+        gpa = address_arg(args, "gpa")
         try:
-            return {"data": self._memory().read(args["gpa"], size).hex()}
+            return {"data": self._memory().read(gpa, size).hex()}
         except (ValueError, OverflowError) as exc:
             raise CommandError(str(exc)) from None
 
@@ -58,8 +59,9 @@ class MemoryCommands:
             raise CommandError("data must be hex digits, two per byte") from None
         if not 0 < len(data) <= MAX_MEMORY_ACCESS:
             raise CommandError(f"data must be 1..{MAX_MEMORY_ACCESS} bytes, got {len(data)}")
+        gpa = address_arg(args, "gpa")
         try:
-            self._memory().write(args["gpa"], data)
+            self._memory().write(gpa, data)
         except (ValueError, OverflowError) as exc:
             raise CommandError(str(exc)) from None
         return {"written": len(data)}
@@ -68,9 +70,11 @@ class MemoryCommands:
         access = args["access"]
         if access not in ("rw", "ro", "none"):
             raise CommandError(f"access must be rw, ro or none, not {access!r}")
+        ipa, size = address_arg(args, "ipa"), args["size"]
+        if size <= 0:
+            raise CommandError(f"size must be positive, got {size}")
         try:
-            pages = self._engine().s2_set_perm(args["ipa"], args["size"], access != "none",
-                                               access == "rw")
+            pages = self._engine().s2_set_perm(ipa, size, access != "none", access == "rw")
         except (ValueError, OverflowError) as exc:
             raise CommandError(str(exc)) from None
         return {"pages": pages}
@@ -78,3 +82,12 @@ class MemoryCommands:
     def stage2_reset(self, args: dict[str, Any]) -> dict:
         self._engine().s2_reset()
         return {}
+
+
+def address_arg(args: dict[str, Any], name: str) -> int:
+    """A guest-physical address argument: a 64-bit unsigned number."""
+    value = args[name]
+    if not 0 <= value < 1 << 64:
+        raise CommandError(f"{name} is a 64-bit guest-physical address, 0..{(1 << 64) - 1:#x}; "
+                           f"got {value}")
+    return value

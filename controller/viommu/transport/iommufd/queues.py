@@ -51,9 +51,9 @@ class PriMustBeDisabled(IommufdError):
     def __init__(self, cookie: int, sid: int, dev_id: int) -> None:
         self.cookie, self.sid, self.dev_id = cookie, sid, dev_id
         super().__init__(
-            f"fault group {cookie} from endpoint {sid} (iommufd dev_id {dev_id}) was answered "
+            f"fault group {cookie} from endpoint {sid:#x} (iommufd dev_id {dev_id}) was answered "
             "INVALID: iommufd has no Response Failure (PRI may be shared with other functions). "
-            f"Emulate it: disable PRI for endpoint {sid} (clear PRI Enable, as after a vPRI "
+            f"Emulate it: disable PRI for endpoint {sid:#x} (clear PRI Enable, as after a vPRI "
             "reset) and stop forwarding its page requests")
 
 
