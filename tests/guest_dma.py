@@ -1,17 +1,24 @@
-"""Driving the DMA endpoint from the guest in e2e tests: the guest tool's `dma` runs, and
-SMMUv3 tables built in a mirror of the guest's reserved table area."""
+"""Driving the DMA endpoint from the guest in e2e tests: the guest tool's `dma` runs (its
+results read with viommu.vm.guest_tool, whatever the kernel prints meanwhile), and SMMUv3
+tables built in a mirror of the guest's reserved table area."""
 
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Callable
 
 from pagetables import GuestRam, Stage1Tables, cd, ste
+from viommu.vm import guest_tool
 from viommu.vm.hotplug import HotpluggedEndpoint
 from viommu.vm.machine import Machine
 
 _steps = itertools.count(1)
+
+
+def dma_results(guest: Machine, since: int) -> list[dict]:
+    """The fields of every `dma` result the tool printed since the mark."""
+    return [r.fields for r in guest_tool.results(guest.console.transcript[since:])
+            if r.kind == "dma"]
 
 
 def run_dma(guest: Machine, ep: HotpluggedEndpoint, src: int, dst: int, length: int, *options: str,
@@ -25,12 +32,11 @@ def run_dma(guest: Machine, ep: HotpluggedEndpoint, src: int, dst: int, length: 
         prefix = f"/tmp/doorbell-{next(_steps)}"
         guest.console.send_line(f"{cmd} --steps {len(before)} --wait {prefix} &")
         for step, action in enumerate(before, 1):
-            guest.wait_line(rf"viommu-vfio: dma ready step={step}$", since=mark)
+            guest_tool.wait_result(guest.console, "dma ready", since=mark, step=step)
             action()
             guest.run(f"touch {prefix}.{step}")
         guest.run("wait")
-    lines = re.findall(r"^viommu-vfio: dma step=.*$", guest.console.transcript[mark:], re.M)
-    return [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in lines]
+    return dma_results(guest, mark)
 
 
 def start_dma(guest: Machine, ep: HotpluggedEndpoint, src: int, dst: int, length: int,
@@ -41,14 +47,14 @@ def start_dma(guest: Machine, ep: HotpluggedEndpoint, src: int, dst: int, length
     prefix = f"/tmp/doorbell-{next(_steps)}"
     guest.console.send_line(f"viommu-vfio dma {ep.sysfs_name} {src:#x} {dst:#x} {length} "
                             f"{' '.join(options)} --wait {prefix} &")
-    guest.wait_line(r"viommu-vfio: dma ready step=1$", since=mark)
+    guest_tool.wait_result(guest.console, "dma ready", since=mark, step=1)
     return mark, f"{prefix}.1"
 
 
 def finish_dma(guest: Machine, mark: int) -> dict:
     guest.run("wait")
-    [line] = re.findall(r"^viommu-vfio: dma step=.*$", guest.console.transcript[mark:], re.M)
-    return dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+    [result] = dma_results(guest, mark)
+    return result
 
 
 SRC_IOVA, DST_IOVA = 0x10000, 0x7F00_0000

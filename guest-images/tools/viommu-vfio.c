@@ -5,7 +5,12 @@
  * guest kernel send virtio-iommu ATTACH/MAP/UNMAP requests to the viommu backend: this is
  * how a test gets real guest requests and, with a DMA endpoint, real guest DMA.
  *
- * Output lines start with "viommu-vfio:" followed by key=value pairs, for the controller.
+ * Results are lines "viommu-vfio: WORDS key=value ... crc=XXXXXXXX", for the controller: the
+ * CRC-32 (zlib's) of everything before " crc=" frames each one. They share the serial console
+ * with the kernel, whose lines land anywhere, even inside ours (printk writes to the UART
+ * while the tty still sends our line): the controller takes the kernel's lines out and
+ * keeps only lines whose CRC holds (viommu.vm.guest_tool), so a result is read whole and
+ * exact, or not at all. Each line is one write(), so no other process splits it.
  *
  *   viommu-vfio bind BDF                     bind BDF (0000:01:00.0) to vfio-pci
  *   viommu-vfio map BDF IOVA SIZE [ro] [--until FILE]
@@ -34,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <poll.h>
+#include <stdarg.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -43,9 +49,45 @@
 
 #define PAGE 4096UL
 
+/* CRC-32 as zlib computes it (reflected, polynomial 0xEDB88320). */
+static uint32_t crc32(const char *data, size_t len)
+{
+	uint32_t crc = 0xFFFFFFFFu;
+	for (size_t i = 0; i < len; i++) {
+		crc ^= (uint8_t)data[i];
+		for (int bit = 0; bit < 8; bit++)
+			crc = (crc >> 1) ^ (0xEDB88320u & -(crc & 1));
+	}
+	return ~crc;
+}
+
+/* One result line, framed: "viommu-vfio: " FMT " crc=XXXXXXXX\n", in one write(). */
+__attribute__((format(printf, 1, 2))) static void result(const char *fmt, ...)
+{
+	char line[4096];
+	int n = snprintf(line, sizeof(line), "viommu-vfio: ");
+	va_list ap;
+	va_start(ap, fmt);
+	n += vsnprintf(line + n, sizeof(line) - n, fmt, ap);
+	va_end(ap);
+	if (n > (int)sizeof(line) - 20)
+		n = sizeof(line) - 20; /* truncated: its CRC still frames what is sent */
+	n += snprintf(line + n, sizeof(line) - n, " crc=%08x\n", crc32(line, n));
+	fflush(stdout);
+	for (int off = 0; off < n;) {
+		ssize_t w = write(STDOUT_FILENO, line + off, n - off);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			break;
+		off += w;
+	}
+}
+
 static void die(const char *what)
 {
-	printf("viommu-vfio: error=%d what=\"%s: %s\"\n", errno, what, strerror(errno));
+	int err = errno;
+	result("error=%d what=\"%s: %s\"", err, what, strerror(err));
 	exit(1);
 }
 
@@ -80,7 +122,7 @@ static int cmd_bind(const char *bdf)
 	write_sysfs(path, bdf); /* fails harmlessly when no driver is bound */
 	if (write_sysfs("/sys/bus/pci/drivers_probe", bdf))
 		die("drivers_probe");
-	printf("viommu-vfio: bound=%s group=%d\n", bdf, iommu_group(bdf));
+	result("bound=%s group=%d", bdf, iommu_group(bdf));
 	return 0;
 }
 
@@ -156,15 +198,14 @@ static int cmd_map(int argc, char **argv)
 	int container = open_container(bdf);
 	if (dma_map(container, buffer(size), iova, size, readonly))
 		die("VFIO_IOMMU_MAP_DMA");
-	printf("viommu-vfio: mapped iova=%#llx size=%#llx ro=%d\n",
-	       (unsigned long long)iova, (unsigned long long)size, readonly);
-	fflush(stdout);
+	result("mapped iova=%#llx size=%#llx ro=%d", (unsigned long long)iova,
+	       (unsigned long long)size, readonly);
 	struct stat st;
 	while (until && stat(until, &st))
 		usleep(20000);
 	if (dma_unmap(container, iova, size))
 		die("VFIO_IOMMU_UNMAP_DMA");
-	printf("viommu-vfio: unmapped iova=%#llx\n", (unsigned long long)iova);
+	result("unmapped iova=%#llx", (unsigned long long)iova);
 	return 0;
 }
 
@@ -184,10 +225,12 @@ static int cmp_u64(const void *a, const void *b)
 /* The distribution of sorted samples: percentiles 0 to 100, one line. */
 static void print_percentiles(const char *name, const uint64_t *sorted, long count)
 {
-	printf("viommu-vfio: %s_percentiles_ns=", name);
+	char values[101 * 21] = "";
+	size_t n = 0;
 	for (int p = 0; p <= 100; p++)
-		printf("%s%llu", p ? "," : "", (unsigned long long)sorted[(count - 1) * p / 100]);
-	printf("\n");
+		n += snprintf(values + n, sizeof(values) - n, "%s%llu", p ? "," : "",
+			      (unsigned long long)sorted[(count - 1) * p / 100]);
+	result("%s_percentiles_ns=%s", name, values);
 }
 
 static int cmd_maplat(const char *bdf, long count)
@@ -209,7 +252,7 @@ static int cmd_maplat(const char *bdf, long count)
 	}
 	qsort(map_ns, count, sizeof(*map_ns), cmp_u64);
 	qsort(unmap_ns, count, sizeof(*unmap_ns), cmp_u64);
-	printf("viommu-vfio: maplat count=%ld map_median_ns=%llu unmap_median_ns=%llu\n", count,
+	result("maplat count=%ld map_median_ns=%llu unmap_median_ns=%llu", count,
 	       (unsigned long long)map_ns[count / 2], (unsigned long long)unmap_ns[count / 2]);
 	print_percentiles("map", map_ns, count);
 	print_percentiles("unmap", unmap_ns, count);
@@ -296,7 +339,8 @@ static int enable_msi(struct endpoint *ep)
 	if (ioctl(ep->fd, VFIO_DEVICE_SET_IRQS, set)) {
 		/* Some kernels refuse a VFIO user MSI behind a virtio-iommu (arm64 7.x: ENOSPC).
 		 * The DMA still works: the status register says when a transfer is done. */
-		printf("viommu-vfio: msi=unavailable errno=%d what=\"%s\"\n", errno, strerror(errno));
+		int err = errno;
+		result("msi=unavailable errno=%d what=\"%s\"", err, strerror(err));
 		close(efd);
 		return -1;
 	}
@@ -338,7 +382,7 @@ static int run_transfer(struct endpoint *ep, int efd, long step, const char *wai
 		char path[256];
 		struct stat st;
 		snprintf(path, sizeof(path), "%s.%ld", wait_prefix, step);
-		printf("viommu-vfio: dma ready step=%ld\n", step);
+		result("dma ready step=%ld", step);
 		while (stat(path, &st))
 			usleep(20000);
 	}
@@ -362,8 +406,8 @@ static int run_transfer(struct endpoint *ep, int efd, long step, const char *wai
 	uint32_t error = reg_read32(ep, REG_ERROR), done = reg_read32(ep, REG_BYTES_DONE);
 	uint64_t fault = reg_read64(ep, REG_FAULT_ADDR);
 	int verify = dst_mode == 0 && memcmp(sbuf, dbuf, len) == 0;
-	printf("viommu-vfio: dma step=%ld status=%s error=%#x fault_addr=%#llx bytes=%u verify=%s "
-	       "irq=%d msi=%s repeat=%ld ns=%llu\n", step, status < 4 ? status_names[status] : "?",
+	result("dma step=%ld status=%s error=%#x fault_addr=%#llx bytes=%u verify=%s "
+	       "irq=%d msi=%s repeat=%ld ns=%llu", step, status < 4 ? status_names[status] : "?",
 	       error, (unsigned long long)fault, done,
 	       dst_mode != 0 ? "n/a" : verify ? "ok" : "mismatch", irqs,
 	       efd >= 0 ? "ok" : "unavailable", repeat, (unsigned long long)elapsed);
@@ -421,7 +465,6 @@ static int usage(void)
 
 int main(int argc, char **argv)
 {
-	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (argc >= 3 && !strcmp(argv[1], "bind"))
 		return cmd_bind(argv[2]);
 	if (argc >= 5 && !strcmp(argv[1], "map"))

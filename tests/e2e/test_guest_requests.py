@@ -8,6 +8,7 @@ from itertools import pairwise
 
 import pytest
 
+from viommu.vm import guest_tool
 from viommu.vm.machine import Machine
 
 EP, BDF = 0x100, "0000:01:00.0"
@@ -34,7 +35,7 @@ def test_guest_vfio_map_and_unmap_reach_the_backend_domain(vfio_endpoint: Machin
     guest = vfio_endpoint
     mark = guest.mark()
     guest.console.send_line(f"viommu-vfio map {BDF} 0x200000 0x3000 --until /tmp/unmap-now &")
-    guest.wait_line(r"viommu-vfio: mapped iova=0x200000 size=0x3000", since=mark)
+    guest_tool.wait_result(guest.console, "mapped", since=mark, iova="0x200000", size="0x3000")
     mappings = domain_of(guest, EP)["mappings"]
     # Page sizes are Linux's choice (every 4 KiB multiple is offered, so physically
     # contiguous pages may come as one MAP): the mappings tile the range exactly.
@@ -49,7 +50,7 @@ def test_read_only_vfio_mapping_arrives_without_the_write_flag(vfio_endpoint: Ma
     guest = vfio_endpoint
     mark = guest.mark()
     guest.console.send_line(f"viommu-vfio map {BDF} 0x400000 0x1000 ro --until /tmp/unmap-now &")
-    guest.wait_line(r"viommu-vfio: mapped iova=0x400000", since=mark)
+    guest_tool.wait_result(guest.console, "mapped", since=mark, iova="0x400000")
     [mapping] = domain_of(guest, EP)["mappings"]
     assert mapping["flags"] == 1  # VIRTIO_IOMMU_MAP_F_READ only
     guest.run("touch /tmp/unmap-now; wait").check()

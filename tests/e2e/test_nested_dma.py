@@ -11,11 +11,12 @@ attach-table. The module starts in a fresh window of Linux's fault-line rate lim
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from guest_dma import DST_IOVA, SRC_IOVA, TableArea, run_dma
+from guest_dma import DST_IOVA, SRC_IOVA, TableArea, dma_results, run_dma
 from viommu.events.smmuv3 import EventId
 from viommu.testing.pytest_plugin import plugged_endpoint
 from viommu.vm.hotplug import HotpluggedEndpoint
@@ -92,6 +93,31 @@ def test_stage2_revoke_under_a_live_mapping_faults_with_s2_and_the_ipa(
     event = last_event(guest)["event"]
     assert (event["s2"], event["ipa"], event["address"]) == (True, revoked["ipa"], 0x200000)
     guest_fault(guest, f"page fault from EP {endpoint.endpoint_id} at 0x200000 [W]", mark)
+
+
+def test_tool_results_are_read_exactly_while_the_kernel_prints_into_them(
+        guest: Machine, endpoint: HotpluggedEndpoint) -> None:
+    """The kernel's lines land inside the tool's (printk writes to the UART while the tty
+    still sends the tool's line): faults injected, and kernel lines written through
+    /dev/kmsg, while the tool prints a result per transfer."""
+    steps, done = 150, "/tmp/tool-done"
+    mark = guest.mark()
+    guest.console.send_line(
+        f"rm -f {done}; (while [ ! -e {done} ]; do echo '<3>viommu-test: a kernel line among "
+        f"the tool lines' > /dev/kmsg; done) & viommu-vfio dma {endpoint.sysfs_name} 0x100000 "
+        f"0x200000 4096 --steps {steps}; touch {done}; wait")
+    for page in range(1, 6):
+        guest.inject("F_TRANSLATION", endpoint.endpoint_id, address=page << 12, access="write")
+        time.sleep(0.05)
+    guest.run("true", timeout=180)  # once the line above is done
+    results = dma_results(guest, mark)
+    assert [int(r["step"]) for r in results] == list(range(1, steps + 1))
+    assert {(r["status"], r["verify"], r["bytes"]) for r in results} == {("done", "ok", "4096")}
+    assert all(r["ns"].isdigit() for r in results)
+    raw = guest.console.transcript[mark:]
+    landed = re.findall(r"viommu-vfio: [^\n]*?\[\s*\d+\.\d+\] ", raw)
+    assert landed, "no kernel line landed inside a tool line: this run tested nothing"
+    guest.wait_fault_window()  # the next tests expect their fault lines printed
 
 
 # --- page-table mode: SMMUv3 tables in guest memory -----------------------------------------

@@ -122,3 +122,27 @@ def test_a_socket_qemu_has_bound_but_not_yet_listens_on_is_tried_again(tmp_path:
         qemu.proc.wait()
         server.close()
     assert len(attempts) > 1
+
+
+# --- the console when QEMU goes (issue 14) ---------------------------------------------------
+
+
+def test_a_console_qemu_reset_is_console_closed_and_closing_it_never_raises(
+        tmp_path: Path) -> None:
+    """QEMU exiting with our input unread resets the connection (ECONNRESET, not EOF): a
+    booting guest's launch then reports QEMU's failure, and shutdown closes quietly."""
+    import socket
+
+    from viommu.vm.console import Console, ConsoleClosed
+
+    ours, qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    console = Console(ours, tmp_path / "console.log")
+    qemu.sendall(b"[    1.0] booting\n")
+    console.send_line("poweroff -f")  # QEMU never reads it
+    qemu.close()
+    with pytest.raises(ConsoleClosed):
+        console.wait_for("viommu-guest: ready", timeout=2)
+    with pytest.raises(ConsoleClosed):
+        console.send_line("true")
+    console.close()
+    assert "booting" in (tmp_path / "console.log").read_text()

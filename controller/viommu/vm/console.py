@@ -17,8 +17,10 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
-# Lines the kernel printed (console timestamps are on in Debian kernels).
-KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\] .*$\n?", re.M)
+# A line the kernel printed (console timestamps are on in Debian kernels), wherever it
+# starts: printk writes to the UART directly, so it may land inside a line a program is
+# still sending through the tty (viommu.vm.guest_tool).
+KERNEL_LINE = re.compile(r"\[\s*\d+\.\d+\] [^\n]*\n")
 
 
 class ConsoleError(RuntimeError):
@@ -36,9 +38,10 @@ class CommandResult:
     status: int
 
     def program_lines(self) -> list[str]:
-        """Output lines without the kernel's console lines that interleaved with it (a
-        command that prints kernel-log lines itself, like dmesg, wants `output`)."""
-        return KERNEL_LINE.sub("", self.output).splitlines()
+        """Output lines without the kernel's console lines that interleaved with it, even
+        inside them (a command that prints kernel-log lines itself, like dmesg, wants
+        `output`)."""
+        return KERNEL_LINE.sub("", self.output + "\n").splitlines()
 
     def check(self) -> CommandResult:
         if self.status != 0:
@@ -80,11 +83,12 @@ class Console:
 
     def mark(self) -> int:
         """A position in the transcript; wait_for(since=mark) sees only later output."""
-        self._pump(0)
+        self.pump(0)
         return len(self._transcript.text)
 
-    def _pump(self, timeout: float) -> None:
-        """Read whatever the guest printed, waiting up to `timeout` for the first byte."""
+    def pump(self, timeout: float) -> None:
+        """Read whatever the guest printed, waiting up to `timeout` for the first byte;
+        ConsoleClosed once QEMU has closed the console (EOF, or a reset connection)."""
         try:
             while True:
                 self.child.read_nonblocking(65536, timeout=timeout)
@@ -93,6 +97,8 @@ class Console:
             pass
         except pexpect.EOF:
             raise ConsoleClosed("the guest console closed (QEMU exited?)") from None
+        except OSError as exc:  # ECONNRESET: QEMU went with our input unread
+            raise ConsoleClosed(f"the guest console closed (QEMU exited?): {exc}") from None
 
     def wait_for(self, pattern: str | re.Pattern, timeout: float = 30,
                  since: int = 0) -> re.Match:
@@ -108,15 +114,18 @@ class Console:
                 tail = self._transcript.text[since:][-2000:]
                 raise ConsoleError(f"no console line matched {regex.pattern!r} within "
                                    f"{timeout:g} s; console since the mark:\n{tail}")
-            self._pump(min(remaining, 0.2))
+            self.pump(min(remaining, 0.2))
 
     def lines_since(self, since: int, pattern: str | re.Pattern) -> list[str]:
         regex = re.compile(pattern, re.M) if isinstance(pattern, str) else pattern
-        self._pump(0)
+        self.pump(0)
         return [m.group(0) for m in regex.finditer(self._transcript.text, since)]
 
     def send_line(self, text: str) -> None:
-        self.child.sendline(text)
+        try:
+            self.child.sendline(text)
+        except OSError as exc:  # EPIPE, ECONNRESET: QEMU has closed the console
+            raise ConsoleClosed(f"the guest console closed (QEMU exited?): {exc}") from None
 
     def run(self, command: str, timeout: float = 30) -> CommandResult:
         """Run a shell command in the guest: its output and exit status. Kernel console
@@ -125,14 +134,14 @@ class Console:
         start = self.mark()
         # The marker is printed by a second command, so $? is the first one's status; the
         # pattern needs digits, so an echoed "%d" can never match it.
-        self.child.sendline(command)
-        self.child.sendline(f"printf '\\n@@rc:{token}:%d@@\\n' $?")
+        self.send_line(command)
+        self.send_line(f"printf '\\n@@rc:{token}:%d@@\\n' $?")
         try:
             self.child.expect(rf"@@rc:{token}:(\d+)@@", timeout=timeout)
         except pexpect.TIMEOUT:
             raise ConsoleError(f"guest command {command!r} did not finish within {timeout:g} s; "
                                f"console:\n{self._transcript.text[start:][-2000:]}") from None
-        except pexpect.EOF:
+        except (pexpect.EOF, OSError):
             raise ConsoleClosed(f"the guest console closed while running {command!r}") from None
         status = int(self.child.match.group(1))
         raw = self._transcript.text[start:]
@@ -140,9 +149,11 @@ class Console:
         return CommandResult(command, raw.strip("\n"), status)
 
     def close(self) -> None:
+        """Read the last of it into the log and close; never raises (QEMU may be gone)."""
         try:
-            self._pump(0)  # the last of it, into the log
+            self.pump(0)
         except ConsoleClosed:
             pass  # nothing more to read
-        self._transcript.close()
-        self._sock.close()
+        finally:
+            self._transcript.close()
+            self._sock.close()
