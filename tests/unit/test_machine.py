@@ -62,6 +62,7 @@ def test_a_kernel_qemu_cannot_open_is_a_launch_error_with_its_exit_status_and_lo
     assert f"could not open kernel file '{missing}'" in str(error)
     assert error.command[error.command.index("-kernel") + 1] == str(missing)
     assert shlex.join(error.command) in str(error)
+    assert "console, last lines:" in str(error)
     no_leftovers(vm)
 
 

@@ -261,3 +261,48 @@ def test_artifacts_hold_what_happened_during_the_test_and_a_reproducer(
     assert "not expressible as options: {'stag': 5}" in (directory / "reproduce.sh").read_text()
     for command in commands[:2]:
         cli.build_parser().parse_args(command)  # valid `viommu` command lines
+
+
+def test_the_report_header_names_the_qemu_and_its_version_or_why_viommu_qemu_is_unusable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from viommu.vm.boot import describe_choice
+
+    qemu = tmp_path / "qemu-system-x86_64"
+    qemu.write_text("#!/bin/sh\necho 'QEMU emulator version 11.1.3'\n")
+    qemu.chmod(0o755)
+    monkeypatch.setenv("VIOMMU_QEMU", str(qemu))
+    assert describe_choice("default").endswith(f", QEMU 11.1 ({qemu})")
+    monkeypatch.setenv("VIOMMU_QEMU", str(tmp_path / "missing"))
+    header = describe_choice("default")
+    assert f"QEMU unusable (VIOMMU_QEMU={tmp_path / 'missing'} is not an executable" in header
+
+
+def test_logs_of_a_project_outside_the_checkout_stay_in_that_project(
+        tmp_path: Path) -> None:
+    import viommu
+    from viommu.testing.pytest_plugin import logs_root
+
+    checkout = Path(viommu.__file__).resolve().parents[2]
+    project = tmp_path / "my-viommu-tests"
+    config = SimpleNamespace(rootpath=project, getoption=lambda name: None)
+    assert logs_root(config) == project / "test-logs"
+    assert checkout not in logs_root(config).parents
+    config.getoption = lambda name: str(tmp_path / "elsewhere")
+    assert logs_root(config) == tmp_path / "elsewhere"
+
+
+def test_events_injected_name_the_endpoint_used_when_the_test_gave_none(
+        tmp_path: Path) -> None:
+    from viommu.vm.machine import Machine
+
+    class Answering(Machine):
+        def backend(self, command: str, **args: object) -> dict:
+            return {"delivered": 1}
+
+    machine = Answering("default", workdir=tmp_path, accel="tcg")
+    record = GuestRecord(machine, VmChoice("default", "x86_64", "7"), 0, None, {})
+    with record.recording_injections():
+        machine.inject("C_BAD_STE")  # the `inject` fixture's inject("C_BAD_STE")
+    [injection] = record.injected
+    assert injection.sid == 0x100 and str(injection) == "C_BAD_STE sid=0x100 {}"
+    assert "sid=None" not in dict(record.failure_sections())["events injected"]

@@ -25,11 +25,12 @@ from viommu.cli.vm_commands import cmd_console, cmd_inject, cmd_shell, cmd_state
 from viommu.events.smmuv3 import ADDRESS_EVENTS, FETCH_EVENTS, EventId
 from viommu.provision import kconfig as kconfig_module
 from viommu.provision.arch import ARCHES, get_arch
-from viommu.provision.kernels import resolve_kernel
+from viommu.provision.kernels import KernelNotFound, resolve_kernel
 from viommu.vm import runs
 from viommu.vm.console import ConsoleError
 from viommu.vm.errors import MachineError
 from viommu.vm.paths import SetupMissing
+from viommu.vm.profile import ProfileError
 
 EVENT_NAMES = [e.name for e in EventId]
 
@@ -266,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Failures the user can act on: the message is the whole story, a traceback adds nothing.
-EXPECTED_ERRORS = (CliError, runs.RunError, MachineError, ConsoleError, SetupMissing, OSError)
+EXPECTED_ERRORS = (CliError, runs.RunError, MachineError, ConsoleError, SetupMissing,
+                   ProfileError, KernelNotFound, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from viommu.vm import runs
 from viommu.vm.accel import detect_accel, kvm_unusable_reason
 from viommu.vm.machine import Machine
 from viommu.vm.paths import SetupMissing
+from viommu.vm.profile import load_profile
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -24,6 +25,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _clear_stale(directory, name)
     _preflight()
     profile = readiness.profile_argument(args.profile)
+    load_profile(profile)  # a bad one is its problems, before anything else is said or done
     readiness.setup_if_asked(args, profile)
     accel = _choose_accel(args.accel)
     machine = Machine(profile, accel=accel, name=name, run_dir=directory,
@@ -115,6 +117,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     say(views.table(("name", "profile", "accel", "qemu", "backend", "uptime", "arch", "kernel",
                      "status"), rows))
+    qemus: dict[str, list[str]] = {}
+    for _, state in found:
+        qemus.setdefault(state.qemu or "QEMU unknown (started by an older viommu)",
+                         []).append(state.name)
+    for qemu, names in qemus.items():  # the binary and its version, once for the VMs it runs
+        say(f"{qemu}: {', '.join(names)}")
     return 0
 
 

@@ -105,6 +105,10 @@ def _module_name(filename: str) -> str:
 # --- resolving a SPEC --------------------------------------------------------------------
 
 
+class KernelNotFound(ValueError):
+    """A kernel SPEC names nothing usable; the message says what was wrong with it."""
+
+
 def resolve_kernel(spec: str | None, arch: Arch, modules: str | Path | None = None,
                    fetch: bool = True) -> Kernel:
     """The kernel SPEC names (default: the newest Debian 7.x); a Debian series not yet in
@@ -115,13 +119,13 @@ def resolve_kernel(spec: str | None, arch: Arch, modules: str | Path | None = No
     path = Path(spec).expanduser()
     if path.is_dir():
         if modules is not None:
-            raise ValueError("--modules goes with a kernel image, not a build tree (its "
+            raise KernelNotFound("--modules goes with a kernel image, not a build tree (its "
                              "modules are taken from the tree)")
         return build_tree_kernel(path, arch, spec)
     if path.is_file():
         return image_kernel(path, arch, spec, Path(modules).expanduser() if modules else None)
     known = ", ".join(DEBIAN_SERIES)
-    raise ValueError(f"kernel {spec!r}: not a Debian series ({known}) nor an existing kernel "
+    raise KernelNotFound(f"kernel {spec!r}: not a Debian series ({known}) nor an existing kernel "
                      "build tree or image file")
 
 
@@ -129,7 +133,7 @@ def build_tree_kernel(tree: Path, arch: Arch, spec: str) -> Kernel:
     image = tree / arch.tree_image
     if not image.is_file():
         cross = "" if arch.native else f" ARCH=arm64 CROSS_COMPILE={arch.cross_prefix}"
-        raise ValueError(f"{tree} has no {arch.tree_image}: build the kernel first (make "
+        raise KernelNotFound(f"{tree} has no {arch.tree_image}: build the kernel first (make "
                          f"-j$(nproc){cross}), or give --arch if it was built for another "
                          "architecture")
     release_file = tree / "include/config/kernel.release"
@@ -141,7 +145,7 @@ def build_tree_kernel(tree: Path, arch: Arch, spec: str) -> Kernel:
 
 def image_kernel(image: Path, arch: Arch, spec: str, modules: Path | None) -> Kernel:
     if modules is not None and not modules.is_dir():
-        raise ValueError(f"--modules {modules}: not a directory (give a lib/modules/<release> "
+        raise KernelNotFound(f"--modules {modules}: not a directory (give a lib/modules/<release> "
                          "tree, as `make modules_install INSTALL_MOD_PATH=DIR` makes one)")
     release = modules.name if modules is not None else (read_release(image) or "unknown")
     config = next((c for c in (image.parent / f"config-{release}",

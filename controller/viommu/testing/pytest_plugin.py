@@ -137,14 +137,22 @@ def _machine_class(config: pytest.Config) -> type[Machine]:
         problem = (f"viommu is installed but cannot be imported ({exc}): reinstall it "
                    "(pip install --force-reinstall viommu)")
     else:
-        arch = choose_arch(config.getoption("--viommu-arch"),
-                           load_profile(config.getoption("--viommu-profile")))
         try:
+            arch = choose_arch(config.getoption("--viommu-arch"),
+                               load_profile(config.getoption("--viommu-profile")))
             find_qemu(get_arch(arch))
             return Machine
         except SetupMissing as exc:
             problem = f"viommu is not set up: {exc}"
+        except (ValueError, FileNotFoundError) as exc:  # a bad or unknown profile
+            problem = f"viommu: --viommu-profile: {exc}"
     pytest.fail(problem, pytrace=False)  # outside the except: one line, no chained traceback
+
+
+def logs_root(config: pytest.Config) -> Path:
+    """Where VM logs go: --viommu-logs, else test-logs/ in the project pytest runs (its
+    rootdir), never in viommu's own checkout or installation."""
+    return Path(config.getoption("--viommu-logs") or config.rootpath / "test-logs")
 
 
 @pytest.fixture(scope="session")
@@ -152,8 +160,7 @@ def viommu_vm(request: pytest.FixtureRequest) -> Iterator[Machine]:
     machine_class = _machine_class(request.config)
     worker = worker_name(request.config)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    logs = request.config.getoption("--viommu-logs") or request.config.rootpath / "test-logs"
-    workdir = Path(logs) / f"{stamp}-{worker}"
+    workdir = logs_root(request.config) / f"{stamp}-{worker}"
     machine = machine_class(request.config.getoption("--viommu-profile"), workdir=workdir,
                             name=f"session-{worker}", **guest_choice(request.config))
     machine.launch()

@@ -118,6 +118,7 @@ def describe_choice(profile: Profile | str, kernel: str | None = None, arch: str
     try:
         binary = find_qemu(target)
         qemu_text = f"QEMU {version_text(qemu_version(binary))} ({binary})"
-    except SetupMissing:
-        qemu_text = "QEMU not set up yet (installed at first use)"
+    except SetupMissing as exc:  # VIOMMU_QEMU names one that does not work; or none yet
+        qemu_text = (f"QEMU unusable ({exc})" if os.environ.get("VIOMMU_QEMU")
+                     else "QEMU not set up yet (installed at first use)")
     return f"{target.name}, {kernel_text}, {qemu_text}"

@@ -72,8 +72,11 @@ def launch_failure(what: str, kind: type[VMLaunchError], *, qemu: QemuProcess,
             return BackendLaunchError(why, exit_status=status, log_path=backend_log)
     if qemu_status is not None:
         what, kind = f"exited with status {qemu_status}", VMLaunchError
+    # What the guest printed: our transcript, else console.log (QEMU writes it itself for a
+    # detached VM, and it is there before we connect).
+    console = qemu.console.transcript if qemu.console is not None else ""
     return kind(what, command=qemu.command, exit_code=qemu_status, qemu_log=qemu.log_path,
-                console=qemu.console.transcript if qemu.console is not None else "")
+                console=console or log_tail(qemu.console_log))
 
 
 def log_tail(path: Path, lines: int = TAIL_LINES) -> str:

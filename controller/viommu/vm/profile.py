@@ -1,15 +1,23 @@
-"""Machine profiles: the data in qemu-configs/*.toml, and what follows from it (BDFs,
-endpoint IDs, the VIOT ranges)."""
+"""Machine profiles: the data in qemu-configs/*.toml, checked against their schema
+(viommu.vm.profile_schema), and what follows from it (BDFs, endpoint IDs, the VIOT ranges)."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import tomllib
 from pathlib import Path
 
-from viommu.vm import paths
+from viommu.vm import paths, profile_schema
 from viommu.vm.viot import PciRange, bdf
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used: one line per problem, each naming the file, the key
+    and what is allowed."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,51 +103,30 @@ class Profile:
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
+    """The profile by name (qemu-configs/NAME.toml) or path; FileNotFoundError naming the
+    known ones, ProfileError with one line per problem."""
     path = Path(name_or_path)
     if not path.suffix:
         path = paths.QEMU_CONFIGS / f"{name_or_path}.toml"
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in paths.QEMU_CONFIGS.glob("*.toml")))
         raise FileNotFoundError(f"no machine profile {name_or_path!r} (known: {known})")
-    data = tomllib.loads(path.read_text())
+    try:
+        data = tomllib.loads(path.read_text(errors="replace"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError([f"{path}: not valid TOML: {exc}"]) from None
+    problems = profile_schema.problems(path, data)
+    if problems:
+        raise ProfileError(problems)
     machine = {k: int(v, 0) if k.startswith("table_area") and isinstance(v, str) else v
                for k, v in data.get("machine", {}).items()}
-    kernel = data.get("kernel", {})
     endpoints = tuple(
         EndpointSpec(ep["name"], ep["port"], ep["device"], ep.get("options", {}))
         for ep in data.get("endpoints", []))
-    network = _network_spec(path, data["network"]) if "network" in data else None
-    fields = {f.name for f in dataclasses.fields(Profile)} - {"network", "kernel", "kernel_modules",
-                                                              "cmdline"}
-    unknown = set(machine) - fields
-    if unknown:
-        raise ValueError(f"{path}: unknown [machine] keys {sorted(unknown)}")
-    profile = Profile(name=path.stem, endpoints=endpoints, network=network, **{
+    network = NetworkSpec(**data["network"]) if "network" in data else None
+    return Profile(name=path.stem, endpoints=endpoints, network=network, **{
         k: tuple(v) if isinstance(v, list) else v for k, v in machine.items()},
-        **_kernel_fields(path, kernel))
-    for ep in profile.endpoints:
-        profile.port_bus(ep.port)
-    if profile.iommu not in ("viommu", "qemu", "none"):
-        raise ValueError(f"{path}: iommu must be viommu, qemu or none, not {profile.iommu!r}")
-    taken = {profile.iommu_addr, *range(profile.root_port_first_addr,
-                                        profile.root_port_first_addr + profile.root_ports)}
-    if network is not None and network.addr in taken:
-        raise ValueError(f"{path}: [network] addr {network.addr:#x} is taken by the IOMMU or "
-                         f"a root port (taken: {sorted(taken)}); pick another pcie.0 slot")
-    return profile
-
-
-def _network_spec(path: Path, table: dict) -> NetworkSpec:
-    fields = {f.name for f in dataclasses.fields(NetworkSpec)}
-    unknown = set(table) - fields
-    if unknown:
-        raise ValueError(f"{path}: unknown [network] keys {sorted(unknown)} "
-                         f"(known: {sorted(fields)})")
-    spec = NetworkSpec(**table)
-    if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){4}", spec.mac_prefix):
-        raise ValueError(f"{path}: [network] mac_prefix must be five octets like "
-                         f"52:54:00:12:34, not {spec.mac_prefix!r}")
-    return spec
+        **_kernel_fields(path, data.get("kernel", {})))
 
 
 # [kernel] keys and the Profile fields they set.
@@ -150,10 +137,6 @@ def _kernel_fields(path: Path, table: dict) -> dict:
     """[kernel]: `cmdline`, `source` (a kernel SPEC: a Debian series, a build tree or an
     image) and `modules` (an image's lib/modules/<release>); paths are relative to the
     profile's own directory."""
-    unknown = set(table) - set(_KERNEL_KEYS)
-    if unknown:
-        raise ValueError(f"{path}: unknown [kernel] keys {sorted(unknown)} "
-                         f"(known: {sorted(_KERNEL_KEYS)})")
     fields = {_KERNEL_KEYS[k]: v for k, v in table.items()}
     for key in ("kernel", "kernel_modules"):
         value = fields.get(key)
