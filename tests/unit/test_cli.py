@@ -3,10 +3,15 @@ stale VMs, errors that say what to do, and the trace cursor the `trace` command 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -322,3 +327,143 @@ def test_kconfig_prints_a_fragment_and_checks_a_kernel(tmp_path: Path,
     bad = build_tree(tmp_path / "bad", GOOD_CONFIG.replace("CONFIG_ACPI_VIOT=y\n", ""))
     assert cli.main(["kconfig", "--kernel", str(bad)]) == 1
     assert "CONFIG_ACPI_VIOT" in capsys.readouterr().out
+
+
+# --- a dead backend (issue 14) --------------------------------------------------------------
+
+
+@pytest.fixture
+def watched_backend(live_vm: Path) -> Iterator[int]:
+    """A 'backend' of the live VM under the real watcher (viommu.vm.backend_watch), as `viommu
+    up` starts one; its pid, recorded in state.json."""
+    from viommu.vm import backend_watch
+
+    token = str(live_vm / "control.sock")
+    reader, writer = os.pipe()
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "viommu.vm.backend_watch", "--record",
+         str(live_vm / backend_watch.EXIT_RECORD), "--pid-fd", str(writer), "--",
+         sys.executable, "-c", "import time; time.sleep(60)", token], pass_fds=[writer])
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        pid = int(pipe.readline())
+    state = runs.RunState.load(live_vm)
+    state.backend_pid, state.sockets["control"] = pid, token
+    state.save(live_vm)
+    deadline = time.monotonic() + 10
+    while not runs.process_alive(pid, token):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    yield pid
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    watcher.wait(10)
+
+
+def test_ls_shows_a_killed_backend_as_dead_within_a_second_and_how_it_died(
+        live_vm: Path, watched_backend: int, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["ls"]) == 0
+    assert re.search(r"^alive\s.*\srunning$", capsys.readouterr().out, re.M)
+    os.kill(watched_backend, signal.SIGKILL)
+    killed = time.monotonic()
+    while True:
+        assert cli.main(["ls"]) == 0
+        out = capsys.readouterr().out
+        if "backend dead" in out:
+            break
+        assert time.monotonic() - killed < 1.0, out
+        time.sleep(0.05)
+    assert time.monotonic() - killed < 1.0
+    assert re.search(r"^alive\s.*\sbackend dead \(killed by SIGKILL at \d\d:\d\d:\d\d\)$", out,
+                     re.M), out
+    assert "`viommu down alive` ends alive" in out
+    assert cli.main(["ls", "--json"]) == 0
+    [entry] = json.loads(capsys.readouterr().out)
+    assert entry["backend_alive"] is False and entry["backend_exit"]["how"] == "killed by SIGKILL"
+
+
+@pytest.mark.parametrize("command", [["state"], ["inject", "C_BAD_STE"], ["trace"],
+                                     ["attach", "--port", "1"]])
+def test_a_command_needing_a_dead_backend_says_so_in_one_line_with_what_to_do(
+        live_vm: Path, watched_backend: int, command: list[str],
+        capsys: pytest.CaptureFixture) -> None:
+    os.kill(watched_backend, signal.SIGKILL)
+    assert cli.main([command[0], "alive", *command[1:]]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"alive's backend (pid {watched_backend}) died (killed by SIGKILL at " in err
+    assert "`viommu down alive` ends the VM" in err
+
+
+def test_down_ends_a_vm_whose_backend_died_by_pid_and_removes_its_run_directory(
+        live_vm: Path, watched_backend: int, capsys: pytest.CaptureFixture) -> None:
+    qemu_pid = runs.RunState.load(live_vm).qemu_pid
+    os.kill(watched_backend, signal.SIGKILL)
+    started = time.monotonic()
+    assert cli.main(["down", "alive"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1].startswith("alive is down"), out
+    assert "Traceback" not in err
+    assert not runs.process_alive(qemu_pid, str(live_vm / "qmp.sock"))
+    assert not live_vm.exists()
+    assert time.monotonic() - started < 10
+
+
+def test_ls_names_the_qemu_binary_and_version_of_each_vm(
+        live_vm: Path, capsys: pytest.CaptureFixture) -> None:
+    state = runs.RunState.load(live_vm)
+    state.qemu = "/opt/qemu/bin/qemu-system-x86_64 (QEMU 11.1)"
+    state.save(live_vm)
+    assert cli.main(["ls"]) == 0
+    assert "/opt/qemu/bin/qemu-system-x86_64 (QEMU 11.1): alive" in capsys.readouterr().out
+
+
+# --- signals (issue 14) ---------------------------------------------------------------------
+
+
+def test_ctrl_c_prints_one_line_and_no_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_ls", interrupted)
+    assert cli.main(["ls"]) == 130
+    assert capsys.readouterr().err.strip() == "viommu ls: interrupted (Ctrl-C)"
+
+
+def test_main_leaves_the_signal_handlers_as_it_found_them() -> None:
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    cli.main(["ls"])
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_clean_up_under_deferred_signals_finishes_before_sighup_and_ctrl_c_act() -> None:
+    from viommu.cli.main import Terminated, _terminated
+    from viommu.vm.signals import deferred_signals
+
+    previous = signal.signal(signal.SIGHUP, _terminated)
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            with deferred_signals():
+                os.kill(os.getpid(), signal.SIGHUP)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handlers would run here, in the middle of clean-up
+                done.append("cleaned up")
+        assert done == ["cleaned up"]
+        assert isinstance(raised.value, (Terminated, KeyboardInterrupt))
+        assert signal.getsignal(signal.SIGHUP) is _terminated  # as before the block
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_viommu_qemu_naming_a_missing_file_is_an_error_not_the_bundled_qemu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "no-such-qemu"
+    monkeypatch.setenv("VIOMMU_QEMU", str(missing))
+    assert cli.main(["up", "default", "--name", "missing"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("viommu up: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert f"VIOMMU_QEMU={missing} is not an executable file" in err and "unset it" in err
+    assert not runs.run_dir("missing").exists()

@@ -8,6 +8,7 @@ process and this module imports only what the backend needs.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import sys
 
@@ -81,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"viommu backend: {problem}", file=sys.stderr)
         return 2
+    # A crash in the data plane (SIGSEGV, SIGABRT) leaves the Python stacks of every thread
+    # in the log (stderr is backend.log), beside the watcher's "killed by SIGSEGV".
+    faulthandler.enable()
     listen_fds = (args.socket_fd, args.control_fd) if args.socket_fd is not None else None
     options = BackendOptions(event_capacity=args.event_fifo, exit_on_disconnect=not args.persist,
                              page_request_policy=args.page_request_policy,

@@ -12,6 +12,7 @@ from pathlib import Path
 from viommu.provision.arch import ARCHES
 from viommu.provision.kernels import DEBIAN_SERIES, DEFAULT_KERNEL
 from viommu.vm import runs
+from viommu.vm.errors import BackendGone
 from viommu.vm.machine import Machine
 
 
@@ -28,11 +29,19 @@ def note(text: str) -> None:
 
 
 @contextlib.contextmanager
-def attached_vm(name: str) -> Iterator[tuple[Machine, runs.RunState, Path]]:
-    """The running VM `name`, driven from this process and released (left running) after."""
+def attached_vm(name: str, needs_backend: bool = True
+                ) -> Iterator[tuple[Machine, runs.RunState, Path]]:
+    """The running VM `name`, driven from this process and released (left running) after.
+    BackendGone first when its backend is dead and the command needs it (what happened,
+    and what to do, in one line)."""
     directory, state = runs.find_run(name)
     vm = Machine.attach(directory)
     try:
+        failure = vm.backend_failure()
+        if failure is not None and needs_backend:
+            raise BackendGone(failure)
+        if failure is not None:
+            note(failure)
         yield vm, state, directory
     finally:
         vm.release()

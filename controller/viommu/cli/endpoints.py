@@ -1,31 +1,68 @@
 """`viommu attach` and `detach`: DMA endpoints hot-plugged into a running VM, and kept in
-its state.json so that `detach` (and `state`) find them from another process."""
+its state.json so that `detach` (and `state`) find them from another process.
+
+A hot-plug is recorded as soon as QEMU has the device, before anything that may fail after
+(the guest's enumeration, binding it to vfio-pci), so a failed step never leaves a device
+plugged that `detach` does not know. Neither command needs the guest's console to plug or
+unplug; `attach` uses it to see the guest enumerate the device (and to bind it, with
+--vfio), and when another client holds it, waits for it (--vfio) or says it did not look.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
-from viommu.cli.common import CliError, attached_vm, say
+from viommu.cli.common import CliError, attached_vm, note, say
 from viommu.cli.terminal import progress
-from viommu.vm import runs
+from viommu.vm import hotplug, runs
+from viommu.vm.errors import ConsoleBusy, MachineError
 from viommu.vm.hotplug import HotpluggedEndpoint
 from viommu.vm.machine import Machine
+
+CONSOLE_WAIT_S = 60.0  # for another client to leave the console, when attach needs it
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
     with attached_vm(args.name) as (vm, state, directory):
         check_port_free(vm, state, args.port)
         with progress(f"hot-plugging a DMA endpoint into port {args.port}"):
-            endpoint = vm.add_endpoint(args.port, args.id, pri=args.pri)
-            if args.vfio:
-                vm.run(f"viommu-vfio bind {endpoint.sysfs_name}").check()
-    state.endpoints.append(dataclasses.asdict(endpoint))
-    state.save(directory)
-    say(f"{endpoint.name}: endpoint {endpoint.endpoint_id:#x} at {endpoint.sysfs_name}"
-        f"{' (PRI)' if args.pri else ''}{', bound to vfio-pci' if args.vfio else ''}; "
+            endpoint = hotplug.plug_device(vm, args.port, args.id, args.pri)
+        state.endpoints.append(dataclasses.asdict(endpoint))
+        state.save(directory)  # plugged: recorded, whatever happens next
+        where = f"{endpoint.name}: endpoint {endpoint.endpoint_id:#x} at {endpoint.sysfs_name}"
+        if not _console_for(vm, args.vfio, endpoint):
+            say(f"{where}{' (PRI)' if args.pri else ''}, plugged; the guest's console is held "
+                "by another client, so its enumeration was not checked (`lspci` there shows "
+                f"it); `viommu detach {args.name} {endpoint.name}` removes it")
+            return 0
+        try:
+            with progress(f"waiting for the guest to enumerate {endpoint.sysfs_name}"):
+                hotplug.wait_enumerated(vm, endpoint, timeout=30)
+                if args.vfio:
+                    vm.run(f"viommu-vfio bind {endpoint.sysfs_name}").check()
+        except MachineError as exc:
+            raise CliError(f"{endpoint.name} is plugged (and recorded: `viommu detach "
+                           f"{args.name} {endpoint.name}` removes it), but {exc}") from None
+    say(f"{where}{' (PRI)' if args.pri else ''}{', bound to vfio-pci' if args.vfio else ''}; "
         f"`viommu detach {args.name} {endpoint.name}` removes it")
     return 0
+
+
+def _console_for(vm: Machine, needed: bool, endpoint: HotpluggedEndpoint) -> bool:
+    """Whether the console is ours to use: free, or (when `needed`) free once another
+    client leaves it; CliError when it is needed and stays held."""
+    if not vm.console_held():
+        return True
+    if not needed:
+        return False
+    note(f"waiting up to {CONSOLE_WAIT_S:g} s for the serial console, held by another client "
+         "(leave `viommu console` with Ctrl-]), to bind the device to vfio-pci")
+    if vm.wait_for_console(CONSOLE_WAIT_S):
+        return True
+    raise ConsoleBusy(f"{endpoint.name} is plugged (and recorded), not bound: the serial "
+                      f"console stayed held; in the guest, `viommu-vfio bind "
+                      f"{endpoint.sysfs_name}`, or `viommu detach {vm.name} {endpoint.name}`")
 
 
 def check_port_free(vm: Machine, state: runs.RunState, port: int) -> None:
@@ -42,13 +79,10 @@ def cmd_detach(args: argparse.Namespace) -> int:
     with attached_vm(args.name) as (vm, state, directory):
         spec = _find_endpoint(state, args.endpoint)
         endpoint = HotpluggedEndpoint(**spec)
-        bound = f"/sys/bus/pci/drivers/vfio-pci/{endpoint.sysfs_name}"
         with progress(f"unplugging {endpoint.name}"):
-            vm.run(f"test -e {bound} && echo {endpoint.sysfs_name} > "
-                   "/sys/bus/pci/drivers/vfio-pci/unbind")
-            vm.remove_endpoint(endpoint)
-    state.endpoints.remove(spec)
-    state.save(directory)
+            vm.remove_endpoint(endpoint)  # QMP and the backend: no console needed
+        state.endpoints.remove(spec)
+        state.save(directory)
     say(f"{endpoint.name} (endpoint {endpoint.endpoint_id:#x}) removed")
     return 0
 
@@ -67,4 +101,3 @@ def _maybe_int(text: str) -> int | None:
         return int(text, 0)
     except ValueError:
         return None
-

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import textwrap
+import threading
 from typing import Any
 
 from viommu import __version__
@@ -271,12 +274,37 @@ EXPECTED_ERRORS = (CliError, runs.RunError, MachineError, ConsoleError, SetupMis
                    ProfileError, KernelNotFound, OSError)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (the terminal closed): unwound like Ctrl-C, so that clean-up runs
+    (a VM that `up` was booting is stopped, not left running unseen)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     if args.command == "backend":
         level = min(level, logging.INFO)  # the backend log is the trace users read
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    if not args.verbose:  # its connection failures are ours to explain, in one line
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    previous = {}
+    if args.command != "backend" and threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run(args)
+    finally:  # as they were (main() also runs inside other programs: tests, shells)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except EXPECTED_ERRORS as exc:
@@ -284,6 +312,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"viommu {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        what = exc.args[0] if isinstance(exc, Terminated) else "Ctrl-C"
+        print(f"\nviommu {args.command}: interrupted ({what}){_after_interrupt(args)}",
+              file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `viommu state --json | head`: the reader has what it wanted
+        # Python's own advice (signal docs, "Note on SIGPIPE"): no flush error at exit; and
+        # the status of a writer whose reader left, as shells give it (128 + SIGPIPE).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What an interrupted command left, in a few words (the command says, as it goes)."""
+    return getattr(args, "interrupted", "")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
 """`viommu up`, `ls` and `down`: VMs that keep running between commands, in run
-directories (viommu.vm.runs)."""
+directories (viommu.vm.runs).
+
+`down` always ends the VM, whatever state it is in: QMP quit (after `poweroff -f` when the
+guest can still take it), then SIGTERM and SIGKILL by pid; then any process left that names
+the run directory (viommu.vm.runs.processes_of, so even without state.json); then the run
+directory goes."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,7 +22,10 @@ from viommu.vm import runs
 from viommu.vm.accel import detect_accel, kvm_unusable_reason
 from viommu.vm.machine import Machine
 from viommu.vm.paths import SetupMissing
+from viommu.vm.processes import end_all
 from viommu.vm.profile import load_profile
+
+log = logging.getLogger(__name__)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -32,9 +41,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                       boot_timeout=args.timeout, kernel=args.kernel, modules=args.modules,
                       arch=args.arch)
     machine.prepare()  # fetches or builds what is missing, with its own progress lines
+    args.interrupted = "; the VM it was booting was stopped (its logs stay in the run directory)"
     with progress(f"booting {name} ({machine.arch}, {accel.upper()}, kernel "
                   f"{machine.boot.image.kernel.release})"):
         machine.launch()
+    args.interrupted = f"; {name} is up (`viommu down {name}` ends it)"
     machine.release()
     say(_up_usage(runs.RunState.load(directory), directory))
     return 0
@@ -44,9 +55,9 @@ def _clear_stale(directory: Path, name: str) -> None:
     if not (directory / runs.STATE_FILE).exists():
         return
     state = runs.RunState.load(directory)
-    if state.alive:
-        raise CliError(f"a VM named {name!r} is already running (QEMU pid {state.qemu_pid}); "
-                       f"use it, stop it with `viommu down {name}`, or pick another --name")
+    if state.alive or state.starting or runs.processes_of(directory):
+        raise CliError(f"a VM named {name!r} exists ({state.health()}); use it, end it with "
+                       f"`viommu down {name}`, or pick another --name")
     note(f"removing the stale run directory of {name!r} (its QEMU is gone)")
     runs.remove_run(directory)
 
@@ -100,15 +111,20 @@ def _up_usage(state: runs.RunState, directory: Path) -> str:
 def cmd_ls(args: argparse.Namespace) -> int:
     found = runs.list_runs()
     if args.json:
-        say(json.dumps([{**dataclasses.asdict(s), "alive": s.alive, "run_dir": str(d)}
-                        for d, s in found], indent=1))
+        say(json.dumps([{**dataclasses.asdict(s), "alive": s.alive, "run_dir": str(d),
+                         "backend_alive": s.backend_alive, "backend_exit": s.backend_exit(),
+                         "health": s.health()} for d, s in found], indent=1))
         return 0
-    rows = []
+    rows, hints = [], []
     for directory, state in found:
-        status = "running" if state.alive else "stale (QEMU gone)"
-        if not state.alive and args.prune:
+        status = state.health()
+        stale = not state.alive and not state.starting
+        if stale and args.prune and not runs.processes_of(directory):
             runs.remove_run(directory)
             status = "stale: removed"
+        elif status != "running" and not state.starting:
+            hints.append(f"`viommu down {state.name}` ends {state.name}"
+                         + ("" if stale else f" (logs: {state.workdir})"))
         rows.append((state.name, state.profile, state.accel, state.qemu_pid, state.backend_pid,
                      views.duration(state.uptime), state.arch, state.kernel_release or None,
                      status))
@@ -123,23 +139,49 @@ def cmd_ls(args: argparse.Namespace) -> int:
                          []).append(state.name)
     for qemu, names in qemus.items():  # the binary and its version, once for the VMs it runs
         say(f"{qemu}: {', '.join(names)}")
+    for hint in hints:
+        say(hint)
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
     directory = runs.run_dir(args.name)
-    if (directory / runs.STATE_FILE).exists() and not runs.RunState.load(directory).alive:
-        runs.remove_run(directory)
-        say(f"{args.name} was stale (its QEMU had exited); removed {directory}")
-        return 0
-    runs.find_run(args.name)
-    vm = Machine.attach(directory)
+    if not directory.is_dir():
+        runs.find_run(args.name)  # says there is no such VM, and which there are
+    state = _state_of(directory)
+    stale = state is not None and not state.alive and not state.starting
     with progress(f"shutting {args.name} down"):
-        vm.shutdown()
+        problem = _shut_down(directory, state)
+        killed = end_all(runs.processes_of(directory))  # whatever is left of it, by pid
     if args.keep_logs:
-        say(f"{args.name} is down; logs kept in {vm.workdir}")
+        for name in ("vhost-user.sock", "control.sock", "qmp.sock", "serial.sock",
+                     runs.STATE_FILE):
+            (directory / name).unlink(missing_ok=True)
     else:
         runs.remove_run(directory)
-        say(f"{args.name} is down")
+    what = (f"was stale (its QEMU had exited); removed {directory}" if stale and not killed
+            else "is down")
+    extra = f" ({problem}; killed what was left of it, by pid)" if problem else ""
+    kept = f"; logs kept in {directory}" if args.keep_logs else ""
+    say(f"{args.name} {what}{extra}{kept}")
     return 0
+
+
+def _state_of(directory: Path) -> runs.RunState | None:
+    try:
+        return runs.RunState.load(directory)
+    except (OSError, ValueError, TypeError):  # none, or half-written by a killed `up`
+        return None
+
+
+def _shut_down(directory: Path, state: runs.RunState | None) -> str | None:
+    """Power it off through its Machine while QEMU runs; what went wrong, or None."""
+    if state is None or not state.alive:
+        return None if state is not None else "no readable state.json"
+    try:
+        Machine.attach(directory).shutdown()
+    except Exception as exc:  # noqa: BLE001 - whatever it was, the processes go by pid
+        log.info("shutting %s down through QMP failed: %r", directory.name, exc)
+        return f"it did not shut down cleanly: {exc}"
+    return None
 

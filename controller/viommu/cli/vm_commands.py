@@ -83,11 +83,11 @@ def _wait_for_guest_line(log_path: Path, offset: int, text: str, timeout: float)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    print(f"[following {args.name}: requests, faults, page requests, translations; Ctrl-C "
-          "stops]", file=sys.stderr, flush=True)
     deadline = time.monotonic() + args.duration if args.duration else None
     shown = 0
     with attached_vm(args.name) as (vm, _, _):
+        print(f"[following {args.name}: requests, faults, page requests, translations; Ctrl-C "
+              "stops]", file=sys.stderr, flush=True)
         follower = TraceFollower(vm.backend, from_start=args.all)
         try:
             while deadline is None or time.monotonic() < deadline:
@@ -119,7 +119,7 @@ def cmd_state(args: argparse.Namespace) -> int:
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
-    with attached_vm(args.name) as (vm, _, _):
+    with attached_vm(args.name, needs_backend=False) as (vm, _, _):
         follower = TraceFollower(vm.backend)
         helpers: dict[str, Any] = {
             "vm": vm, "run": vm.run, "inject": vm.inject, "backend": vm.backend, "qmp": vm.qmp,

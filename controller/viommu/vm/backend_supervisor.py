@@ -6,7 +6,9 @@
 - ThreadBackend: Backend.start_in_thread() in this process (handy under a debugger); the
   backend's loggers write backend.log.
 - DetachedBackend: the backend process of a detached VM (`viommu up`), found again from
-  state.json by another process.
+  state.json by another process. Such a backend runs under a watcher
+  (viommu.vm.backend_watch), its parent, which records how it ended (backend-exit.json):
+  `why_gone()` says it.
 
 The Machine talks to each over its control socket (QMP); this is only their lifecycle.
 """
@@ -14,9 +16,12 @@ The Machine talks to each over its control socket (QMP); this is only their life
 from __future__ import annotations
 
 import logging
+import os
+import select
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -24,8 +29,11 @@ from typing import Protocol
 from viommu.backend.backend import Backend
 from viommu.device.config import DeviceConfig
 from viommu.transport.sockets import listen_private_unix
-from viommu.vm.errors import BackendLaunchError
+from viommu.vm import backend_watch
+from viommu.vm.errors import BackendLaunchError, log_tail
 from viommu.vm.processes import PidProcess, Supervised, end_process
+
+WATCHER_START_S = 30.0  # for the watcher to start the backend and say its pid
 
 THREAD_NAME = "viommu-backend"  # what Backend.start_in_thread() names its thread
 # The layers an in-process backend logs from (each module logs as its own name).
@@ -68,12 +76,46 @@ def supervisor(*, in_process: bool, vhost_socket: str, control_socket: str,
 class _ProcessBackend(Supervised):
     """Supervision common to a backend process, whoever started it."""
 
+    log_path: Path
+    exit_record: Path | None = None  # a detached backend's watcher writes how it ended here
+
     def alive(self) -> bool:
         return self.running()
 
     def stop(self, timeout: float) -> None:
         if self.proc is not None:
             end_process(self.proc, "the viommu backend", timeout)
+
+    def exit_status(self, timeout: float = 0) -> int | None:
+        status = super().exit_status(timeout)
+        record = self._record(wait=0.5 if status is not None else 0)
+        return record["status"] if record is not None else status
+
+    def why_gone(self) -> str:
+        """How it ended, for a message: what its watcher recorded (or the exit status, if
+        it was our child); unless a signal ended it, the last line of backend.log too."""
+        record = self._record(wait=0.5)
+        if record is not None:
+            status = record["status"]
+            how = f"{record['how']} at {time.strftime('%H:%M:%S', time.localtime(record['time']))}"
+        elif isinstance(self.proc, subprocess.Popen) and self.proc.poll() is not None:
+            status = self.proc.returncode
+            how = backend_watch.describe(status)
+        else:
+            status, how = None, "how, nobody recorded"
+        last = log_tail(self.log_path, 1) if status is None or status >= 0 else ""
+        return f"{how}{f'; its log ends: {last}' if last else ''}"
+
+    def _record(self, wait: float) -> dict | None:
+        """The watcher's record; it writes it just after the backend is gone."""
+        if self.exit_record is None:
+            return None
+        deadline = time.monotonic() + wait
+        while True:
+            record = backend_watch.read_record(str(self.exit_record))
+            if record is not None or time.monotonic() >= deadline:
+                return record
+            time.sleep(0.02)
 
 
 class ChildBackend(_ProcessBackend):
@@ -104,9 +146,12 @@ class ChildBackend(_ProcessBackend):
                 listeners.append(listen_private_unix(path))
             fds = [sock.fileno() for sock in listeners]
             with open(self.log_path, "ab") as out:
-                self.proc = subprocess.Popen(
-                    self.command(*fds), stdout=out, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, pass_fds=fds, start_new_session=self.new_session)
+                if self.new_session:
+                    self._start_watched(self.command(*fds), fds, out)
+                else:
+                    self.proc = subprocess.Popen(
+                        self.command(*fds), stdout=out, stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL, pass_fds=fds)
         except OSError as exc:
             raise BackendLaunchError(f"could not be started: {exc}", exit_status=None,
                                      log_path=self.log_path) from exc
@@ -114,13 +159,54 @@ class ChildBackend(_ProcessBackend):
             for sock in listeners:
                 sock.close()
 
+    def _start_watched(self, command: list[str], fds: list[int], out: object) -> None:
+        """In a session of its own, under a watcher that records how it ends (its parent:
+        this process is about to exit)."""
+        self.exit_record = self.log_path.with_name(backend_watch.EXIT_RECORD)
+        self.exit_record.unlink(missing_ok=True)
+        reader, writer = os.pipe()
+        try:
+            watch = [sys.executable, "-m", "viommu.vm.backend_watch", "--record",
+                     str(self.exit_record), "--pid-fd", str(writer),
+                     *(f"--pass-fd={fd}" for fd in fds), "--", *command]
+            subprocess.Popen(watch, stdout=out, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, pass_fds=[*fds, writer],
+                             start_new_session=True)
+            os.close(writer)
+            writer = -1
+            said = _read_line(reader, WATCHER_START_S)
+        finally:
+            os.close(reader)
+            if writer >= 0:
+                os.close(writer)
+        if not said.isdigit():
+            raise OSError(f"its watcher did not start it ({said or 'no word from it'})")
+        # Its command line names the control socket: a reused pid is not taken for it.
+        self.proc = PidProcess(int(said), self.control_socket)
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    """One line from a pipe, or what came before EOF or `timeout`."""
+    data, deadline = b"", time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            break
+        chunk = os.read(fd, 256)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
 
 class DetachedBackend(_ProcessBackend):
     """Another process started it (`viommu up`); this one only watches and stops it."""
 
-    def __init__(self, pid: int, control_socket: str) -> None:
+    def __init__(self, pid: int, control_socket: str, workdir: Path) -> None:
         # Its command line names the control socket: a reused pid is not taken for it.
         self.proc = PidProcess(pid, control_socket)
+        self.log_path = workdir / "backend.log"
+        self.exit_record = workdir / backend_watch.EXIT_RECORD
 
     def start(self) -> None:
         """Nothing to start: it runs already, or it is gone (then `alive()` says so)."""

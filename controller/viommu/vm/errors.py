@@ -28,6 +28,14 @@ class MachineError(RuntimeError):
     """A Machine could not do what was asked; the message says what to look at."""
 
 
+class ConsoleBusy(MachineError):
+    """Another client holds the guest's serial console, which takes one at a time."""
+
+
+class BackendGone(MachineError):
+    """The backend of a running VM is dead: its IOMMU no longer answers, for good."""
+
+
 class BackendLaunchError(MachineError):
     """The viommu backend did not start, or it died while the VM was starting."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from viommu.vm.console import Console, ConsoleError
-from viommu.vm.errors import MachineError
+from viommu.vm.errors import ConsoleBusy, MachineError
 from viommu.vm.qemu_process import QemuProcess
 
 READY_LINE = r"viommu-guest: ready"  # the guest image's init prints it when its shell runs
@@ -36,18 +36,38 @@ class GuestShell:
         self.lazy = False  # a detached VM found again: take the console on first use
 
     def console(self) -> Console:
-        """The console with the shell taken; MachineError when the VM does not run."""
+        """The console with the shell taken; ConsoleBusy while another client holds it (a
+        detached VM's, `viommu console`), MachineError when the VM does not run."""
         if self.qemu.console is None and self.lazy:
+            if self.held():
+                raise ConsoleBusy(f"{self.name}'s serial console is held by another client "
+                                  "(`viommu console`?); it takes one at a time: leave it "
+                                  "(Ctrl-]) and try again")
             console = self.qemu.open_console()
             try:
                 self.take(console, timeout=10)
             except ConsoleError as exc:
-                raise MachineError(f"{self.name}'s guest shell did not answer within 10 s: "
-                                   "the serial console takes one client at a time; leave "
-                                   "`viommu console` (Ctrl-]) and try again") from exc
+                self.qemu.console = None  # never keep a console whose shell is not ours
+                console.close()
+                raise MachineError(f"{self.name}'s guest shell did not answer within 10 s "
+                                   f"on its serial console: {exc}") from exc
         if self.qemu.console is None:
             raise MachineError(f"{self.name} is not running")
         return self.qemu.console
+
+    def held(self) -> bool:
+        """Another client holds the console of this detached VM (it is not ours)."""
+        return self.lazy and self.qemu.console is None and self.qemu.serial_in_use()
+
+    def wait_until_free(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for another client to leave the console; whether it
+        is free."""
+        deadline = time.monotonic() + timeout
+        while self.held():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+        return True
 
     def wait_ready(self, timeout: float, since: int = 0) -> None:
         """Wait for the guest's shell (ConsoleError after `timeout`), and take it."""

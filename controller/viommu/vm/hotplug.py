@@ -1,5 +1,10 @@
 """DMA endpoints hot-plugged into a running VM: served by the backend over vfio-user, plugged
-into a root port with QMP device_add, and taken out again with device_del."""
+into a root port with QMP device_add, and taken out again with device_del.
+
+A step that fails leaves nothing half done: a device_add that fails undoes the backend's
+endpoint-create. Plugging is QMP and the backend only; seeing the guest enumerate the device
+takes the console (`wait_enumerated`), and unplugging does not: QEMU deletes the device once
+the guest has let go of it (it powered the slot off), which is what `unplug` waits for."""
 
 from __future__ import annotations
 
@@ -31,6 +36,13 @@ class HotpluggedEndpoint:
 
 def plug(vm: Machine, port: int, name: str | None, pri: bool,
          timeout: float) -> HotpluggedEndpoint:
+    endpoint = plug_device(vm, port, name, pri)
+    wait_enumerated(vm, endpoint, timeout)
+    return endpoint
+
+
+def plug_device(vm: Machine, port: int, name: str | None, pri: bool) -> HotpluggedEndpoint:
+    """Serve the endpoint and plug it (QMP device_add); the guest enumerates it after."""
     endpoint_id = bdf(vm.profile.port_bus(port), 0)
     if port in vm.unplugged_ports and not vm.platform.replug:
         raise MachineError(f"root port {port} of {vm.name} had a device unplugged since boot; "
@@ -39,26 +51,42 @@ def plug(vm: Machine, port: int, name: str | None, pri: bool,
                            "reboot")
     name = name or f"dma{port}"
     sock = vm.backend("endpoint-create", endpoint=endpoint_id, pri=pri)["socket"]
-    vm.qmp("device_add", driver="vfio-user-pci", id=name, bus=f"rp{port}",
-           socket={"type": "unix", "path": sock})
-    endpoint = HotpluggedEndpoint(name, endpoint_id, port)
-    # Kernels that attach endpoints when the IOMMU registers give it an IOMMU group at once;
-    # older ones only when a driver binds it (viommu.vm.guest_kernel).
+    try:
+        vm.qmp("device_add", driver="vfio-user-pci", id=name, bus=f"rp{port}",
+               socket={"type": "unix", "path": sock})
+    except BaseException:
+        vm.backend("endpoint-delete", endpoint=endpoint_id)  # as it was: nothing served
+        raise
+    return HotpluggedEndpoint(name, endpoint_id, port)
+
+
+def wait_enumerated(vm: Machine, endpoint: HotpluggedEndpoint, timeout: float) -> None:
+    """Until the guest has the device (in an IOMMU group, where the kernel attaches
+    endpoints as the IOMMU registers; older ones do when a driver binds it:
+    viommu.vm.guest_kernel). Takes the console."""
     ready = "iommu_group" if vm.guest_kernel.attaches_at_registration else ""
     poll(f"the guest to enumerate {endpoint.sysfs_name}"
          f"{' into an IOMMU group' if ready else ''}", timeout,
          lambda: vm.run(f"test -e /sys/bus/pci/devices/{endpoint.sysfs_name}/{ready}"
                         ).status == 0)
-    return endpoint
 
 
 def unplug(vm: Machine, endpoint: HotpluggedEndpoint, timeout: float) -> None:
-    vm.qmp("device_del", id=endpoint.name)
-    poll(f"the guest to drop {endpoint.sysfs_name}", timeout,
-         lambda: vm.run(f"test -e /sys/bus/pci/devices/{endpoint.sysfs_name}").status != 0)
-    poll(f"QEMU to delete {endpoint.name}", timeout,
+    """device_del, then until QEMU has deleted the device (the guest had let go of it: its
+    driver unbound, the slot powered off), then the backend stops serving it."""
+    try:
+        vm.qmp("device_del", id=endpoint.name)
+    except MachineError:
+        if endpoint.name in _devices_behind_root_ports(vm):
+            raise
+        # gone already (a device_del before this one completed): only the rest is left
+    poll(f"QEMU to delete {endpoint.name} (the guest lets go of it first)", timeout,
          lambda: endpoint.name not in _devices_behind_root_ports(vm))
-    vm.backend("endpoint-delete", endpoint=endpoint.endpoint_id)
+    try:
+        vm.backend("endpoint-delete", endpoint=endpoint.endpoint_id)
+    except MachineError as exc:
+        if "is not served here" not in str(exc):  # else: deleted before, by an earlier try
+            raise
     vm.unplugged_ports.add(endpoint.port)
 
 

@@ -5,9 +5,12 @@ prepare (directories, VIOT, NIC), start the backend, start QEMU, connect (consol
 backend's control socket), wait for the guest's shell; one that fails stops what was started
 and raises a typed error (viommu.vm.errors). `shutdown()` too: save the backend's trace;
 soft (`poweroff -f` in the guest), else hard (QMP quit, SIGTERM, SIGKILL); close the
-connections; stop the backend; remove the sockets. The logs (qemu.log, console.log,
-backend.log, backend-trace.json) stay in `workdir`. `run()` executes guest commands,
-`wait_line()` waits for console lines, `backend()` and `qmp()` talk to the backend and QEMU.
+connections; stop the backend; remove the sockets. Clean-up holds SIGINT, SIGTERM and SIGHUP
+until it is done (viommu.vm.signals), so a second Ctrl-C cannot leave processes behind.
+When the backend is dead there is no soft way: the guest may be stuck on its IOMMU. The
+logs (qemu.log, console.log, backend.log, backend-trace.json) stay in `workdir`. `run()`
+executes guest commands, `wait_line()` waits for console lines, `backend()` and `qmp()`
+talk to the backend and QEMU.
 """
 
 from __future__ import annotations
@@ -25,17 +28,20 @@ from typing import TYPE_CHECKING, Any
 from viommu.backend.backend import Backend
 from viommu.vm import hotplug, runs
 from viommu.vm.accel import detect_accel
-from viommu.vm.backend_supervisor import (
-    BackendSupervisor,
-    DetachedBackend,
-    ThreadBackend,
-    supervisor,
-)
+from viommu.vm.backend_supervisor import BackendSupervisor, ThreadBackend, supervisor
 from viommu.vm.boot import GuestBoot, choose_arch, choose_kernel
 from viommu.vm.boot import prepare as prepare_boot
 from viommu.vm.console import CommandResult, Console, ConsoleClosed, ConsoleError
+from viommu.vm.detached import DetachedMachine
 from viommu.vm.devicetree import write_dtb
-from viommu.vm.errors import QMP_ERRORS, BootTimeout, MachineError, VMLaunchError, launch_failure
+from viommu.vm.errors import (
+    QMP_ERRORS,
+    BackendGone,
+    BootTimeout,
+    MachineError,
+    VMLaunchError,
+    launch_failure,
+)
 from viommu.vm.guest import GUEST_FAULT_LINE, GuestShell, wait_fault_window
 from viommu.vm.guest_kernel import GuestKernel
 from viommu.vm.hotplug import HotpluggedEndpoint
@@ -45,6 +51,7 @@ from viommu.vm.profile import Profile, load_profile
 from viommu.vm.qemu_cmdline import QemuCommandLine
 from viommu.vm.qemu_process import QemuProcess
 from viommu.vm.qmp import QmpChannel
+from viommu.vm.signals import deferred_signals
 from viommu.vm.viot import build_viot
 
 if TYPE_CHECKING:
@@ -55,7 +62,7 @@ log = logging.getLogger(__name__)
 EXIT_GRACE_S = 15.0  # for a failing QEMU to exit, so that its exit status can be reported
 
 
-class Machine:
+class Machine(DetachedMachine):
     def __init__(self, profile: Profile | str = "default", *, workdir: Path | str | None = None,
                  accel: str = "auto", name: str = "vm", boot_timeout: float = 120,
                  backend_in_process: bool = False, iommu: str | None = None,
@@ -202,15 +209,18 @@ class Machine:
         started = time.monotonic()
         try:
             self._prepare()
+            self._save_run_state("starting")  # seen by `viommu ls` before anything starts
             self._start_backend()
+            self._save_run_state("starting")
             self._start_qemu()
+            self._save_run_state("starting")
             self._connect()
             self._wait_for_boot()
             self.boot_seconds = time.monotonic() - started
-            if self.run_dir is not None:
-                self._save_run_state()
+            self._save_run_state("running")
         except BaseException:
-            self.shutdown(hard=True)  # no guest shell to power it off
+            with deferred_signals():  # a second Ctrl-C must not stop the clean-up
+                self.shutdown(hard=True)  # no guest shell to power it off
             raise
         log.info("%s booted in %.1f s (%s)", self.name, self.boot_seconds, self.accel)
 
@@ -295,17 +305,22 @@ class Machine:
     # --- shutdown -------------------------------------------------------------------------------
 
     def shutdown(self, timeout: float = 15, hard: bool = False) -> None:
-        """Power the guest off (`poweroff -f`, unless `hard`; else QMP quit, SIGTERM, SIGKILL),
-        then close the connections, stop the backend and remove the sockets. The backend's
-        trace is saved first: a child backend leaves with QEMU. Safe to call again."""
-        self._save_backend_trace()
-        if self._qemu.running() and (hard or not self._soft_shutdown(timeout / 2)):
-            self._qemu.quit(timeout)
-        self._close_connections()
-        if self._backend is not None:
-            self._backend.stop(timeout=5)
-        self._remove_sockets()
-        self._nic.close()
+        """Power the guest off (`poweroff -f`, unless `hard` or the backend is dead; else QMP
+        quit, SIGTERM, SIGKILL), then close the connections, stop the backend and remove the
+        sockets. The backend's trace is saved first: a child backend leaves with QEMU. Safe
+        to call again; SIGINT, SIGTERM and SIGHUP wait until it is done."""
+        with deferred_signals():
+            try:
+                self._save_backend_trace()
+                hard = hard or self.backend_failure() is not None  # the guest may be stuck
+                if self._qemu.running() and (hard or not self._soft_shutdown(timeout / 2)):
+                    self._qemu.quit(timeout)
+            finally:
+                self._close_connections()
+                if self._backend is not None:
+                    self._backend.stop(timeout=5)
+                self._remove_sockets()
+                self._nic.close()
 
     def _save_backend_trace(self) -> None:
         connectable = self._control.connected or self._control.lazy  # not if launch failed
@@ -329,8 +344,10 @@ class Machine:
         return self._qemu.exit_status(timeout) is not None
 
     def _close_connections(self) -> None:
-        self._qemu.close()
-        self._control.close()
+        try:
+            self._qemu.close()
+        finally:
+            self._control.close()
 
     def _remove_sockets(self) -> None:
         state = [self.run_dir / runs.STATE_FILE] if self.run_dir is not None else []
@@ -345,6 +362,14 @@ class Machine:
 
     def run(self, command: str, timeout: float = 30) -> CommandResult:
         return self._shell.console().run(command, timeout)
+
+    def console_held(self) -> bool:
+        """Another client holds this detached VM's serial console (`viommu console`)."""
+        return self._shell.held()
+
+    def wait_for_console(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for another client to leave the serial console."""
+        return self._shell.wait_until_free(timeout)
 
     def mark(self) -> int:
         return self._shell.console().mark()
@@ -364,53 +389,27 @@ class Machine:
     # --- QMP ------------------------------------------------------------------------------------
 
     def backend(self, command: str, **args: Any) -> Any:
-        """Run a control command on the backend; raises MachineError with its QMP error."""
+        """Run a control command on the backend; raises MachineError with its QMP error, and
+        BackendGone when the backend is dead."""
+        if not self._control.connected:
+            failure = self.backend_failure()
+            if failure is not None:
+                raise BackendGone(failure)
         return self._control.execute(command, args)
+
+    def backend_failure(self) -> str | None:
+        """Why the backend cannot serve (it died, and how), with what to do; None while it
+        runs (or when this VM has none)."""
+        backend = self._backend
+        if backend is None or backend.alive():
+            return None
+        why = backend.why_gone() if hasattr(backend, "why_gone") else "stopped"
+        return (f"{self.name}'s backend (pid {backend.pid}) died ({why}): the guest's IOMMU no "
+                "longer answers and QEMU cannot take a new backend (README, Reliability); "
+                f"`viommu down {self.name}` ends the VM (logs: {self.workdir})")
 
     def qmp(self, command: str, **args: Any) -> Any:
         return self._qemu.qmp.execute(command, args)
-
-    # --- detached VMs (viommu up) ---------------------------------------------------------------
-
-    def _save_run_state(self) -> None:
-        backend_pid = self._backend.pid if self._backend is not None else None
-        boot = self._prepared()
-        runs.RunState(name=self.name, profile=self._profile_ref, accel=self.accel,
-                      qemu_pid=self._qemu.pid, backend_pid=backend_pid, started=time.time(),
-                      workdir=str(self.workdir), sockets=dict(self._sockets), arch=self.arch,
-                      kernel=self.kernel_spec, kernel_release=boot.image.kernel.release,
-                      kernel_origin=boot.image.kernel.origin,
-                      qemu=boot.qemu_description).save(self.run_dir)
-
-    @classmethod
-    def attach(cls, run_dir: Path | str) -> Machine:
-        """The detached VM in `run_dir`, driven from this process. The backend's control
-        socket is connected now; the console and QEMU's QMP on first use (each takes one
-        client at a time). `release()` lets go of it, `shutdown()` ends it."""
-        state = runs.RunState.load(Path(run_dir))
-        vm = cls(state.profile, workdir=state.workdir, accel=state.accel, name=state.name,
-                 run_dir=run_dir, kernel=state.kernel, arch=state.arch)
-        vm._shell.lazy = True
-        vm._qemu.adopt(state.qemu_pid)
-        if not vm._qemu.running():
-            raise MachineError(f"{state.name}'s QEMU (pid {state.qemu_pid}) is gone; see "
-                               f"{state.workdir}/qemu.log")
-        if state.backend_pid is not None:
-            vm._backend = DetachedBackend(state.backend_pid, vm.control_socket)
-            vm._control.lazy = True
-            if vm._backend.alive():
-                vm._control.connect()
-            else:
-                log.warning("%s's backend (pid %d) is gone; see %s/backend.log", state.name,
-                            state.backend_pid, state.workdir)
-        return vm
-
-    def release(self) -> None:
-        """Let go of a detached VM and leave it running: the guest's shell gets its echo and
-        prompt back (for `viommu console`), and this process's connections close."""
-        self._shell.give_back()
-        self._close_connections()
-        self._shell.lazy = self._qemu.qmp.lazy = self._control.lazy = True  # connect on next use
 
     # --- endpoints on a running VM ----------------------------------------------------------
 

@@ -125,7 +125,7 @@ def end_process(proc: Process, what: str, timeout: float) -> None:
     """Give it `timeout` seconds to exit by itself, then SIGTERM, then SIGKILL."""
     if exited_within(proc, timeout):
         return
-    log.warning("%s (pid %d) did not exit within %g s: sending SIGTERM", what, proc.pid,
+    log.info("%s (pid %d) did not exit within %g s: sending SIGTERM", what, proc.pid,
                 timeout)
     proc.terminate()
     if exited_within(proc, TERM_TIMEOUT_S):
@@ -133,3 +133,23 @@ def end_process(proc: Process, what: str, timeout: float) -> None:
     log.warning("%s (pid %d) did not exit on SIGTERM: sending SIGKILL", what, proc.pid)
     proc.kill()
     proc.wait()
+
+
+def end_all(procs: list[psutil.Process], timeout: float = TERM_TIMEOUT_S) -> list[int]:
+    """A second to leave by themselves (a backend's watcher leaves with it), then SIGTERM,
+    then SIGKILL for those still there after `timeout`; the pids killed."""
+    _, procs = psutil.wait_procs(procs, timeout=1.0)
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        log.warning("pid %d did not exit on SIGTERM: sending SIGKILL", proc.pid)
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+    return [proc.pid for proc in alive]

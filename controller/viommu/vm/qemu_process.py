@@ -64,6 +64,17 @@ class QemuProcess(Supervised):
         else:
             self.qmp.accept(timeout=SOCKET_TIMEOUT_S)
 
+    def serial_in_use(self) -> bool:
+        """Whether another client holds the serial console (it takes one at a time; a
+        second one waits, unaccepted, until the first leaves): QEMU's query-chardev calls a
+        socket chardev with nobody connected `disconnected:...` (chardev/char-socket.c)."""
+        try:
+            chardevs = self.qmp.execute("query-chardev", {})
+        except (MachineError, *QMP_ERRORS):
+            return False  # QMP busy too: nothing to tell by
+        return any(c["label"] == "serial" and not c["filename"].startswith("disconnected:")
+                   for c in chardevs)
+
     def open_console(self) -> Console:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(self.serial_socket)
@@ -102,6 +113,7 @@ class QemuProcess(Supervised):
             self.qmp.execute("quit", {})
         except (MachineError, *QMP_ERRORS) as exc:
             log.info("%s: QMP quit failed (%s)", self.name, exc)
+            timeout = min(timeout, 1.0)  # nothing asked it to exit: on to the signals
         end_process(self.proc, f"{self.name}'s QEMU", timeout)
 
     def close(self) -> None:

@@ -3,6 +3,12 @@
 Each one has a private run directory, `<run root>/<name>/`, holding its sockets, its logs and
 `state.json` (pids, profile, socket paths, hot-plugged endpoints). `Machine.attach(run_dir)`
 drives it again from another process; `viommu ls` lists the run root.
+
+state.json is written before any process starts (status "starting", with the pid of the
+`viommu up` that boots it) and again as each one starts, so a VM is never running unseen:
+`viommu ls` shows it whatever became of its `up`, and `viommu down` ends it. Every process of
+a VM names its run directory on its command line (its sockets are there), so `down` finds
+them even without state.json (`processes_of`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
+from viommu.vm import backend_watch
 from viommu.vm.processes import process_alive
 
 STATE_FILE = "state.json"
@@ -63,9 +72,9 @@ class RunState:
     name: str
     profile: str  # a name in qemu-configs/ or a path, as given to Machine
     accel: str
-    qemu_pid: int
+    qemu_pid: int | None  # None until QEMU is started
     backend_pid: int | None
-    started: float  # time.time() when it had booted
+    started: float  # time.time() when it had booted (or when `up` began, while starting)
     workdir: str  # logs: qemu.log, console.log, backend.log
     sockets: dict[str, str] = dataclasses.field(default_factory=dict)
     endpoints: list[dict] = dataclasses.field(default_factory=list)  # hot-plugged DMA endpoints
@@ -74,6 +83,8 @@ class RunState:
     kernel_release: str = ""  # what booted: `uname -r` ...
     kernel_origin: str = ""  # ... and where it came from, with its exact version
     qemu: str = ""  # the QEMU binary and its version
+    status: str = "running"  # "starting" until the guest's shell is up
+    up_pid: int | None = None  # the `viommu up` booting it, while starting
 
     def save(self, directory: Path) -> None:
         tmp = directory / f".{STATE_FILE}.tmp"
@@ -88,7 +99,41 @@ class RunState:
 
     @property
     def alive(self) -> bool:
-        return process_alive(self.qemu_pid, self.sockets.get("qmp", ""))
+        """Its QEMU runs: the VM exists."""
+        return self.qemu_pid is not None and process_alive(self.qemu_pid,
+                                                           self.sockets.get("qmp", ""))
+
+    @property
+    def backend_alive(self) -> bool:
+        return self.backend_pid is not None and process_alive(self.backend_pid,
+                                                              self.sockets.get("control", ""))
+
+    @property
+    def starting(self) -> bool:
+        """Its `viommu up` is still booting it."""
+        return (self.status == "starting" and self.up_pid is not None
+                and process_alive(self.up_pid, "viommu"))
+
+    def backend_exit(self) -> dict | None:
+        """How the backend ended, as its watcher recorded it (viommu.vm.backend_watch)."""
+        return backend_watch.read_record(os.path.join(self.workdir, backend_watch.EXIT_RECORD))
+
+    def health(self) -> str:
+        """One phrase for `viommu ls`: starting, running, backend dead (how), or stale."""
+        if self.starting:
+            return f"starting (viommu up, pid {self.up_pid})"
+        if not self.alive:
+            return "stale (QEMU gone)" if self.status == "running" else \
+                "failed to start (nothing runs)"
+        if self.status == "starting":
+            return "orphaned: its `viommu up` died before the guest was up"
+        if self.backend_pid is not None and not self.backend_alive:
+            record = self.backend_exit()
+            how = (f"{record['how']} at "
+                   f"{time.strftime('%H:%M:%S', time.localtime(record['time']))}"
+                   if record else "gone, how unrecorded")
+            return f"backend dead ({how})"
+        return "running"
 
     @property
     def uptime(self) -> float:
@@ -112,6 +157,12 @@ def find_run(name: str) -> tuple[Path, RunState]:
     directory = run_dir(name)
     if (directory / STATE_FILE).is_file():
         state = RunState.load(directory)
+        if state.starting:
+            raise RunError(f"VM {name!r} is still starting (viommu up, pid {state.up_pid}); "
+                           "try again once it is up")
+        if state.alive and state.status == "starting":
+            raise RunError(f"VM {name!r} was never ready: its `viommu up` died while it "
+                           f"booted; `viommu down {name}` ends it")
         if state.alive:
             return directory, state
         raise RunError(f"VM {name!r} is stale: its QEMU (pid {state.qemu_pid}) is gone; see "
@@ -124,3 +175,26 @@ def find_run(name: str) -> tuple[Path, RunState]:
 
 def remove_run(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
+
+
+# What the processes of a VM run: QEMU, the backend, the backend's watcher.
+_VM_PROGRAMS = ("qemu-system-", "viommu.backend", "viommu.vm.backend_watch")
+
+
+def processes_of(directory: Path) -> list[psutil.Process]:
+    """The processes of the VM in `directory` (QEMU, the backend, its watcher), found by
+    their command lines, which name the directory (their sockets, the watcher's record):
+    whatever state.json says, or when there is none. A process that merely reads a file
+    there (`tail -f console.log`) is not one of them."""
+    token = str(directory) + os.sep
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            cmdline = proc.info["cmdline"] or ()
+            if proc.info["status"] != psutil.STATUS_ZOMBIE \
+                    and any(token in arg for arg in cmdline) \
+                    and any(program in arg for arg in cmdline[:4] for program in _VM_PROGRAMS):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
