@@ -3,7 +3,7 @@ data, viommu.guest_images), the kernel's modules the recipe lists with their dep
 and the static C guest tools.
 
 Reproducible: sorted entries, zero timestamps and owners, gzip without a timestamp. An image
-is rebuilt only when the recipe, the tools or the kernel change.
+is rebuilt only when the recipe, the tools, the kernel image or one of its modules change.
 """
 
 from __future__ import annotations
@@ -58,7 +58,20 @@ def find_image(kernel: Kernel, arch: Arch) -> GuestImage | None:
     initramfs = manifest.parent / data["initramfs"]
     if data.get("recipe") != recipe_hash() or not initramfs.exists():
         return None
+    if data.get("module_files") != module_identities(kernel, data["modules"]):
+        return None  # a module rebuilt without the image (a driver built =m, remade)
     return GuestImage(kernel, initramfs, tuple(data["modules"]))
+
+
+def module_identities(kernel: Kernel, names: list[str]) -> dict[str, str]:
+    """Which file each of the image's modules came from, as of now: its size and mtime."""
+    files = kernel.module_files()
+    identities = {}
+    for name in names:
+        path = files.get(name)
+        stat = path.stat() if path is not None and path.exists() else None
+        identities[name] = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else "missing"
+    return identities
 
 
 def ensure_image(kernel: Kernel, arch: Arch) -> GuestImage:
@@ -96,6 +109,7 @@ def _build_image(kernel: Kernel, arch: Arch) -> GuestImage:
     (home / "initramfs.cpio.gz").write_bytes(data)
     (home / "manifest.json").write_text(json.dumps({
         "kernel": kernel.to_dict(), "initramfs": "initramfs.cpio.gz", "modules": order,
+        "module_files": module_identities(kernel, order),
         "recipe": recipe_hash(), "initramfs_sha256": hashlib.sha256(data).hexdigest(),
     }, indent=1) + "\n")
     progress(f"guest image ready ({len(data) // 1024} KiB initramfs)")
