@@ -37,8 +37,10 @@ def vms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Machine, Mac
 
 def test_the_nic_is_outside_the_viommu(vms: tuple[Machine, Machine]) -> None:
     a, _ = vms
-    # The endpoint behind a root port is in an IOMMU group (the vIOMMU is there); the NIC
-    # on the root bus, which the VIOT does not name, is not.
+    # The endpoint behind a root port is in an IOMMU group (the vIOMMU is there; on 6.12 once
+    # a driver binds it); the NIC on the root bus, which the VIOT does not name, is not.
+    if not a.guest_kernel.attaches_at_registration:
+        a.run(f"viommu-vfio bind {ENDPOINT}").check()
     assert a.run(f"test -e /sys/bus/pci/devices/{ENDPOINT}/iommu_group").status == 0
     assert a.run(f"test -e /sys/bus/pci/devices/{NIC}/iommu_group").status != 0
     assert a.run(f"readlink /sys/bus/pci/devices/{NIC}/driver").check().output.endswith(

@@ -15,6 +15,7 @@ from viommu.vm.machine import Machine
 
 EP = 0x100
 REBOOTS = 50
+CONSOLE_LOGLEVEL = 4  # the profile's loglevel=
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +41,16 @@ def wait_until_drained(vm: Machine, timeout: float = 60) -> dict:
 def test_100000_events_into_a_guest_with_few_buffers_are_delivered_or_counted_lost(
         vm: Machine) -> None:
     before = vm.backend("query-events", limit=0)
-    reply = vm.inject("F_TRANSLATION", EP, address=0x1000, count=100_000)
-    assert reply["delivered"] + reply["pending"] + reply["lost"] == 100_000
-    after = wait_until_drained(vm)
+    # The flood is about the backend's accounting, not the guest's console: 6.12 prints fault
+    # lines to the serial console inside the eventq interrupt, which under TCG drains a full
+    # queue at about one event a second (viommu.vm.guest_kernel). Keep them off the console.
+    vm.run("dmesg -n 1").check()
+    try:
+        reply = vm.inject("F_TRANSLATION", EP, address=0x1000, count=100_000)
+        assert reply["delivered"] + reply["pending"] + reply["lost"] == 100_000
+        after = wait_until_drained(vm)
+    finally:
+        vm.run(f"dmesg -n {CONSOLE_LOGLEVEL}").check()
     delivered = after["delivered"] - before["delivered"]
     lost = after["lost"] - before["lost"]
     assert after["pending"] == 0

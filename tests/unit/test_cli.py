@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from viommu.backend.backend import Backend
+from viommu.cli import endpoints, views
 from viommu.cli import main as cli
-from viommu.cli import views
 from viommu.cli.tracing import TraceFollower, format_entry
 from viommu.events.smmuv3 import EventId, EventRecord
 from viommu.transport.control import CommandError
@@ -185,7 +185,7 @@ def test_too_old_qemu_points_at_setup(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("VIOMMU_QEMU", str(old))
     assert cli.main(["up", "default", "--name", "old"]) == 1
     err = capsys.readouterr().err
-    assert "is 8.2" in err and "./scripts/setup" in err
+    assert "is QEMU 8.2" in err and "viommu setup" in err
 
 
 def test_unknown_profile_lists_the_known_ones(capsys: pytest.CaptureFixture) -> None:
@@ -201,9 +201,9 @@ def test_attach_to_a_taken_port_names_the_free_ones() -> None:
     state = runs.RunState("vm", "default", "tcg", 1, None, 0.0, "/x",
                           endpoints=[{"name": "dma1", "endpoint_id": 0x200, "port": 1}])
     with pytest.raises(cli.CliError, match=r"taken by ep0; free ports: 2, 3"):
-        cli._check_port_free(FakeVm(), state, 0)
+        endpoints.check_port_free(FakeVm(), state, 0)
     with pytest.raises(cli.CliError, match="taken by dma1"):
-        cli._check_port_free(FakeVm(), state, 1)
+        endpoints.check_port_free(FakeVm(), state, 1)
 
 
 # --- trace cursors and tables ---------------------------------------------------------------
@@ -257,3 +257,33 @@ def test_table_aligns_columns_and_marks_empty_ones() -> None:
     assert views.table(("a", "bb"), [(1, None), ("long", 2)]).splitlines() == [
         "a     bb", "1     -", "long  2"]
     assert views.table(("a",), []).endswith("(none)")
+
+
+def test_a_kernel_lacking_an_option_is_refused_in_one_line_before_anything_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from test_provision import GOOD_CONFIG, build_tree
+
+    tree = build_tree(tmp_path, GOOD_CONFIG.replace("CONFIG_VIRTIO_IOMMU=m\n", ""))
+    monkeypatch.setenv("VIOMMU_RUN_DIR", str(tmp_path / "runs"))
+    assert cli.main(["up", "default", "--name", "refused", "--kernel", str(tree)]) == 1
+    err = capsys.readouterr().err
+    assert "lacks what viommu needs: CONFIG_VIRTIO_IOMMU (the guest's virtio-iommu driver)" in err
+    errors = [line for line in err.splitlines() if not line.startswith("viommu: note:")]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert not (tmp_path / "runs" / "refused" / "state.json").exists()
+
+
+def test_kconfig_prints_a_fragment_and_checks_a_kernel(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    from test_provision import GOOD_CONFIG, build_tree
+
+    assert cli.main(["kconfig", "--feature", "vfio"]) == 0
+    fragment = capsys.readouterr().out
+    assert "CONFIG_VIRTIO_IOMMU=y" in fragment and "CONFIG_VFIO_PCI=y" in fragment
+    assert "CONFIG_VIRTIO_BLK=y" not in fragment  # only the features asked for
+    good = build_tree(tmp_path / "good")
+    assert cli.main(["kconfig", "--kernel", str(good)]) == 0
+    assert "has what viommu needs" in capsys.readouterr().out
+    bad = build_tree(tmp_path / "bad", GOOD_CONFIG.replace("CONFIG_ACPI_VIOT=y\n", ""))
+    assert cli.main(["kconfig", "--kernel", str(bad)]) == 1
+    assert "CONFIG_ACPI_VIOT" in capsys.readouterr().out

@@ -142,8 +142,13 @@ _MODULE_OF = {"VIRTIO_IOMMU": "virtio_iommu", "VFIO_PCI": "vfio_pci", "VFIO": "v
               "VIRTIO_NET": "virtio_net", "VIRTIO_PCI": "virtio_pci", "VFAT_FS": "vfat"}
 
 
+def module_of(option: str) -> str:
+    """The module an `=m` option builds."""
+    return _MODULE_OF.get(option, option.lower())
+
+
 def _module_for(option: str, modules: dict[str, Path]) -> bool:
-    return _MODULE_OF.get(option, option.lower()) in modules
+    return module_of(option) in modules
 
 
 def explain(kernel: Kernel, gaps: list[Requirement]) -> str:
@@ -155,7 +160,7 @@ def explain(kernel: Kernel, gaps: list[Requirement]) -> str:
 
 
 def fragment(arch: str, features: list[str] | None = None) -> str:
-    lines = [f"# viommu: what a {arch} guest kernel needs (merge with "
+    lines = [f"# viommu: what a guest kernel for {arch} needs (merge with "
              "scripts/kconfig/merge_config.sh)"]
     for req in requirements(arch, features):
         scope = f" [{req.feature}]" if req.feature else ""
