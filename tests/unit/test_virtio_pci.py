@@ -6,6 +6,7 @@ ISR, DEVICE_NEEDS_RESET, the PCI_CFG window, and requests through the notify reg
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,16 +98,20 @@ class Function:
         self.add_status(FEATURES_OK)
 
     def setup_queue(self) -> None:
+        """vp_find_vqs: vectors with MSI-X (vp_find_vqs_msix), none with INTx."""
         d = self.driver
-        self.wr(CommonCfg.MSIX, 2, 0)
+        msix = bool(self.fn.msix_vectors)
+        if msix:
+            self.wr(CommonCfg.MSIX, 2, 0)
         self.wr(CommonCfg.Q_SELECT, 2, 0)
         assert self.rd(CommonCfg.Q_SIZE, 2) == 256 and self.rd(CommonCfg.Q_ENABLE, 2) == 0
         for offset, value in ((CommonCfg.Q_DESCLO, d.desc), (CommonCfg.Q_AVAILLO, d.avail),
                               (CommonCfg.Q_USEDLO, d.used)):
             self.wr(offset, 4, value & 0xFFFF_FFFF)
             self.wr(offset + 4, 4, value >> 32)
-        self.wr(CommonCfg.Q_MSIX, 2, 1)
-        assert self.rd(CommonCfg.Q_MSIX, 2) == 1
+        if msix:
+            self.wr(CommonCfg.Q_MSIX, 2, 1)
+            assert self.rd(CommonCfg.Q_MSIX, 2) == 1
         self.wr(CommonCfg.Q_ENABLE, 2, 1)
         self.add_status(DRIVER_OK)
 
@@ -359,3 +364,98 @@ def test_the_common_layout_offsets_are_the_structs(f: Function) -> None:
              "ADM_Q_NUM": "admin_queue_num"}
     assert {name: int(CommonCfg[name]) for name in names} == {
         name: layout[field] for name, field in names.items()}
+
+
+# --- INTx instead of MSI-X ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def intx(tmp_path: Path) -> Iterator[Function]:
+    fn = Function(tmp_path, msix=False)
+    yield fn
+    fn.fn.close()
+    fn.driver.close()
+
+
+def test_without_msix_the_function_has_inta_maskable_and_automasked(intx: Function) -> None:
+    assert intx.cfg(PCI_INTERRUPT_PIN, 1) == 1 and intx.fn.config.msix_offset == 0
+    assert intx.fn.irq_info(PciIrq.INTX) == (1 | 2 | 4, 1)  # EVENTFD, MASKABLE, AUTOMASKED
+    assert intx.fn.irq_info(PciIrq.MSIX)[1] == 0 and intx.fn.region_info(2) == (0, 0)
+    intx.wr(CommonCfg.MSIX, 2, 0)
+    assert intx.rd(CommonCfg.MSIX, 2) == NO_VECTOR  # no vectors without MSI-X
+
+
+def test_intx_fires_once_then_again_after_unmask_only_while_the_isr_is_set(
+        intx: Function) -> None:
+    intx.probe(msix=False)
+    intx.setup_queue()
+    d, client = intx.driver, intx.client
+    d.request(T_OUT, 0, data=pattern(0, 512))
+    intx.kick()
+    assert client.interrupts == [(PciIrq.INTX, 0)]
+    assert intx.cfg(6, 2) & 0x8  # PCI_STATUS: Interrupt Status
+    d.request(T_OUT, 0, data=pattern(0, 512))
+    intx.kick()
+    assert len(client.interrupts) == 1  # automasked: no second edge before the unmask
+    intx.fn.irq_mask(PciIrq.INTX, [(0, False)])  # QEMU's EOI, sent before the ISR read
+    assert intx.rd(vp.ISR_OFFSET, 1) == hw.VIRTIO_PCI_ISR_QUEUE
+    assert len(client.interrupts) == 1  # the ISR read cleared the line: nothing to resend
+    assert not intx.cfg(6, 2) & 0x8
+    d.request(T_OUT, 0, data=pattern(0, 512))
+    intx.kick()
+    assert len(client.interrupts) == 2
+    intx.fn.irq_mask(PciIrq.INTX, [(0, False)])
+    intx.rd(CommonCfg.STATUS, 1)  # another access: the ISR is still set, so again
+    assert len(client.interrupts) == 3
+
+
+def test_intx_disable_in_the_command_register_holds_the_line(intx: Function) -> None:
+    intx.probe(msix=False)
+    intx.setup_queue()
+    intx.set_cfg(PCI_COMMAND, 2, PCI_COMMAND_MASTER | 2 | 0x400)
+    intx.driver.request(T_OUT, 0, data=pattern(0, 512))
+    intx.kick()
+    assert intx.client.interrupts == [] and intx.rd(vp.ISR_OFFSET, 1) == 1
+
+
+def test_set_irqs_mask_and_unmask_of_intx_reach_the_function_over_vfio_user(
+        intx: Function) -> None:
+    """QEMU's INTx: an eventfd to TRIGGER, then UNMASK (DATA_NONE) at each EOI; KVM's
+    resample eventfd (DATA_EVENTFD with UNMASK) is refused, and QEMU then sends UNMASK."""
+    import os
+    import socket
+
+    from viommu.transport.vfio_user import messages as m
+    from viommu.transport.vfio_user.connection import VfioUserConnection
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn = VfioUserConnection(theirs, intx.fn)
+
+    def ask(command: int, payload: bytes, fds: tuple[int, ...] = ()) -> int:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+        ours.sendmsg([m.pack_request(1, command, payload)], anc if fds else [])
+        conn.on_readable()
+        header = m.HEADER.unpack(ours.recv(m.HEADER.size))
+        ours.recv(65536) if header[2] > m.HEADER.size else None
+        return header[4] if header[3] & m.VFIO_USER_ERROR else 0
+
+    none = m.VFIO_IRQ_SET_DATA_NONE
+    ask(m.Command.VERSION, struct.pack("<HH", 0, 0))
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    trigger = m.IrqSet(20, m.VFIO_IRQ_SET_DATA_EVENTFD | m.VFIO_IRQ_SET_ACTION_TRIGGER,
+                       PciIrq.INTX, 0, 1)
+    assert ask(m.Command.DEVICE_SET_IRQS, trigger.pack(), (efd,)) == 0
+    intx.fn.intx_masked = True
+    unmask = m.IrqSet(20, none | m.VFIO_IRQ_SET_ACTION_UNMASK, PciIrq.INTX, 0, 1)
+    assert ask(m.Command.DEVICE_SET_IRQS, unmask.pack()) == 0 and not intx.fn.intx_masked
+    mask = m.IrqSet(20, none | m.VFIO_IRQ_SET_ACTION_MASK, PciIrq.INTX, 0, 1)
+    assert ask(m.Command.DEVICE_SET_IRQS, mask.pack()) == 0 and intx.fn.intx_masked
+    resample = m.IrqSet(20, m.VFIO_IRQ_SET_DATA_EVENTFD | m.VFIO_IRQ_SET_ACTION_UNMASK,
+                        PciIrq.INTX, 0, 1)
+    other = os.eventfd(0)
+    assert ask(m.Command.DEVICE_SET_IRQS, resample.pack(), (other,)) == errno.ENOTSUP
+    msix_mask = m.IrqSet(20, none | m.VFIO_IRQ_SET_ACTION_MASK, PciIrq.MSIX, 0, 1)
+    assert ask(m.Command.DEVICE_SET_IRQS, msix_mask.pack()) == errno.EINVAL
+    conn.close()
+    ours.close()
+    os.close(other)

@@ -30,6 +30,7 @@ PCI_COMMAND_PARITY = 0x40
 PCI_COMMAND_SERR = 0x100
 PCI_COMMAND_INTX_DISABLE = 0x400
 PCI_STATUS = 0x06
+PCI_STATUS_INTERRUPT = 0x08
 PCI_STATUS_CAP_LIST = 0x10
 PCI_STATUS_PARITY = 0x100
 PCI_STATUS_SIG_TARGET_ABORT = 0x800
@@ -173,8 +174,11 @@ class PciConfigSpace:
 
     def __init__(self, identity: PciIdentity, bars: dict[int, MemoryBar],
                  msi_vectors: int = 1, msix: MsixLayout | None = None,
-                 vendor_caps: tuple[VendorCapability, ...] = ()) -> None:
-        """`msi_vectors` 0: no MSI capability."""
+                 vendor_caps: tuple[VendorCapability, ...] = (), intx_pin: int = 0) -> None:
+        """`msi_vectors` 0: no MSI capability. `intx_pin` 1-4: INTA#-INTD#, 0: no INTx."""
+        if not 0 <= intx_pin <= 4:
+            raise ValueError(f"the interrupt pin is 0 (none) or 1-4 (INTA#-INTD#), not {intx_pin}")
+        self.intx_pin = intx_pin
         if not set(bars) <= set(range(PCI_STD_NUM_BARS)):
             raise ValueError(f"BAR numbers are 0-5, not {sorted(bars)}")
         if msi_vectors not in (0, 1, 2, 4, 8, 16, 32):
@@ -214,7 +218,7 @@ class PciConfigSpace:
         self._set(PCI_SUBSYSTEM_ID, 2, ident.subsystem_id)
         # PCI_ROM_ADDRESS stays read-only zero: sizing it finds no expansion ROM.
         self._set(PCI_INTERRUPT_LINE, 1, 0, wmask=0xFF)
-        self._set(PCI_INTERRUPT_PIN, 1, 0)  # no INTx: the function signals with MSI only
+        self._set(PCI_INTERRUPT_PIN, 1, self.intx_pin)  # 0: no INTx (MSI or MSI-X only)
 
     def _build_capabilities(self, msi_vectors: int, msix: MsixLayout | None,
                             vendor_caps: tuple[VendorCapability, ...]) -> None:
@@ -344,6 +348,17 @@ class PciConfigSpace:
     def bus_master(self) -> bool:
         """Bus Master Enable: the function may issue DMA only while it is set."""
         return bool(self.command & PCI_COMMAND_MASTER)
+
+    @property
+    def intx_disabled(self) -> bool:
+        """Interrupt Disable in the command register: the function must not assert INTx."""
+        return bool(self.command & PCI_COMMAND_INTX_DISABLE)
+
+    def set_interrupt_status(self, pending: bool) -> None:
+        """Interrupt Status (read-only): the function's INTx message is pending."""
+        status = self.u16(PCI_STATUS) & ~PCI_STATUS_INTERRUPT
+        status |= PCI_STATUS_INTERRUPT if pending else 0
+        self.config[PCI_STATUS:PCI_STATUS + 2] = status.to_bytes(2, "little")
 
     @property
     def memory_enabled(self) -> bool:

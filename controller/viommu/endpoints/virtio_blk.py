@@ -51,6 +51,7 @@ class BlkOptions:
     discard: bool = True  # offer DISCARD and WRITE_ZEROES
     blk_size: int = 512  # the logical block size the driver uses (VIRTIO_BLK_F_BLK_SIZE)
     serial: str = ""  # GET_ID (default: viommu-blk-<endpoint>)
+    msix: bool = True  # MSI-X; False: INTx (viommu.endpoints.virtio_pci says when)
 
     def __post_init__(self) -> None:
         if self.blk_size not in (512, 1024, 2048, 4096):
@@ -214,7 +215,7 @@ def blk_function(sid: int, options: BlkOptions, translator: Translator,
                  on_needs_reset: Callable[[str], None] = lambda why: None) -> VirtioPciFunction:
     """The block device as a virtio PCI function, ready to be served over vfio-user."""
     device = VirtioBlk(sid, options, translator)
-    function = VirtioPciFunction(device, on_needs_reset)
+    function = VirtioPciFunction(device, on_needs_reset, msix=options.msix)
     device.interrupt = function.queue_interrupt
     device.needs_reset = function.needs_reset
     return function

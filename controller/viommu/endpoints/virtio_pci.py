@@ -10,13 +10,21 @@ revision 1) whose vendor-specific capabilities place the configuration structure
   BAR2 (4 KiB): the MSI-X table (0x000) and pending bit array (0x800)
 
 Capabilities after the PCI Express one: MSI-X (one vector for configuration changes and
-one per queue: Linux's virtio_pci uses MSI-X or INTx, never MSI,
-drivers/virtio/virtio_pci_common.c:vp_find_vqs), then COMMON, NOTIFY, ISR, DEVICE and the
-PCI_CFG window (spec 4.1.4.9). No INTx pin. QEMU emulates the MSI-X table itself and
-signals the eventfds the server gets with SET_IRQS; PBA reads reach the server. No region
-is mmappable: one mmappable region would make QEMU wait for a reply to every BAR write
-(hw/vfio-user: vfio_user_disable_posted_writes), and each queue notification is then one
-posted REGION_WRITE.
+one per queue), then COMMON, NOTIFY, ISR, DEVICE and the PCI_CFG window (spec 4.1.4.9).
+Linux's virtio_pci uses MSI-X, else INTx, never MSI (drivers/virtio/virtio_pci_common.c:
+vp_find_vqs). QEMU emulates the MSI-X table itself and signals the eventfds the server gets
+with SET_IRQS; PBA reads reach the server. No region is mmappable: one mmappable region
+would make QEMU wait for a reply to every BAR write (hw/vfio-user:
+vfio_user_disable_posted_writes), and each queue notification is then one posted
+REGION_WRITE.
+
+Without MSI-X (`msix=False`) the function has INTA# instead, level-triggered and
+automasked as vfio's INTx is: the eventfd fires once, and the line is signalled again
+after the client's UNMASK (QEMU sends it at the first BAR access after the interrupt,
+hw/vfio/pci.c:vfio_pci_intx_eoi) if the ISR is still set once that access is done. QEMU
+up to 11.1 aborts when it unplugs a vfio-user device with MSI-X (its
+vfio_user_msix_teardown deletes a subregion already gone; the upstream patch is
+"vfio-user: Do not delete the subregion"), so disks meant to be unplugged there use INTx.
 
 The device behind the transport implements `VirtioDevice`; the transport owns the common
 configuration, feature negotiation, interrupts and DEVICE_NEEDS_RESET.
@@ -43,7 +51,9 @@ from viommu.transport.vfio_user.connection import VfioUserClient
 from viommu.transport.vfio_user.messages import (
     VFIO_DEVICE_FLAGS_PCI,
     VFIO_DEVICE_FLAGS_RESET,
+    VFIO_IRQ_INFO_AUTOMASKED,
     VFIO_IRQ_INFO_EVENTFD,
+    VFIO_IRQ_INFO_MASKABLE,
     VFIO_REGION_INFO_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE,
     PciIrq,
@@ -89,27 +99,33 @@ class VirtioPciFunction:
     Implements viommu.transport.vfio_user.connection.VfioUserDevice."""
 
     def __init__(self, device: VirtioDevice,
-                 on_needs_reset: Callable[[str], None] = lambda why: None) -> None:
+                 on_needs_reset: Callable[[str], None] = lambda why: None,
+                 msix: bool = True) -> None:
+        """`msix` False: INTA# instead of MSI-X (see the module docstring)."""
         self.device = device
         self.on_needs_reset = on_needs_reset
-        self.msix_vectors = device.num_queues + 1  # config + one per queue
+        self.msix_vectors = device.num_queues + 1 if msix else 0  # config + one per queue
         identity = PciIdentity(vendor_id=hw.VIRTIO_PCI_VENDOR_ID,
                                device_id=hw.VIRTIO_PCI_MODERN_DEVICE_ID_BASE + device.device_id,
                                class_code=device.class_code,
                                revision=hw.VIRTIO_PCI_MODERN_REVISION,
                                subsystem_vendor_id=SUBSYSTEM_VENDOR_ID,
                                subsystem_id=SUBSYSTEM_ID)
+        bars = {0: MemoryBar(BAR0_SIZE)}
+        if msix:
+            bars[MSIX_BAR] = MemoryBar(MSIX_BAR_SIZE)
         self.config = PciConfigSpace(
-            identity, {0: MemoryBar(BAR0_SIZE), MSIX_BAR: MemoryBar(MSIX_BAR_SIZE)},
-            msi_vectors=0,
+            identity, bars, msi_vectors=0,
             msix=MsixLayout(self.msix_vectors, MSIX_BAR, MSIX_TABLE_OFFSET, MSIX_BAR,
-                            MSIX_PBA_OFFSET),
-            vendor_caps=self._virtio_caps(device.config_size))
+                            MSIX_PBA_OFFSET) if msix else None,
+            vendor_caps=self._virtio_caps(device.config_size), intx_pin=0 if msix else 1)
         self.pci_cfg_cap = self.config.vendor_offsets[-1]
         self.common = CommonConfig(device.device_features(), device.num_queues,
                                    device.max_queue_size, self.msix_vectors)
         self.msix_table = bytearray(self.msix_vectors * 16)
         self.isr = 0
+        self.intx_masked = False  # the client's mask (automasked when signalled)
+        self._unmasked = False  # UNMASK came: look at the ISR after the next access
         self.client: VfioUserClient | None = None
         self.resets = 0
         self.interrupts = 0
@@ -139,7 +155,7 @@ class VirtioPciFunction:
     def region_info(self, index: int) -> tuple[int, int]:
         if index == PciRegion.BAR0:
             return _RW, BAR0_SIZE
-        if index == MSIX_BAR:
+        if index == MSIX_BAR and self.msix_vectors:
             return _RW, MSIX_BAR_SIZE
         if index == PciRegion.CONFIG:
             return _RW, self.config.size
@@ -149,31 +165,47 @@ class VirtioPciFunction:
         if index == PciIrq.MSIX:
             # Without NORESIZE QEMU binds each vector as the guest unmasks it.
             return VFIO_IRQ_INFO_EVENTFD, self.msix_vectors
+        if index == PciIrq.INTX and self.config.intx_pin:
+            return VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED, 1
         if index in (PciIrq.ERR, PciIrq.REQ):
             return VFIO_IRQ_INFO_EVENTFD, 1
-        return VFIO_IRQ_INFO_EVENTFD, 0  # no INTx pin, no MSI
+        return VFIO_IRQ_INFO_EVENTFD, 0  # no MSI
+
+    def irq_mask(self, index: int, changes: list[tuple[int, bool]]) -> None:
+        if index != PciIrq.INTX:
+            return
+        for _, masked in changes:
+            self.intx_masked = masked
+            self._unmasked = not masked
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         if index == PciRegion.CONFIG:
-            return self._config_read(offset, count)
-        if index == MSIX_BAR:
-            return self._msix_read(offset, count)
-        return self.bar0_read(offset, count)
+            data = self._config_read(offset, count)
+        elif index == MSIX_BAR:
+            data = self._msix_read(offset, count)
+        else:
+            data = self.bar0_read(offset, count)
+        if self._unmasked:
+            self._after_unmask()
+        return data
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         if index == PciRegion.BAR0:
             if offset >= NOTIFY_OFFSET:  # the hot path: one posted write per kick
                 self._notify(offset - NOTIFY_OFFSET)
-                return
-            self.bar0_write(offset, data)
+            else:
+                self.bar0_write(offset, data)
         elif index == PciRegion.CONFIG:
             self._config_write(offset, data)
         elif index == MSIX_BAR and offset < len(self.msix_table):
             self.msix_table[offset:offset + len(data)] = data[:len(self.msix_table) - offset]
+        if self._unmasked:
+            self._after_unmask()
 
     def reset(self, reason: str) -> None:
         """A function-level reset: config space and the virtio device both."""
         self.config.reset()
+        self.intx_masked = self._unmasked = False
         self._virtio_reset(reason)
 
     def connected(self, client: VfioUserClient) -> None:
@@ -194,7 +226,8 @@ class VirtioPciFunction:
         if offset < ISR_OFFSET:
             return self.common.read(offset, count)
         if offset == ISR_OFFSET:
-            isr, self.isr = self.isr, 0  # spec 4.1.4.5: reading clears it
+            isr, self.isr = self.isr, 0  # spec 4.1.4.5: reading clears it (INTx deasserts)
+            self.config.set_interrupt_status(False)
             return bytes([isr]) + bytes(count - 1)
         if DEVICE_OFFSET <= offset < NOTIFY_OFFSET:
             data = self.device.config_read(offset - DEVICE_OFFSET, count)
@@ -241,26 +274,44 @@ class VirtioPciFunction:
         self.resets += 1
         self.common.reset()
         self.isr = 0
+        self.config.set_interrupt_status(False)
         self.device.reset()
         log.info("virtio device reset (%s)", reason)
 
     # --- interrupts ----------------------------------------------------------------------
 
     def queue_interrupt(self, index: int) -> None:
-        """A used-buffer notification for queue `index` (spec 4.1.5.4)."""
+        """A used-buffer notification for queue `index` (spec 4.1.5.4): its MSI-X vector,
+        else the ISR's queue bit and INTx."""
         if self.config.msix_enabled:
-            self._signal(self.common.queues[index].msix_vector)
-        # Without MSI-X the function has no other interrupt (no INTx pin): nothing to do.
+            self._signal(PciIrq.MSIX, self.common.queues[index].msix_vector)
+        elif self.config.intx_pin:
+            self.isr |= hw.VIRTIO_PCI_ISR_QUEUE
+            self._assert_intx()
 
     def config_interrupt(self) -> None:
         """A configuration change notification (spec 4.1.5.3): ISR bit 1 first, always."""
         self.isr |= hw.VIRTIO_PCI_ISR_CONFIG
         if self.config.msix_enabled:
-            self._signal(self.common.msix_config)
+            self._signal(PciIrq.MSIX, self.common.msix_config)
+        elif self.config.intx_pin:
+            self._assert_intx()
 
-    def _signal(self, vector: int) -> None:
+    def _assert_intx(self) -> None:
+        """The line is high while the ISR is set; signalled unless masked, then automasked."""
+        self.config.set_interrupt_status(self.isr != 0)
+        if self.isr and not self.intx_masked and not self.config.intx_disabled:
+            self.intx_masked = True
+            self._signal(PciIrq.INTX, 0)
+
+    def _after_unmask(self) -> None:
+        self._unmasked = False
+        if self.isr:
+            self._assert_intx()
+
+    def _signal(self, index: int, vector: int) -> None:
         if vector != hw.VIRTIO_MSI_NO_VECTOR and self.client is not None:
-            if self.client.interrupt(PciIrq.MSIX, vector):
+            if self.client.interrupt(index, vector):
                 self.interrupts += 1
 
     def needs_reset(self, why: str) -> None:
@@ -323,6 +374,7 @@ class VirtioPciFunction:
         return {"status": DeviceStatus(common.status).name or "0" if common.status else "0",
                 "device_features": f"{common.device_features:#x}",
                 "driver_features": f"{common.driver_features:#x}",
+                "interrupts_by": "msix" if self.msix_vectors else "intx",
                 "msix_enabled": self.config.msix_enabled, "resets": self.resets,
                 "interrupts": self.interrupts,
                 "queues": [dataclasses.asdict(q) for q in common.queues]}

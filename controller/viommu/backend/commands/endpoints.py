@@ -27,7 +27,8 @@ class EndpointCommands:
             Arg("size", (int,), help=f"blk: bytes of a new image (default {DEFAULT_SIZE})"),
             Arg("read-only", (bool,), help="blk: offer VIRTIO_BLK_F_RO; writes fail"),
             Arg("indirect", (bool,), help="blk: offer indirect descriptors (default true)"),
-            Arg("discard", (bool,), help="blk: offer DISCARD and WRITE_ZEROES (default true)")),
+            Arg("discard", (bool,), help="blk: offer DISCARD and WRITE_ZEROES (default true)"),
+            Arg("msix", (bool,), help="blk: interrupts by MSI-X (default true), else INTx")),
             help="Serve an endpoint over vfio-user; every DMA goes through translation"))
         control.register(Command("endpoint-delete", self.endpoint_delete, (
             Arg("endpoint", (int,), True),), help="Stop serving an endpoint"))
@@ -39,8 +40,8 @@ class EndpointCommands:
         kind = args.get("kind", "dma")
         if kind not in KINDS:
             raise CommandError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
-        blk_args = [name for name in ("image", "size", "read-only", "indirect", "discard")
-                    if name in args]
+        blk_args = [name for name in ("image", "size", "read-only", "indirect", "discard",
+                                      "msix") if name in args]
         if kind != "blk" and blk_args:
             raise CommandError(f"{', '.join(blk_args)}: only for kind blk")
         blk = self._blk_options(sid, args) if kind == "blk" else None
@@ -60,7 +61,8 @@ class EndpointCommands:
                               size=args.get("size", DEFAULT_SIZE),
                               read_only=args.get("read-only", False),
                               indirect=args.get("indirect", True),
-                              discard=args.get("discard", True))
+                              discard=args.get("discard", True),
+                              msix=args.get("msix", True))
         except ValueError as exc:
             raise CommandError(str(exc)) from None
 
