@@ -11,6 +11,9 @@ Fixtures:
   printed after the test started, and returns it.
 - `dma_endpoint`: a DMA endpoint hot-plugged for one test and removed after; the marker
   `@pytest.mark.viommu_endpoint(port=N, pri=True, vfio=True)` chooses how.
+- `blk_disk`: a virtio-blk disk hot-plugged for one test and removed after (`.disk` is the
+  guest's block device); the marker `@pytest.mark.viommu_disk(size=..., read_only=True)`
+  chooses how. `plugged_disk(vm, ...)` is the same for module-scoped fixtures.
 
 When a test that used `guest` fails, its report gets the console output of that test, the
 backend's trace entries since the test started and the tail of QEMU's log: as report
@@ -32,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from viommu.cli.tracing import TraceFollower, format_entry
+from viommu.vm.disks import DiskSpec
 from viommu.vm.hotplug import HotpluggedEndpoint
 from viommu.vm.machine import Machine
 
@@ -93,6 +97,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "viommu_endpoint(port=None, pri=False, vfio=False, name=None): how the "
         "dma_endpoint fixture plugs its endpoint")
+    config.addinivalue_line(
+        "markers", "viommu_disk(port=None, name=None, image=None, size=None, read_only=False, "
+        "indirect=True): how the blk_disk fixture plugs its disk")
 
 
 def worker_name(config: pytest.Config) -> str:
@@ -176,6 +183,30 @@ def plugged_endpoint(vm: Machine, port: int | None = None, *, name: str | None =
     finally:
         if vfio:
             vm.run(f"echo {endpoint.sysfs_name} > /sys/bus/pci/drivers/vfio-pci/unbind")
+        vm.remove_endpoint(endpoint)
+        _PLUGGED[vm].discard(port)
+
+
+@pytest.fixture
+def blk_disk(guest: Machine, request: pytest.FixtureRequest) -> Iterator[HotpluggedEndpoint]:
+    """A virtio-blk disk plugged into the guest for this test, unplugged after."""
+    marker = request.node.get_closest_marker("viommu_disk")
+    options = dict(marker.kwargs) if marker else {}
+    with plugged_disk(guest, **options) as disk:
+        yield disk
+
+
+@contextlib.contextmanager
+def plugged_disk(vm: Machine, port: int | None = None, *, name: str | None = None,
+                 **spec: object) -> Iterator[HotpluggedEndpoint]:
+    """Hot-plug a virtio-blk disk served by the backend (`spec`: DiskSpec's fields, e.g.
+    size, image, read_only); unplug it after."""
+    port = free_root_port(vm) if port is None else port
+    endpoint = vm.add_disk(port, DiskSpec(**spec), name)
+    _PLUGGED.setdefault(vm, set()).add(port)
+    try:
+        yield endpoint
+    finally:
         vm.remove_endpoint(endpoint)
         _PLUGGED[vm].discard(port)
 
