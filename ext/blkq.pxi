@@ -146,6 +146,7 @@ cdef class BlkQueue:
         self.error_value = 0
         self.interrupt = False
         self.faults.n = 0
+        self.faults.dropped = 0
 
     # --- serving --------------------------------------------------------------------------
 
