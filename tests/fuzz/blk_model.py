@@ -19,7 +19,7 @@ READ, WRITE = 1, 2  # viommu._dataplane.READ / WRITE
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 MIN_CHAIN, MAX_IOV, MAX_FAULTS, MAX_DISCARD_SEG = 1024, 1024, 64, 16
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
-S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+BLK_OK, BLK_IOERR, BLK_UNSUPP = 0, 1, 2  # VIRTIO_BLK_S_*
 (OK, RING_FAULT, AVAIL_AHEAD, BAD_HEAD, BAD_NEXT, LOOP, BAD_INDIRECT, R_AFTER_W, NO_HEADER,
  NO_STATUS, TOO_LONG, MISALIGNED) = range(12)
 
@@ -252,40 +252,40 @@ class Request:
     def execute(self) -> int:
         header = self.copy(False, 0, None, 16)
         if header is None:
-            return S_IOERR
+            return BLK_IOERR
         kind, _ioprio, sector = struct.unpack("<IIQ", header)
         q = self.q
         if kind in (T_IN, T_OUT):
             out = kind == T_OUT
             n = self.readable - 16 if out else self.writable - 1
             if out and q.read_only or not self.range_ok(sector, n):
-                return S_IOERR
+                return BLK_IOERR
             ok = self.transfer(out, 16 if out else 0, n, sector * 512)
-            return S_OK if ok else S_IOERR
+            return BLK_OK if ok else BLK_IOERR
         if kind == T_FLUSH:
-            return S_OK
+            return BLK_OK
         if kind == T_GET_ID:
             n = min(self.writable - 1, 20)
             if n and self.copy(True, 0, q.serial, n) is None:
-                return S_IOERR
-            return S_OK
+                return BLK_IOERR
+            return BLK_OK
         if kind == T_DISCARD and q.discard or kind == T_WRITE_ZEROES and q.write_zeroes:
             return self.discard(kind == T_WRITE_ZEROES)
-        return S_UNSUPP
+        return BLK_UNSUPP
 
     def discard(self, zeroes: bool) -> int:
         n = self.readable - 16
         if self.q.read_only or n == 0 or n % 16 or n > 16 * MAX_DISCARD_SEG:
-            return S_IOERR
+            return BLK_IOERR
         raw = self.copy(False, 16, None, n)
         if raw is None:
-            return S_IOERR
+            return BLK_IOERR
         segs = [struct.unpack_from("<QII", raw, k) for k in range(0, n, 16)]
         for sector, count, flags in segs:
             if flags & ~1 or (not zeroes and flags):
-                return S_UNSUPP
+                return BLK_UNSUPP
             if not self.range_ok(sector, count * 512):
-                return S_IOERR
+                return BLK_IOERR
         for sector, count, _ in segs:
             self.q.image[sector * 512:(sector + count) * 512] = bytes(count * 512)
-        return S_OK
+        return BLK_OK
