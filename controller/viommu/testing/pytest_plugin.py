@@ -162,10 +162,20 @@ def expect_guest_line(guest: Machine, request: pytest.FixtureRequest) -> Callabl
 def dma_endpoint(guest: Machine, request: pytest.FixtureRequest) -> Iterator[HotpluggedEndpoint]:
     """A DMA endpoint plugged into the guest for this test (a free root port unless the
     viommu_endpoint marker names one), unplugged after."""
-    marker = request.node.get_closest_marker("viommu_endpoint")
-    options = dict(marker.kwargs) if marker else {}
-    with plugged_endpoint(guest, **options) as endpoint:
+    with plugged_endpoint(guest, **_marker_options(request, "viommu_endpoint")) as endpoint:
         yield endpoint
+
+
+@pytest.fixture
+def blk_disk(guest: Machine, request: pytest.FixtureRequest) -> Iterator[HotpluggedEndpoint]:
+    """A virtio-blk disk plugged into the guest for this test, unplugged after."""
+    with plugged_disk(guest, **_marker_options(request, "viommu_disk")) as disk:
+        yield disk
+
+
+def _marker_options(request: pytest.FixtureRequest, name: str) -> dict:
+    marker = request.node.get_closest_marker(name)
+    return dict(marker.kwargs) if marker else {}
 
 
 @contextlib.contextmanager
@@ -173,27 +183,14 @@ def plugged_endpoint(vm: Machine, port: int | None = None, *, name: str | None =
                      pri: bool = False, vfio: bool = False) -> Iterator[HotpluggedEndpoint]:
     """Hot-plug a DMA endpoint (bound to vfio-pci in the guest when `vfio`); unplug it after.
     For module-scoped fixtures as well as the `dma_endpoint` fixture."""
-    port = free_root_port(vm) if port is None else port
-    endpoint = vm.add_endpoint(port, name, pri=pri)
-    _PLUGGED.setdefault(vm, set()).add(port)
-    try:
+    with _plugged(vm, port, lambda p: vm.add_endpoint(p, name, pri=pri)) as endpoint:
         if vfio:
             vm.run(f"viommu-vfio bind {endpoint.sysfs_name}").check()
-        yield endpoint
-    finally:
-        if vfio:
-            vm.run(f"echo {endpoint.sysfs_name} > /sys/bus/pci/drivers/vfio-pci/unbind")
-        vm.remove_endpoint(endpoint)
-        _PLUGGED[vm].discard(port)
-
-
-@pytest.fixture
-def blk_disk(guest: Machine, request: pytest.FixtureRequest) -> Iterator[HotpluggedEndpoint]:
-    """A virtio-blk disk plugged into the guest for this test, unplugged after."""
-    marker = request.node.get_closest_marker("viommu_disk")
-    options = dict(marker.kwargs) if marker else {}
-    with plugged_disk(guest, **options) as disk:
-        yield disk
+        try:
+            yield endpoint
+        finally:
+            if vfio:
+                vm.run(f"echo {endpoint.sysfs_name} > /sys/bus/pci/drivers/vfio-pci/unbind")
 
 
 @contextlib.contextmanager
@@ -201,8 +198,16 @@ def plugged_disk(vm: Machine, port: int | None = None, *, name: str | None = Non
                  **spec: object) -> Iterator[HotpluggedEndpoint]:
     """Hot-plug a virtio-blk disk served by the backend (`spec`: DiskSpec's fields, e.g.
     size, image, read_only); unplug it after."""
+    with _plugged(vm, port, lambda p: vm.add_disk(p, DiskSpec(**spec), name)) as disk:
+        yield disk
+
+
+@contextlib.contextmanager
+def _plugged(vm: Machine, port: int | None,
+             plug: Callable[[int], HotpluggedEndpoint]) -> Iterator[HotpluggedEndpoint]:
+    """plug(port) into `port` (a free one if None), and vm.remove_endpoint() after."""
     port = free_root_port(vm) if port is None else port
-    endpoint = vm.add_disk(port, DiskSpec(**spec), name)
+    endpoint = plug(port)
     _PLUGGED.setdefault(vm, set()).add(port)
     try:
         yield endpoint
