@@ -18,6 +18,7 @@ no memory behind in the backend.
 from __future__ import annotations
 
 import array
+import dataclasses
 import re
 import time
 from collections.abc import Iterator
@@ -26,9 +27,10 @@ from pathlib import Path
 import pytest
 
 from viommu.testing.pytest_plugin import plugged_disk
-from viommu.vm.disks import DiskSpec
+from viommu.vm.disks import DISK_DEVICE, block_device
 from viommu.vm.hotplug import HotpluggedEndpoint
 from viommu.vm.machine import Machine
+from viommu.vm.profile import EndpointSpec, load_profile
 
 PORT = 1
 MiB = 1 << 20
@@ -149,7 +151,13 @@ def test_virtio_blk_64_mib_round_trip_with_lazy_flushing(
 
 @pytest.fixture(scope="module")
 def strict_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
-    vm = Machine("default", workdir=tmp_path_factory.mktemp("blk-strict"), name="blk-strict",
+    """Strict flushing, and a disk cold-plugged from the profile with MSI-X (the shared
+    guest's disks use what QEMU can unplug, viommu.vm.disks): the firmware reads it before
+    the vIOMMU's driver starts, then Linux's drivers take it behind the vIOMMU."""
+    profile = load_profile("default")
+    disk = EndpointSpec("disk1", PORT, DISK_DEVICE, {"size": "128M", "msix": True})
+    vm = Machine(dataclasses.replace(profile, endpoints=(*profile.endpoints, disk)),
+                 workdir=tmp_path_factory.mktemp("blk-strict"), name="blk-strict",
                  kernel_args="iommu.strict=1")
     vm.launch()
     yield vm
@@ -158,9 +166,10 @@ def strict_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
 
 @pytest.fixture(scope="module")
 def strict_disk(strict_vm: Machine) -> HotpluggedEndpoint:
-    """MSI-X here (the shared guest's disks use what QEMU can unplug, viommu.vm.disks), and
-    no unplug: the VM goes with it."""
-    return strict_vm.add_disk(PORT, DiskSpec(size=128 * MiB, msix=True))
+    [state] = strict_vm.backend("query-disks")
+    sysfs = HotpluggedEndpoint("disk1", state["endpoint"], PORT).sysfs_name
+    return HotpluggedEndpoint("disk1", state["endpoint"], PORT,
+                              disk=block_device(strict_vm, sysfs), image=state["image"])
 
 
 def test_virtio_blk_64_mib_round_trip_with_strict_flushing(
@@ -169,6 +178,7 @@ def test_virtio_blk_64_mib_round_trip_with_strict_flushing(
     line = strict_vm.run("dmesg | grep 'TLB invalidation policy'").output
     assert "strict mode" in line, line
     disk = strict_disk
+    assert disk.disk and Path(disk.image).parent == strict_vm.workdir
     irqs = strict_vm.run("cat /proc/interrupts").output
     assert re.search(r"PCI-MSIX-.*virtio\d+-req\.0", irqs), irqs
     group = strict_vm.run(f"readlink /sys/bus/pci/devices/{disk.sysfs_name}/iommu_group"

@@ -459,3 +459,53 @@ def test_set_irqs_mask_and_unmask_of_intx_reach_the_function_over_vfio_user(
     conn.close()
     ours.close()
     os.close(other)
+
+
+def test_before_the_viommu_driver_starts_dma_is_untranslated_through_the_client_memory(
+        tmp_path: Path) -> None:
+    """Firmware (SeaBIOS) drives the disk before the guest's virtio-iommu driver starts
+    the vIOMMU: no memory table, nothing to translate with. The disk then reads and writes
+    the RAM the vfio-user client mapped, untranslated (as QEMU's boot-bypass)."""
+    import mmap
+    import os
+
+    from viommu.transport.vfio_user.dma import DmaMemory
+
+    gpa, size = 0x10_0000, 0x10_000
+    ram_fd = os.memfd_create("firmware-ram")
+    os.ftruncate(ram_fd, size)
+    memory = DmaMemory(4)
+    memory.add(gpa, size, 3, ram_fd, 0)
+    ram = mmap.mmap(ram_fd, size)
+    desc, avail, used, hdr, data, status = (gpa + off for off in (0, 0x1000, 0x2000, 0x3000,
+                                                                  0x4000, 0x5000))
+    ram[0x3000:0x3010] = struct.pack("<IIQ", 1, 0, 2)  # OUT, sector 2
+    ram[0x4000:0x4200] = pattern(2, 512)
+    for i, (addr, length, flags, nxt) in enumerate([(hdr, 16, 1, 1), (data, 512, 1, 2),
+                                                    (status, 1, 2, 0)]):
+        ram[16 * i:16 * i + 16] = struct.pack("<QIHH", addr, length, flags, nxt)
+    ram[0x1004:0x1006] = b"\0\0"
+    ram[0x1002:0x1004] = b"\1\0"
+    fn = blk_function(SID, BlkOptions(str(tmp_path / "fw.img"), size=1 << 20, msix=False),
+                      FakeTranslator(None))
+    fn.connected(type("Client", (), {"memory": memory,
+                                     "interrupt": lambda self, i, v=0: True})())
+    f = fn.region_write
+    f(PciRegion.CONFIG, PCI_COMMAND, (PCI_COMMAND_MASTER | 2).to_bytes(2, "little"))
+    f(PciRegion.BAR0, CommonCfg.STATUS, bytes([ACK | DRIVER]))
+    for select, word in ((0, ALL & 0xFFFF_FFFF), (1, ALL >> 32)):
+        f(PciRegion.BAR0, CommonCfg.GFSELECT, select.to_bytes(4, "little"))
+        f(PciRegion.BAR0, CommonCfg.GF, word.to_bytes(4, "little"))
+    f(PciRegion.BAR0, CommonCfg.STATUS, bytes([ACK | DRIVER | FEATURES_OK]))
+    f(PciRegion.BAR0, CommonCfg.Q_SIZE, (16).to_bytes(2, "little"))
+    for offset, value in ((CommonCfg.Q_DESCLO, desc), (CommonCfg.Q_AVAILLO, avail),
+                          (CommonCfg.Q_USEDLO, used)):
+        f(PciRegion.BAR0, offset, value.to_bytes(8, "little"))
+    f(PciRegion.BAR0, CommonCfg.Q_ENABLE, (1).to_bytes(2, "little"))
+    f(PciRegion.BAR0, CommonCfg.STATUS, bytes([ACK | DRIVER | FEATURES_OK | DRIVER_OK]))
+    assert ram[0x5000] == 0 and ram[0x2002:0x2004] == b"\1\0"  # served at DRIVER_OK
+    assert (tmp_path / "fw.img").read_bytes()[1024:1536] == pattern(2, 512)
+    memory.clear()  # the mapping is not held: DMA_UNMAP can close it
+    fn.close()
+    ram.close()
+    os.close(ram_fd)

@@ -30,6 +30,7 @@ from viommu.dataplane.translation import Translator
 from viommu.endpoints.virtio_common import QueueConfig
 from viommu.endpoints.virtio_pci import VirtioPciFunction
 from viommu.events.smmuv3 import EventRecord
+from viommu.transport.vfio_user.dma import DmaMemory
 from viommu.uapi import BlkFeature, RingFeature, TransportFeature
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class VirtioBlk:
         self._config = self._config_bytes()
         self.interrupt: Callable[[int], None] = lambda index: None
         self.needs_reset: Callable[[str], None] = lambda why: None
+        self.client_memory: Callable[[], DmaMemory | None] = lambda: None
         self.faults_relayed = 0
         self.faults_dropped = 0
 
@@ -178,16 +180,45 @@ class VirtioBlk:
         """A kick: serve the requestq in C, then relay faults and interrupt."""
         engine = self.translator.engine
         if engine is None:
-            return  # no guest memory table yet: the kick is served at the next one
+            self._serve_untranslated()
+            return
+        self._serve(engine, relay=True)
+
+    def _serve(self, engine: hw.Engine, relay: bool) -> None:
         queue = self.queue
         queue.serve(engine)
         if queue.take_interrupt():
             self.interrupt(0)
         records, dropped = queue.take_faults()
         if records or dropped:
-            self._relay(records, dropped)
+            if relay:
+                self._relay(records, dropped)
+            else:
+                log.warning("virtio-blk %#x: %d DMA faults before the vIOMMU's driver "
+                            "started (not relayed)", self.sid, len(records) + dropped)
         if queue.error:
             self.needs_reset(f"requestq: {queue.error_text()}")
+
+    def _serve_untranslated(self) -> None:
+        """Before the guest's virtio-iommu driver starts its device, the backend has no
+        memory table and nothing is configured to translate: DMA goes untranslated through
+        the guest RAM the vfio-user client mapped (DMA_MAP), as with QEMU's virtio-iommu
+        boot-bypass. Firmware (SeaBIOS drives virtio-blk) reads the disk then, and would
+        otherwise wait for its request forever."""
+        memory = self.client_memory()
+        if memory is None:
+            return
+        mem = hw.GuestMemory()
+        try:
+            for region in memory:
+                if region.writable:  # guest RAM (ROM is mapped read-only)
+                    mem.add_region(region.address, region.size, region.address,
+                                   region.mapping)
+            engine = hw.Engine(mem, iotlb_size=0)
+            engine.set_stream_bypass(self.sid)
+            self._serve(engine, relay=False)
+        finally:
+            mem.clear()  # let go of the mappings: DMA_UNMAP closes them
 
     def _relay(self, records: list[bytes], dropped: int) -> None:
         for raw in records:
@@ -218,4 +249,5 @@ def blk_function(sid: int, options: BlkOptions, translator: Translator,
     function = VirtioPciFunction(device, on_needs_reset, msix=options.msix)
     device.interrupt = function.queue_interrupt
     device.needs_reset = function.needs_reset
+    device.client_memory = lambda: function.client.memory if function.client else None
     return function
