@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from blk import forwarded_args as blk_args
+from blk import table_rows as blk_rows
 from plot import plot
 
 from viommu.vm import paths
@@ -67,7 +69,7 @@ def table(results: dict) -> str:
          "  (target <= 1.05)"),
         ("fault round trip inject -> guest line, median ms",
          f"{results['fault_roundtrip_ms']:.1f}", "", ""),
-    ]
+    ] + blk_rows(results)
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, width, strict=True))
                      for r in rows)
@@ -81,6 +83,9 @@ def main() -> None:
     results.update(run_json("engine_dma.py"))
     print("==> guest benchmarks (rounds of three VMs: none, QEMU's, ours)", flush=True)
     results.update(run_json("guest.py", *sys.argv[1:]))
+    print("==> guest block I/O (rounds of three VMs: our virtio-blk, QEMU's with its "
+          "virtio-iommu, QEMU's without an IOMMU)", flush=True)
+    results.update(run_json("blk.py", *blk_args(sys.argv[1:])))
     results["machine"].update(cores=os.cpu_count(), qemu=qemu_version())
     out = ROOT / "bench-results.json"
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -79,7 +79,8 @@ class Backend:
                                           listen_fds[0] if listen_fds else None)
         self.endpoints = EndpointServers(self.device, self.translator, self.page_requests,
                                          self.loop,
-                                         os.path.dirname(control_path or socket_path))
+                                         os.path.dirname(control_path or socket_path),
+                                         self.control.emit)
         self.iommufd = IommufdEdge(self.relay, self.page_requests, self.control)
         for commands in (EventCommands(self.device, self.relay, self.page_requests),
                          PageRequestCommands(self.device, self.relay, self.page_requests,

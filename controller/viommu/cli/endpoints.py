@@ -1,31 +1,55 @@
-"""`viommu attach` and `detach`: DMA endpoints hot-plugged into a running VM, and kept in
-its state.json so that `detach` (and `state`) find them from another process."""
+"""`viommu attach` and `detach`: DMA endpoints and virtio-blk disks hot-plugged into a
+running VM, and kept in its state.json so that `detach` (and `state`) find them from
+another process."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from viommu.cli.common import CliError, attached_vm, say
 from viommu.cli.terminal import progress
 from viommu.vm import runs
+from viommu.vm.disks import DEFAULT_DISK_SIZE, DiskSpec
 from viommu.vm.hotplug import HotpluggedEndpoint
 from viommu.vm.machine import Machine
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
+    disk = _disk(args)
     with attached_vm(args.name) as (vm, state, directory):
         check_port_free(vm, state, args.port)
-        with progress(f"hot-plugging a DMA endpoint into port {args.port}"):
-            endpoint = vm.add_endpoint(args.port, args.id, pri=args.pri)
+        what = "a virtio-blk disk" if disk else "a DMA endpoint"
+        with progress(f"hot-plugging {what} into port {args.port}"):
+            if disk:
+                endpoint = vm.add_disk(args.port, disk, args.id)
+            else:
+                endpoint = vm.add_endpoint(args.port, args.id, pri=args.pri)
             if args.vfio:
                 vm.run(f"viommu-vfio bind {endpoint.sysfs_name}").check()
     state.endpoints.append(dataclasses.asdict(endpoint))
     state.save(directory)
-    say(f"{endpoint.name}: endpoint {endpoint.endpoint_id:#x} at {endpoint.sysfs_name}"
-        f"{' (PRI)' if args.pri else ''}{', bound to vfio-pci' if args.vfio else ''}; "
+    if disk:
+        detail = f", the guest's /dev/{endpoint.disk}, image {endpoint.image}"
+    else:
+        detail = f"{' (PRI)' if args.pri else ''}{', bound to vfio-pci' if args.vfio else ''}"
+    say(f"{endpoint.name}: endpoint {endpoint.endpoint_id:#x} at {endpoint.sysfs_name}{detail}; "
         f"`viommu detach {args.name} {endpoint.name}` removes it")
     return 0
+
+
+def _disk(args: argparse.Namespace) -> DiskSpec | None:
+    blk_only = [flag for flag, given in (("--image", args.image), ("--size", args.size),
+                                         ("--read-only", args.read_only)) if given]
+    if not args.blk:
+        if blk_only:
+            raise CliError(f"{', '.join(blk_only)}: only with --blk")
+        return None
+    if args.pri or args.vfio:
+        raise CliError("--pri and --vfio are for DMA endpoints, not --blk disks")
+    image = str(Path(args.image).resolve()) if args.image else None
+    return DiskSpec(image=image, size=args.size or DEFAULT_DISK_SIZE, read_only=args.read_only)
 
 
 def check_port_free(vm: Machine, state: runs.RunState, port: int) -> None:

@@ -92,11 +92,12 @@ def _qemu(target: Arch) -> str:
 def kernel_cmdline(profile: Profile, board: Platform) -> str:
     """The profile's command line with the platform's serial console (unless it names one),
     and on x86 the table area reserved from the kernel (memmap=); on aarch64 the device tree
-    reserves it (viommu.vm.devicetree)."""
+    reserves it (viommu.vm.devicetree). Then what the profile or the Machine appends."""
     words = [] if "console=" in profile.cmdline else [board.console_arg()]
     words.append(profile.cmdline)
     if profile.table_area_size and board.topology == "viot":
         words.append(f"memmap={profile.table_area_size:#x}${profile.table_area_base:#x}")
+    words.append(profile.cmdline_append)
     return " ".join(w for w in words if w)
 
 

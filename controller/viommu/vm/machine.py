@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from viommu.backend.backend import Backend
-from viommu.vm import hotplug, runs
+from viommu.vm import disks, hotplug, runs
 from viommu.vm.accel import detect_accel
 from viommu.vm.backend_supervisor import (
     BackendSupervisor,
@@ -35,6 +35,7 @@ from viommu.vm.boot import GuestBoot, choose_arch, choose_kernel
 from viommu.vm.boot import prepare as prepare_boot
 from viommu.vm.console import CommandResult, Console, ConsoleClosed, ConsoleError
 from viommu.vm.devicetree import write_dtb
+from viommu.vm.disks import DiskSpec
 from viommu.vm.errors import QMP_ERRORS, BootTimeout, MachineError, VMLaunchError, launch_failure
 from viommu.vm.guest import GUEST_FAULT_LINE, GuestShell, wait_fault_window
 from viommu.vm.guest_kernel import GuestKernel
@@ -61,7 +62,8 @@ class Machine:
                  backend_in_process: bool = False, iommu: str | None = None,
                  network: PrivateNetwork | None = None,
                  run_dir: Path | str | None = None, kernel: str | None = None,
-                 modules: str | Path | None = None, arch: str | None = None) -> None:
+                 modules: str | Path | None = None, arch: str | None = None,
+                 kernel_args: str = "") -> None:
         """`iommu` overrides the profile's: "viommu" (ours), "qemu" (QEMU's in-process
         virtio-iommu-pci, to compare against) or "none". `network`: the segment the VM's NIC
         joins (the profile's [network], or its defaults); VMs given the same one can talk.
@@ -79,11 +81,15 @@ class Machine:
         architecture ("x86_64", "aarch64"); unset, VIOMMU_KERNEL and VIOMMU_ARCH, then the
         profile's, then the defaults decide. Whatever is missing is fetched or built at
         launch, and a kernel lacking an option viommu needs is refused before it boots
-        (viommu.vm.boot.KernelRefused)."""
+        (viommu.vm.boot.KernelRefused). `kernel_args` go after the profile's command line
+        (iommu.strict=1, ...)."""
         self.profile = load_profile(profile) if isinstance(profile, str) else profile
         self._profile_ref = profile if isinstance(profile, str) else self.profile.name
         if iommu is not None:
             self.profile = dataclasses.replace(self.profile, iommu=iommu)
+        if kernel_args:
+            self.profile = dataclasses.replace(self.profile, cmdline_append=" ".join(
+                filter(None, (self.profile.cmdline_append, kernel_args))))
         self.arch = choose_arch(arch, self.profile)
         self.kernel_spec = choose_kernel(kernel, self.profile)
         self.kernel_modules = modules or self.profile.kernel_modules
@@ -192,7 +198,8 @@ class Machine:
 
     def _features(self) -> list[str]:
         """What this VM's profile uses beyond the basics (kconfig feature names)."""
-        return ["network"] if self.profile.network is not None else []
+        return (["network"] if self.profile.network is not None else []) + (
+            ["virtio-blk"] if disks.profile_disks(self.profile) else [])
 
     # --- launch -------------------------------------------------------------------------------
 
@@ -240,6 +247,9 @@ class Machine:
         self._backend.start()
 
     def _start_qemu(self) -> None:
+        if disks.profile_disks(self.profile) and self._backend is not None:
+            self._control.connect()  # the backend serves them before QEMU looks for them
+            disks.serve_profile_disks(self, self._sockdir)
         command = self.qemu_command()
         (self.workdir / "qemu-cmdline.txt").write_text(shlex.join(command) + "\n")
         try:
@@ -251,7 +261,7 @@ class Machine:
         """QEMU's console and QMP, then the backend's control socket."""
         try:
             self._qemu.connect()
-            if self._backend is not None:
+            if self._backend is not None and not self._control.connected:
                 self._control.connect()
         except (MachineError, *QMP_ERRORS) as exc:
             raise self._launch_failure(f"did not come up: {exc}") from exc
@@ -421,6 +431,12 @@ class Machine:
         kernel attaches endpoints when the IOMMU registers, put it in an IOMMU group (older
         kernels do when a driver binds it: `viommu-vfio bind`)."""
         return hotplug.plug(self, port, name, pri, timeout)
+
+    def add_disk(self, port: int, disk: DiskSpec | None = None, name: str | None = None,
+                 timeout: float = 60) -> HotpluggedEndpoint:
+        """Hot-plug a virtio-blk disk the backend serves (viommu.vm.disks) into root port
+        `port`; returns once the guest's virtio_blk has it (`.disk`: vda...)."""
+        return hotplug.plug(self, port, name, False, timeout, disk or DiskSpec())
 
     def remove_endpoint(self, endpoint: HotpluggedEndpoint, timeout: float = 30) -> None:
         """Hot-unplug: QEMU removes the device once the guest lets go of it."""

@@ -58,6 +58,7 @@ class Profile:
     kernel_modules: str | None = None  # with a kernel image: its lib/modules/<release>
     # The platform adds its serial console (console=ttyS0 or ttyAMA0) unless this names one.
     cmdline: str = "deferred_probe_timeout=-1 panic=-1 loglevel=4"
+    cmdline_append: str = ""  # [kernel] append: after cmdline (iommu.strict=1, ...)
     endpoints: tuple[EndpointSpec, ...] = ()
     extra_args: tuple[str, ...] = ()
     # Guest-physical range the guest kernel never uses (memmap=SIZE$BASE marks it reserved):
@@ -109,8 +110,8 @@ def load_profile(name_or_path: str | Path) -> Profile:
         EndpointSpec(ep["name"], ep["port"], ep["device"], ep.get("options", {}))
         for ep in data.get("endpoints", []))
     network = _network_spec(path, data["network"]) if "network" in data else None
-    fields = {f.name for f in dataclasses.fields(Profile)} - {"network", "kernel", "kernel_modules",
-                                                              "cmdline"}
+    fields = {f.name for f in dataclasses.fields(Profile)} - {
+        "network", "kernel", "kernel_modules", "cmdline", "cmdline_append"}
     unknown = set(machine) - fields
     if unknown:
         raise ValueError(f"{path}: unknown [machine] keys {sorted(unknown)}")
@@ -143,13 +144,14 @@ def _network_spec(path: Path, table: dict) -> NetworkSpec:
 
 
 # [kernel] keys and the Profile fields they set.
-_KERNEL_KEYS = {"cmdline": "cmdline", "source": "kernel", "modules": "kernel_modules"}
+_KERNEL_KEYS = {"cmdline": "cmdline", "append": "cmdline_append", "source": "kernel",
+                "modules": "kernel_modules"}
 
 
 def _kernel_fields(path: Path, table: dict) -> dict:
-    """[kernel]: `cmdline`, `source` (a kernel SPEC: a Debian series, a build tree or an
-    image) and `modules` (an image's lib/modules/<release>); paths are relative to the
-    profile's own directory."""
+    """[kernel]: `cmdline`, `append` (more arguments after it), `source` (a kernel SPEC: a
+    Debian series, a build tree or an image) and `modules` (an image's
+    lib/modules/<release>); paths are relative to the profile's own directory."""
     unknown = set(table) - set(_KERNEL_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown [kernel] keys {sorted(unknown)} "
