@@ -11,57 +11,10 @@
 #
 # Sharing: the thread touches the VirtQueue, guest memory and the MAP tables only while it
 # holds the `DataplaneLock`; the backend's loop holds that lock whenever it is not waiting
-# in select (viommu.dataplane.requestq.dataplane_event_loop), so Python code on the loop
-# may change any of them.
-
-from libc.stdint cimport int64_t
-from posix.time cimport clock_gettime, CLOCK_MONOTONIC, CLOCK_REALTIME, timespec
-from posix.unistd cimport close, dup, read, write
-
-
-cdef extern from "<sys/eventfd.h>" nogil:
-    int eventfd(unsigned int initval, int flags)
-    enum:
-        EFD_CLOEXEC
-        EFD_NONBLOCK
-
-cdef extern from "<sys/epoll.h>" nogil:
-    union epoll_data_t "epoll_data":
-        int fd
-        uint64_t u64
-    struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-    enum:
-        EPOLLIN
-        EPOLL_CTL_ADD
-        EPOLL_CLOEXEC
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-
+# in select (viommu.dataplane.loop), so Python code on the loop may change any of them.
 
 cdef enum:
     DEFAULT_TRACE_CAPACITY = 16384
-
-
-cdef inline int64_t monotonic_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
-
-cdef inline double wall_time() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_REALTIME, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
-
-cdef void eventfd_signal(int fd) noexcept nogil:
-    cdef uint64_t one = 1
-    write(fd, &one, 8)  # EAGAIN only when the counter is saturated: already signalled
-
-cdef void eventfd_clear(int fd) noexcept nogil:
-    cdef uint64_t value
-    read(fd, &value, 8)
 
 
 cdef struct FastDomain:
