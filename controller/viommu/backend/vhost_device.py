@@ -41,13 +41,23 @@ class IommuVhostDevice:
         self.translator = translator
         self.announcer = announcer
         self.poll_us = poll_us
-        # Set by the backend when its loop shares the data plane with a request thread.
+        # Set by `use_threads` when the backend's loop shares the data plane with threads.
         self.thread: tuple[DataplaneLock, Readers] | None = None
         self.requestq: RequestQueue | None = None
         self.eventq = EventQueue(relay, self)
         self.memory: GuestMemory | None = None
         self.resets = 0
         self._broken: str | None = None
+
+    def use_threads(self, lock: DataplaneLock, readers: Readers, requests: bool = True,
+                    events: bool = True) -> None:
+        """Serve the requestq and the eventq on threads of their own (ext/requestq.pxi,
+        ext/eventq.pxi), sharing the data plane under `lock` with the loop whose `readers`
+        hear their wake-ups."""
+        if requests:
+            self.thread = (lock, readers)
+        if events:
+            self.eventq.use_thread(lock, readers)
 
     # --- negotiation and config space ---------------------------------------------------
 
@@ -79,9 +89,10 @@ class IommuVhostDevice:
 
     def queue_started(self, index: int, vring: Vring) -> bool:
         if index == EVENTQ:
-            log.info("queue %d started (size %d): the eventq", index, vring.vq.num)
-            self.eventq.started(vring)
-            return False
+            threaded = self.eventq.started(vring)
+            log.info("queue %d started (size %d): the eventq%s", index, vring.vq.num,
+                     ", served by the event thread" if threaded else "")
+            return threaded
         self.requestq = RequestQueue(self.device, vring, self, self.thread, self.poll_us)
         log.info("queue %d started (size %d): the requestq%s", index, vring.vq.num,
                  ", served by the request thread" if self.requestq.threaded else "")
@@ -94,6 +105,10 @@ class IommuVhostDevice:
             self.requestq.stop()
             self.requestq = None
         log.info("queue %d stopped", index)
+
+    def queue_call_changed(self, index: int) -> None:
+        if index == EVENTQ:
+            self.eventq.call_changed()
 
     def queue_kicked(self, index: int) -> None:
         if index == EVENTQ:
@@ -122,6 +137,7 @@ class IommuVhostDevice:
         self._broken = why
         if self.requestq is not None:
             self.requestq.pause()
+        self.eventq.pause()
         signalled = ring.signal_error()
         log.error("device broken until the guest resets it: %s (vring error fd %s)", why,
                   "signalled" if signalled else "absent")
@@ -132,6 +148,7 @@ class IommuVhostDevice:
         self._broken = None
         if self.requestq is not None:
             self.requestq.pause(False)
+        self.eventq.pause(False)
         for sid in {g.key[0] for g in self.page_requests.pending.values()}:
             self.page_requests.drain(sid)  # nobody is left to answer them
         lost = self.relay.drop_pending(f"dropped by device reset: {reason}")

@@ -44,8 +44,10 @@ class EventCommands:
         self.device = device
         self.relay = relay
         self.page_requests = page_requests
+        self.control: ControlServer | None = None
 
     def register(self, control: ControlServer) -> None:
+        self.control = control  # when the command being served arrived
         control.register(Command("inject-event", self.inject_event, (
             Arg("type", (str, int), True, "SMMUv3 event name (C_BAD_STE) or ID"),
             Arg("sid", (int,), True, "StreamID = virtio-iommu endpoint ID"),
@@ -79,7 +81,8 @@ class EventCommands:
         if is_config_event(event_id):
             self.device.note_config_fault(sid, event_id.name)
         before = self.relay.counters()
-        first = self.relay.submit_burst(record, count)[0]
+        arrived_ns = self.control.arrival_ns if self.control else 0
+        first = self.relay.submit_burst(record, count, arrived_ns)[0]
         after = self.relay.counters()
         # The FIFO is delivered in order, so this burst's records are the last ones pending.
         pending = min(after["pending"], count)
@@ -92,8 +95,11 @@ class EventCommands:
                 "note": first.note or None}
 
     def query_events(self, args: dict) -> dict:
+        counters = self.relay.counters()  # first: brings the trace states up to date
         trace = trace_slice(self.relay.trace, lambda e: e.seq, args)
-        return {**self.relay.counters(), "page_requests": self.page_requests.counters(),
+        return {**counters, "page_requests": self.page_requests.counters(),
+                # command arrival -> record in the used ring and the driver notified
+                "delivery_us": self.relay.delivery_latency(),
                 "trace": [e.to_dict() for e in trace]}
 
 

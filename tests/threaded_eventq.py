@@ -1,0 +1,156 @@
+"""A device's eventq over a FakeDriver ring: an EventRelay and its EventQueue, served by the
+event thread (ext/eventq.pxi) or on the loop (viommu.dataplane.records.RecordQueue), for
+tests and fuzzing.
+
+The caller plays the backend's loop: it holds the lock while it looks at or changes device
+state, and serves the thread's wake-ups. The harness plays the transport (the ring, its kick
+and call eventfds) and the device's health.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+
+from viommu._dataplane import DataplaneLock, VirtQueue
+from viommu.dataplane.eventq import EventQueue
+from viommu.events.relay import EventRelay
+from viommu.events.smmuv3 import EventId, EventRecord
+from virtio_driver import FakeDriver
+
+SETTLE_TIMEOUT = 5.0
+
+
+class EventqGuest:
+    """The guest side of an eventq and the device's side of it, in one object."""
+
+    def __init__(self, threaded: bool, capacity: int = 8, queue_size: int = 16,
+                 mem_size: int = 1 << 20) -> None:
+        self.driver = FakeDriver(queue_size=queue_size, mem_size=mem_size)
+        self.vq: VirtQueue = self.driver.vq
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.call_fd: int | None = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.lock = DataplaneLock()
+        self.readers: dict[int, object] = {}
+        self.broken: str | None = None
+        self.buffers: dict[int, int] = {}  # head -> gpa of the posted buffer
+        self.received: list[tuple[int, bytes]] = []  # (used length, bytes) in used order
+        self.relay = EventRelay(capacity=capacity)
+        with self.lock:
+            self.eventq = EventQueue(self.relay, self)
+            if threaded:
+                self.eventq.use_thread(self.lock, self)
+            self.eventq.started(self)
+
+    # --- the transport's side (Ring) and the loop's (Readers) ------------------------------
+
+    def notify(self) -> None:
+        os.eventfd_write(self.call_fd, 1)
+
+    def signal_error(self) -> bool:
+        return False
+
+    def add_reader(self, fd: int, callback) -> None:
+        self.readers[fd] = callback
+
+    def remove_reader(self, fd: int) -> bool:
+        return self.readers.pop(fd, None) is not None
+
+    # --- the device's health (DeviceHealth) ----------------------------------------------------
+
+    def ring_broken(self, why: str, ring) -> None:
+        self.broken = why
+        self.eventq.pause()
+
+    # --- the driver ------------------------------------------------------------------------------
+
+    def room(self) -> int:
+        """Buffers the driver can still post (the ring holds `size` outstanding)."""
+        return self.driver.size - ((self.driver._avail_idx - self.driver.used_idx()) & 0xFFFF)
+
+    def post_buffers(self, count: int, size: int = 24, kick: bool = True) -> None:
+        """Post `count` device-writable buffers of `size` bytes, as Linux's
+        viommu_fill_evtq does (one descriptor each)."""
+        for _ in range(min(count, self.room())):
+            head, gpa = self.driver.post(b"", size)
+            self.buffers[head] = gpa
+        if kick:
+            os.eventfd_write(self.kick_fd, 1)
+
+    def post_readable_buffer(self, kick: bool = True) -> None:
+        """A buffer the device cannot write into (a malformed eventq buffer)."""
+        if self.room():
+            head, gpa = self.driver.post(bytes(24), 0)
+            self.buffers[head] = gpa
+        if kick:
+            os.eventfd_write(self.kick_fd, 1)
+
+    def take_received(self) -> list[tuple[int, bytes]]:
+        """What the device put in the used ring since the last call: (length, bytes)."""
+        out = [(length, self.driver.read(self.buffers[head], length) if length else b"")
+               for head, length in self.driver.take_used()]
+        self.received += out
+        return out
+
+    def notified(self) -> bool:
+        """Whether the device signalled the call eventfd since the last call."""
+        try:
+            return os.eventfd_read(self.call_fd) > 0
+        except BlockingIOError:
+            return False
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def look(self) -> None:
+        """On the Python path: what the loop does on a kick (the kick read, the ring
+        served). Called after every step whether or not the driver kicked, so that the
+        Python path has delivered what it can, as the thread does on its own."""
+        with self.lock:
+            if not self.eventq.threaded:
+                try:
+                    os.eventfd_read(self.kick_fd)
+                except BlockingIOError:
+                    pass
+                self.eventq.kicked()
+
+    def serve_wakeups(self, timeout: float = 0) -> None:
+        fds = list(self.readers)
+        if fds and select.select(fds, [], [], timeout)[0]:
+            with self.lock:
+                for fd in fds:
+                    self.readers[fd]()
+
+    def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
+        """Until the device has delivered all it can: no record waits, or no buffer is
+        posted, or the device is broken."""
+        self.look()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                server = self.eventq.server
+                held = self.relay.pending + self.relay.counters()["summaries_pending"]
+                if (self.broken or not held or not self.vq.avail_pending()
+                        or server is None):
+                    return
+            assert time.monotonic() < deadline, "the event thread did not deliver"
+            self.serve_wakeups(0.001)
+
+    def inject(self, count: int = 1, sid: int = 0x100, ssid: int | None = None,
+               event_id: EventId = EventId.F_TRANSLATION, address: int = 0x1000) -> None:
+        record = EventRecord(event_id=event_id, sid=sid, ssid=ssid or 0, ssv=ssid is not None,
+                             address=address, rnw=True)
+        with self.lock:
+            self.relay.submit_burst(record, count)
+
+    def counters(self) -> dict:
+        with self.lock:
+            return self.relay.counters()
+
+    def close(self) -> None:
+        with self.lock:
+            self.eventq.stopped()
+            if self.eventq.server is not None:
+                self.eventq.server.close()
+        os.close(self.kick_fd)
+        os.close(self.call_fd)
