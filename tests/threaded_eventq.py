@@ -34,7 +34,7 @@ class EventqGuest:
         self.lock = DataplaneLock()
         self.readers: dict[int, object] = {}
         self.broken: str | None = None
-        self.buffers: dict[int, int] = {}  # head -> gpa of the posted buffer
+        self.buffers: dict[int, list[tuple[int, int]]] = {}  # head -> its writable parts
         self.received: list[tuple[int, bytes]] = []  # (used length, bytes) in used order
         self.relay = EventRelay(capacity=capacity)
         with self.lock:
@@ -72,24 +72,38 @@ class EventqGuest:
     def post_buffers(self, count: int, size: int = 24, kick: bool = True) -> None:
         """Post `count` device-writable buffers of `size` bytes, as Linux's
         viommu_fill_evtq does (one descriptor each)."""
-        for _ in range(min(count, self.room())):
-            head, gpa = self.driver.post(b"", size)
-            self.buffers[head] = gpa
+        for _ in range(count):
+            self.post_chain([(size, True)], kick=False)
         if kick:
-            os.eventfd_write(self.kick_fd, 1)
+            self.kick()
 
     def post_readable_buffer(self, kick: bool = True) -> None:
         """A buffer the device cannot write into (a malformed eventq buffer)."""
+        self.post_chain([(24, False)], kick)
+
+    def post_chain(self, parts: list[tuple[int, bool]], kick: bool = True,
+                   outside_ram: bool = False) -> None:
+        """One buffer of several descriptors, (length, device-writable) each; outside
+        guest RAM if asked. Nothing when the ring is full of outstanding buffers."""
         if self.room():
-            head, gpa = self.driver.post(bytes(24), 0)
-            self.buffers[head] = gpa
+            segments = [(0x10 if outside_ram else self.driver.alloc(length), length, writable)
+                        for length, writable in parts]
+            head = self.driver.add_chain(segments)
+            self.driver.publish(head)
+            self.buffers[head] = [(gpa, n) for gpa, n, writable in segments if writable]
         if kick:
-            os.eventfd_write(self.kick_fd, 1)
+            self.kick()
+
+    def kick(self) -> None:
+        os.eventfd_write(self.kick_fd, 1)
 
     def take_received(self) -> list[tuple[int, bytes]]:
         """What the device put in the used ring since the last call: (length, bytes)."""
-        out = [(length, self.driver.read(self.buffers[head], length) if length else b"")
-               for head, length in self.driver.take_used()]
+        out = []
+        for head, length in self.driver.take_used():
+            data = b"".join(self.driver.read(gpa, n) for gpa, n in self.buffers[head]
+                            ) if length else b""
+            out.append((length, data[:length]))
         self.received += out
         return out
 
