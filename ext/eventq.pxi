@@ -66,12 +66,17 @@ cdef class EventServer:
     cdef EventReport *report
     cdef size_t report_cap, report_len
     cdef bint running, stopping, paused, ring_failed, wake_sent
+    cdef int look_max_ms
     cdef readonly uint64_t delivered, notifies, kicks_seen, looks, wakes
     cdef object _thread
 
-    def __cinit__(self, DataplaneLock lock not None, size_t capacity):
+    def __cinit__(self, DataplaneLock lock not None, size_t capacity,
+                  int look_max_ms=EVENT_LOOK_MAX_MS):
+        """`look_max_ms`: the longest wait between two looks at a ring without buffers
+        while records wait."""
         cdef epoll_event ev
         self.lock = lock
+        self.look_max_ms = max(look_max_ms, <int>EVENT_LOOK_FIRST_MS)
         self.capacity = max(capacity, <size_t>1)
         # Between two reports each record held (at most `capacity`) is delivered once, and
         # the summary is queued and delivered once: room for all of it, and to spare.
@@ -266,7 +271,7 @@ cdef class EventServer:
             if delivered:
                 look_ms = EVENT_LOOK_FIRST_MS
             self._wait(look_ms)
-            look_ms = min(look_ms * 2, <int>EVENT_LOOK_MAX_MS)
+            look_ms = min(look_ms * 2, self.look_max_ms)
 
     cdef void _wait(self, int timeout_ms) noexcept nogil:
         cdef epoll_event evs[3]
@@ -280,17 +285,15 @@ cdef class EventServer:
 
     cdef int _serve(self) noexcept nogil:
         """Write held records into posted buffers, oldest first, until either runs out;
-        one used-index update and one notify for the batch. The number delivered."""
+        one notify for the batch. The number delivered."""
         cdef HeldRecord *rec
         cdef int rc, delivered = 0
-        cdef uint16_t used_before
         cdef size_t i, batch = self.report_len
         cdef int64_t now
         if (self.vq is None or not self.running or self.paused or self.ring_failed
                 or not self.vq.started or self.count == 0):
             return 0
         self.looks += 1
-        used_before = self.vq.used_idx
         while self.count and self.report_len + 2 <= self.report_cap:
             rec = &self.records[self.first]
             rc = self.vq._push_record(<const uint8_t *>&rec.data, rec.len)
@@ -308,8 +311,6 @@ cdef class EventServer:
                 self.count += 1
                 self.summary_armed = False
                 self._report(EVENT_SUMMARY_QUEUED_KIND)
-        if self.vq.used_idx != used_before:
-            self.vq._publish_used()
         if delivered:
             self.delivered += delivered
             if self.call_fd >= 0 and self.vq._needs_interrupt():

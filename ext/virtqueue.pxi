@@ -296,23 +296,20 @@ cdef class VirtQueue:
             self._push_used(head, req._complete(status, payload))
 
     def push_event(self, const uint8_t[::1] record not None) -> bool:
-        """Write one fault record into the next driver-posted buffer (`_push_record`) and
-        publish it. Returns False when the driver has posted no buffer."""
-        cdef uint16_t before = self.used_idx
+        """Write one fault record into the next driver-posted buffer (`_push_record`).
+        Returns False when the driver has posted no buffer."""
         cdef int rc = self._push_record(&record[0] if record.shape[0] else NULL,
                                         record.shape[0])
-        if self.used_idx != before:
-            self._publish_used()
         if rc == -2:
             raise RingError(self.ring_error_text())
         return rc == 1
 
     cdef int _push_record(self, const uint8_t *record, uint32_t n) noexcept nogil:
-        """Write one fault record into the next driver-posted buffer and add that buffer
-        to the used ring; the caller publishes. 1: written; 0: the driver has posted no
-        buffer; -2: the ring is broken (`ring_error`). A buffer that is malformed or too
-        small for the record is returned with used length 0 (the spec forbids splitting a
-        record across buffers) and the next one is tried."""
+        """Write one fault record into the next driver-posted buffer and publish it.
+        1: written; 0: the driver has posted no buffer; -2: the ring is broken
+        (`ring_error`). A buffer that is malformed or too small for the record is returned
+        with used length 0 (the spec forbids splitting a record across buffers) and the
+        next one is tried."""
         cdef uint16_t head
         cdef int rc
         cdef unsigned int k
@@ -323,7 +320,7 @@ cdef class VirtQueue:
             if rc == 0 or rc == -2:
                 return rc
             if rc < 0:
-                self._add_used(head, 0)
+                self._push_used(head, 0)
                 continue
             room = 0
             for k in range(self.nseg):
@@ -333,7 +330,7 @@ cdef class VirtQueue:
                 room += self.seg_len[k]
             if room < n:
                 self.buffers_too_small += 1
-                self._add_used(head, 0)
+                self._push_used(head, 0)
                 continue
             done = 0
             k = 0
@@ -342,5 +339,5 @@ cdef class VirtQueue:
                 memcpy(self.seg_ptr[k], record + done, chunk)
                 done += chunk
                 k += 1
-            self._add_used(head, n)
+            self._push_used(head, n)
             return 1

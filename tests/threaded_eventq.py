@@ -20,6 +20,8 @@ from viommu.events.smmuv3 import EventId, EventRecord
 from virtio_driver import FakeDriver
 
 SETTLE_TIMEOUT = 5.0
+# Buffers posted without a kick are found within this (the product waits up to 64 ms).
+LOOK_MAX_MS = 2
 
 
 class EventqGuest:
@@ -40,7 +42,7 @@ class EventqGuest:
         with self.lock:
             self.eventq = EventQueue(self.relay, self)
             if threaded:
-                self.eventq.use_thread(self.lock, self)
+                self.eventq.use_thread(self.lock, self, look_max_ms=LOOK_MAX_MS)
             self.eventq.started(self)
 
     # --- the transport's side (Ring) and the loop's (Readers) ------------------------------
@@ -148,7 +150,7 @@ class EventqGuest:
                         or server is None):
                     return
             assert time.monotonic() < deadline, "the event thread did not deliver"
-            self.serve_wakeups(0.001)
+            self.serve_wakeups(0.0002)
 
     def inject(self, count: int = 1, sid: int = 0x100, ssid: int | None = None,
                event_id: EventId = EventId.F_TRANSLATION, address: int = 0x1000) -> None:

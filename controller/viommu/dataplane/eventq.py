@@ -33,12 +33,12 @@ class EventQueue:
         self._queue: RecordQueue | EventServer = RecordQueue(self._push, self._notify)
         relay.attach_sink(self)
 
-    def use_thread(self, lock: DataplaneLock, readers: Readers) -> None:
+    def use_thread(self, lock: DataplaneLock, readers: Readers, **server_args) -> None:
         """Serve the ring on a thread of its own from its next start, sharing it under
         `lock` with the loop whose `readers` hear the thread's wake-ups. What waits moves
-        into the thread's queue."""
+        into the thread's queue. `server_args` go to EventServer (`look_max_ms`)."""
         self.relay.sync()
-        self.server = EventServer(lock, self.relay.capacity)
+        self.server = EventServer(lock, self.relay.capacity, **server_args)
         self._queue = self.server
         self._readers = readers
         self.relay.attach_sink(self)
