@@ -32,6 +32,13 @@ cdef extern from "<time.h>" nogil:
     enum:
         CLOCK_THREAD_CPUTIME_ID
 
+cdef extern from "<sys/resource.h>" nogil:
+    struct rusage:
+        long ru_nivcsw
+    enum:
+        RUSAGE_THREAD
+    int getrusage(int who, rusage *usage)
+
 
 cdef inline int64_t monotonic_ns() noexcept nogil:
     cdef timespec ts
@@ -44,6 +51,14 @@ cdef inline int64_t thread_cpu_ns() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+cdef inline int64_t thread_preemptions() noexcept nogil:
+    """How often the scheduler took the calling thread's core away while it could run
+    (involuntary context switches; waiting for a lock or an fd is voluntary)."""
+    cdef rusage usage
+    if getrusage(RUSAGE_THREAD, &usage) != 0:
+        return 0
+    return usage.ru_nivcsw
 
 cdef inline double wall_time() noexcept nogil:
     cdef timespec ts

@@ -12,7 +12,7 @@ import select
 import time
 
 from viommu._dataplane import DataplaneLock, VirtQueue
-from viommu.dataplane.requestq import RequestQueue
+from viommu.dataplane.requestq import RequestQueue, RequestThreadOptions
 from viommu.device.virtio_iommu import VirtioIommuDevice
 from virtio_driver import FakeDriver
 
@@ -22,7 +22,8 @@ class ThreadServedRing:
     (ring errors are kept) for a RequestQueue with a thread."""
 
     def __init__(self, device: VirtioIommuDevice, poll_us: float = 0,
-                 mem_size: int = 4 << 20) -> None:
+                 mem_size: int = 4 << 20, adaptive: bool = True,
+                 null_device: bool = False) -> None:
         self.driver = FakeDriver(queue_size=64, mem_size=mem_size)
         self.device = device
         self.lock = DataplaneLock()
@@ -33,7 +34,8 @@ class ThreadServedRing:
         self.notifies = 0
         self.broken: str | None = None
         with self.lock:
-            self.service = RequestQueue(device, self, self, (self.lock, self), poll_us)
+            self.service = RequestQueue(device, self, self, (self.lock, self),
+                                        RequestThreadOptions(poll_us, adaptive, null_device))
 
     # --- the transport's side (Ring) and the loop's (Readers) ------------------------------
 

@@ -38,6 +38,7 @@ include "stage1.pxi"           # STE, CD and VMSAv8-64 table walks
 include "engine.pxi"           # Engine: the above composed, and its Python API
 include "dataplane_lock.pxi"   # the lock between the queue threads and Python
 include "wakeups.pxi"          # eventfds, epoll and clocks for the queue threads
+include "poll_policy.pxi"      # how long the request thread busy-polls
 include "requestq.pxi"         # the requestq on its own thread
 include "eventq.pxi"           # the eventq on its own thread
 

@@ -29,7 +29,7 @@ from viommu.backend.endpoint_servers import EndpointServers
 from viommu.backend.iommufd_edge import IommufdEdge
 from viommu.backend.vhost_device import IommuVhostDevice
 from viommu.dataplane.loop import DeferredLoop, dataplane_event_loop
-from viommu.dataplane.requestq import DEFAULT_POLL_US
+from viommu.dataplane.requestq import DEFAULT_POLL_US, RequestThreadOptions
 from viommu.dataplane.translation import Translator
 from viommu.device.config import DeviceConfig
 from viommu.device.virtio_iommu import VirtioIommuDevice
@@ -50,7 +50,9 @@ class BackendOptions:
     page_request_policy: str = "invalid"
     request_thread: bool = True  # serve the requestq on its own thread when possible
     event_thread: bool = True  # and the eventq on another
-    poll_us: float = DEFAULT_POLL_US  # that thread's busy-poll window after a request
+    poll_us: float = DEFAULT_POLL_US  # the cap of that thread's busy-poll window
+    adaptive_poll: bool = True  # the window follows what polling earns (else: poll_us)
+    null_device: bool = False  # benchmark floor: the thread answers every request S_OK
 
 
 class Backend:
@@ -75,7 +77,9 @@ class Backend:
         self.device.observe(self.page_requests)
         self.translator = Translator(self.device, self.relay)
         self.vhost = IommuVhostDevice(self.device, self.relay, self.page_requests,
-                                      self.translator, self.control, options.poll_us)
+                                      self.translator, self.control,
+                                      RequestThreadOptions(options.poll_us, options.adaptive_poll,
+                                                           options.null_device))
         self.listener = VhostUserListener(socket_path, self.vhost, self._frontend_gone,
                                           listen_fds[0] if listen_fds else None)
         self.endpoints = EndpointServers(self.device, self.translator, self.page_requests,

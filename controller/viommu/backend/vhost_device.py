@@ -10,7 +10,7 @@ import logging
 from viommu import _dataplane as hw
 from viommu._dataplane import DataplaneLock, GuestMemory
 from viommu.dataplane.eventq import EventQueue
-from viommu.dataplane.requestq import DEFAULT_POLL_US, RequestQueue
+from viommu.dataplane.requestq import RequestQueue, RequestThreadOptions
 from viommu.dataplane.rings import Ring
 from viommu.dataplane.translation import Translator
 from viommu.device.virtio_iommu import VirtioIommuDevice
@@ -34,13 +34,14 @@ class IommuVhostDevice:
 
     def __init__(self, device: VirtioIommuDevice, relay: EventRelay,
                  page_requests: PageRequestRelay, translator: Translator,
-                 announcer: Announcer, poll_us: float = DEFAULT_POLL_US) -> None:
+                 announcer: Announcer,
+                 requests: RequestThreadOptions | None = None) -> None:
         self.device = device
         self.relay = relay
         self.page_requests = page_requests
         self.translator = translator
         self.announcer = announcer
-        self.poll_us = poll_us
+        self.request_options = requests or RequestThreadOptions()
         # Set by `use_threads` when the backend's loop shares the data plane with threads.
         self.thread: tuple[DataplaneLock, Readers] | None = None
         self.requestq: RequestQueue | None = None
@@ -93,7 +94,8 @@ class IommuVhostDevice:
             log.info("queue %d started (size %d): the eventq%s", index, vring.vq.num,
                      ", served by the event thread" if threaded else "")
             return threaded
-        self.requestq = RequestQueue(self.device, vring, self, self.thread, self.poll_us)
+        self.requestq = RequestQueue(self.device, vring, self, self.thread,
+                                     self.request_options)
         log.info("queue %d started (size %d): the requestq%s", index, vring.vq.num,
                  ", served by the request thread" if self.requestq.threaded else "")
         return self.requestq.threaded
