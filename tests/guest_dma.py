@@ -8,12 +8,13 @@ import re
 from collections.abc import Callable
 
 from pagetables import GuestRam, Stage1Tables, cd, ste
-from viommu.vm.machine import Endpoint, Machine
+from viommu.vm.hotplug import HotpluggedEndpoint
+from viommu.vm.machine import Machine
 
 _steps = itertools.count(1)
 
 
-def run_dma(guest: Machine, ep: Endpoint, src: int, dst: int, length: int, *options: str,
+def run_dma(guest: Machine, ep: HotpluggedEndpoint, src: int, dst: int, length: int, *options: str,
             before: list[Callable[[], None]] | None = None) -> list[dict]:
     """Run the guest tool's DMA; `before[i]` runs before doorbell i+1 (the tool waits)."""
     mark = guest.mark()
@@ -32,7 +33,7 @@ def run_dma(guest: Machine, ep: Endpoint, src: int, dst: int, length: int, *opti
     return [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in lines]
 
 
-def start_dma(guest: Machine, ep: Endpoint, src: int, dst: int, length: int,
+def start_dma(guest: Machine, ep: HotpluggedEndpoint, src: int, dst: int, length: int,
               *options: str) -> tuple[int, str]:
     """Start the tool in the background, stopped before its doorbell; returns (console mark,
     file to create to ring it)."""
@@ -59,7 +60,8 @@ class TableArea:
 
     def __init__(self, guest: Machine, granule: int = 4096) -> None:
         self.guest = guest
-        self.ram = GuestRam(guest.profile.table_area_size, guest.profile.table_area_base)
+        base, size = guest.table_area
+        self.ram = GuestRam(size, base)
         self.tables = Stage1Tables(self.ram, granule)
         self.cd_gpa = self.ram.alloc(64, 64)
         self.write_cd(valid=True)

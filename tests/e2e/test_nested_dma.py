@@ -18,13 +18,14 @@ import pytest
 from guest_dma import DST_IOVA, SRC_IOVA, TableArea, run_dma
 from viommu.events.smmuv3 import EventId
 from viommu.testing.pytest_plugin import plugged_endpoint
-from viommu.vm.machine import Endpoint, Machine
+from viommu.vm.hotplug import HotpluggedEndpoint
+from viommu.vm.machine import Machine
 
 PORT = 1
 
 
 @pytest.fixture(scope="module")
-def endpoint(viommu_vm: Machine) -> Iterator[Endpoint]:
+def endpoint(viommu_vm: Machine) -> Iterator[HotpluggedEndpoint]:
     """The DMA endpoint, plugged into the shared guest for this module and bound to vfio-pci;
     unplugged afterwards so the guest is left as it was."""
     with plugged_endpoint(viommu_vm, PORT, vfio=True) as ep:
@@ -43,14 +44,15 @@ def last_event(guest: Machine) -> dict:
 # --- MAP mode: the guest's VFIO mappings ----------------------------------------------------
 
 
-def test_dma_copy_between_mapped_buffers_is_verified(guest: Machine, endpoint: Endpoint) -> None:
+def test_dma_copy_between_mapped_buffers_is_verified(
+        guest: Machine, endpoint: HotpluggedEndpoint) -> None:
     [result] = run_dma(guest, endpoint, 0x100000, 0x200000, 3 * 4096 + 100)
     assert (result["status"], result["verify"], result["bytes"]) == ("done", "ok", "12388")
     assert int(result["irq"]) >= 1  # completion MSI reached the guest
 
 
 def test_dma_to_an_unmapped_iova_fails_and_the_guest_prints_the_fault(
-        guest: Machine, endpoint: Endpoint) -> None:
+        guest: Machine, endpoint: HotpluggedEndpoint) -> None:
     mark = guest.mark()
     [result] = run_dma(guest, endpoint, 0x100000, 0x300000, 4096, "dst=none")
     assert (result["status"], int(result["error"], 0)) == ("error", EventId.F_TRANSLATION)
@@ -59,7 +61,7 @@ def test_dma_to_an_unmapped_iova_fails_and_the_guest_prints_the_fault(
 
 
 def test_dma_write_to_a_read_only_mapping_is_a_permission_fault(
-        guest: Machine, endpoint: Endpoint) -> None:
+        guest: Machine, endpoint: HotpluggedEndpoint) -> None:
     mark = guest.mark()
     [result] = run_dma(guest, endpoint, 0x100000, 0x200000, 4096, "dst=ro")
     assert int(result["error"], 0) == EventId.F_PERMISSION
@@ -67,7 +69,7 @@ def test_dma_write_to_a_read_only_mapping_is_a_permission_fault(
 
 
 def test_stage2_revoke_under_a_live_mapping_faults_with_s2_and_the_ipa(
-        guest: Machine, endpoint: Endpoint) -> None:
+        guest: Machine, endpoint: HotpluggedEndpoint) -> None:
     revoked = {}
 
     def revoke_destination() -> None:
@@ -91,13 +93,13 @@ def test_stage2_revoke_under_a_live_mapping_faults_with_s2_and_the_ipa(
 
 # --- page-table mode: SMMUv3 tables in guest memory -----------------------------------------
 
-def bind(guest: Machine, ep: Endpoint, words: tuple[int, int]) -> Callable[[], None]:
+def bind(guest: Machine, ep: HotpluggedEndpoint, words: tuple[int, int]) -> Callable[[], None]:
     return lambda: guest.backend("attach-table", sid=ep.endpoint_id, ste0=words[0],
                                  ste1=words[1])
 
 
 def test_dma_through_page_tables_in_guest_memory_is_verified(
-        guest: Machine, endpoint: Endpoint) -> None:
+        guest: Machine, endpoint: HotpluggedEndpoint) -> None:
     area = TableArea(guest)
     area.upload()
     [result] = run_dma(guest, endpoint, SRC_IOVA, DST_IOVA, 4096, "src=none", "dst=none",
@@ -107,7 +109,7 @@ def test_dma_through_page_tables_in_guest_memory_is_verified(
 
 
 def test_cd_with_v0_is_a_real_c_bad_cd_sticky_until_the_stream_is_rebound(
-        guest: Machine, endpoint: Endpoint) -> None:
+        guest: Machine, endpoint: HotpluggedEndpoint) -> None:
     area = TableArea(guest)
     area.write_cd(valid=False)
     area.upload()
@@ -126,7 +128,7 @@ def test_cd_with_v0_is_a_real_c_bad_cd_sticky_until_the_stream_is_rebound(
 
 
 def test_bad_ste_is_a_real_c_bad_ste_sticky_until_rebinding_then_dma_works(
-        guest: Machine, endpoint: Endpoint) -> None:
+        guest: Machine, endpoint: HotpluggedEndpoint) -> None:
     area = TableArea(guest)
     area.upload()
     results = run_dma(guest, endpoint, SRC_IOVA, DST_IOVA, 4096, "src=none", "dst=none",

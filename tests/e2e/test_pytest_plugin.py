@@ -9,7 +9,11 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from viommu.provision.cache import cache_root
+
 pytest_plugins = ["pytester"]
+# Pytester gives the inner run a HOME of its own: it must find the same QEMU and guest image.
+CACHE = cache_root()
 
 # Four tests: xdist's load scheduling sends them round-robin, two to each worker.
 INNER_TESTS = r'''
@@ -44,7 +48,8 @@ def test_lines_from_before_the_test_do_not_count(expect_guest_line):
 
 
 def test_junit_report_and_two_xdist_workers_each_with_its_own_vm(
-        pytester: pytest.Pytester) -> None:
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VIOMMU_CACHE", str(CACHE))
     pytester.makepyfile(test_inner=INNER_TESTS)
     logs = pytester.path / "vm-logs"
     result = pytester.runpytest_subprocess(

@@ -15,14 +15,15 @@ import pytest
 from guest_dma import DST_IOVA, SRC_IOVA, TableArea, finish_dma, start_dma
 from viommu.events.smmuv3 import EventId
 from viommu.testing.pytest_plugin import plugged_endpoint
-from viommu.vm.machine import Endpoint, Machine
+from viommu.vm.hotplug import HotpluggedEndpoint
+from viommu.vm.machine import Machine
 
 PORT = 3  # bus 4: endpoint 0x400
 FILL_IOVA = DST_IOVA + 0x100000  # nothing maps it until the host-side fill
 
 
 @pytest.fixture(scope="module")
-def endpoint(viommu_vm: Machine) -> Iterator[Endpoint]:
+def endpoint(viommu_vm: Machine) -> Iterator[HotpluggedEndpoint]:
     with plugged_endpoint(viommu_vm, PORT, name="dma-pri", pri=True, vfio=True) as ep:
         yield ep
         viommu_vm.backend("set-page-request-policy", policy="invalid")
@@ -43,7 +44,7 @@ def counters(guest: Machine) -> dict:
 
 
 def test_dma_on_non_present_pages_completes_after_a_host_side_fill(
-        guest: Machine, endpoint: Endpoint) -> None:
+        guest: Machine, endpoint: HotpluggedEndpoint) -> None:
     guest.backend("set-page-request-policy", policy="host")
     before = counters(guest)
     area = TableArea(guest)
@@ -78,7 +79,7 @@ def test_dma_on_non_present_pages_completes_after_a_host_side_fill(
 
 
 def test_page_request_answered_invalid_fails_cleanly_with_the_guest_line(
-        guest: Machine, endpoint: Endpoint) -> None:
+        guest: Machine, endpoint: HotpluggedEndpoint) -> None:
     guest.backend("set-page-request-policy", policy="invalid")
     before = counters(guest)
     mark, doorbell = start_dma(guest, endpoint, 0x100000, 0x500000, 4096, "dst=none")
@@ -93,7 +94,7 @@ def test_page_request_answered_invalid_fails_cleanly_with_the_guest_line(
 
 
 def test_stop_marker_produces_no_line_and_no_response(
-        guest: Machine, endpoint: Endpoint) -> None:
+        guest: Machine, endpoint: HotpluggedEndpoint) -> None:
     before = counters(guest)
     mark = guest.mark()
     guest.backend("inject-page-request", sid=endpoint.endpoint_id, address=0, pasid=4,
@@ -105,7 +106,8 @@ def test_stop_marker_produces_no_line_and_no_response(
     assert after["responses"] == before["responses"] and after["requests"] == before["requests"]
 
 
-def test_counters_account_for_every_page_request(guest: Machine, endpoint: Endpoint) -> None:
+def test_counters_account_for_every_page_request(
+        guest: Machine, endpoint: HotpluggedEndpoint) -> None:
     guest.backend("set-page-request-policy", policy="invalid")
     before = counters(guest)
     for grpid, last in ((20, False), (20, True), (21, True)):

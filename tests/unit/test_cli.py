@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from viommu.backend.backend import Backend
+from viommu.cli import endpoints, views
 from viommu.cli import main as cli
-from viommu.cli import views
 from viommu.cli.tracing import TraceFollower, format_entry
 from viommu.events.smmuv3 import EventId, EventRecord
 from viommu.transport.control import CommandError
@@ -185,7 +185,7 @@ def test_too_old_qemu_points_at_setup(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("VIOMMU_QEMU", str(old))
     assert cli.main(["up", "default", "--name", "old"]) == 1
     err = capsys.readouterr().err
-    assert "is 8.2" in err and "./scripts/setup" in err
+    assert "is QEMU 8.2" in err and "viommu setup" in err
 
 
 def test_unknown_profile_lists_the_known_ones(capsys: pytest.CaptureFixture) -> None:
@@ -201,9 +201,9 @@ def test_attach_to_a_taken_port_names_the_free_ones() -> None:
     state = runs.RunState("vm", "default", "tcg", 1, None, 0.0, "/x",
                           endpoints=[{"name": "dma1", "endpoint_id": 0x200, "port": 1}])
     with pytest.raises(cli.CliError, match=r"taken by ep0; free ports: 2, 3"):
-        cli._check_port_free(FakeVm(), state, 0)
+        endpoints.check_port_free(FakeVm(), state, 0)
     with pytest.raises(cli.CliError, match="taken by dma1"):
-        cli._check_port_free(FakeVm(), state, 1)
+        endpoints.check_port_free(FakeVm(), state, 1)
 
 
 # --- trace cursors and tables ---------------------------------------------------------------

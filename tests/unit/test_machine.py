@@ -1,14 +1,20 @@
-"""Machine helpers that need no running VM."""
+"""Machine without a booted guest: its helpers, and launches that fail."""
 
 from __future__ import annotations
 
+import dataclasses
+import shlex
 import time
 from pathlib import Path
 
 import pytest
 
 from viommu.vm import machine as machine_module
-from viommu.vm.machine import GUEST_FAULT_WINDOW_S, Machine
+from viommu.vm import runs
+from viommu.vm.errors import BackendLaunchError, BootTimeout, VMLaunchError
+from viommu.vm.guest import GUEST_FAULT_WINDOW_S
+from viommu.vm.machine import Machine
+from viommu.vm.profile import load_profile
 
 
 @pytest.mark.parametrize(("last_event_age", "expected_wait"), [
@@ -25,3 +31,59 @@ def test_fault_window_waits_until_five_seconds_after_the_last_event(
     monkeypatch.setattr(machine_module.time, "sleep", slept.append)
     assert vm.wait_fault_window() == pytest.approx(expected_wait)
     assert sum(slept) == pytest.approx(expected_wait)
+
+
+# --- launches that fail: typed errors that say why ------------------------------------------
+# These start the real QEMU from set-up, but no guest gets as far as its shell.
+
+
+def no_leftovers(vm: Machine) -> None:
+    """QEMU and the backend are gone, and so are the sockets and their directory."""
+    sockdir = Path(vm.control_socket).parent
+    assert vm.qemu_pid is not None and not runs.process_alive(vm.qemu_pid, str(sockdir))
+    assert vm.backend_exit_status(0) is not None
+    assert not sockdir.exists()
+
+
+def test_a_kernel_qemu_cannot_open_is_a_launch_error_with_its_exit_status_and_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "no-such-kernel"
+    vm = Machine("default", workdir=tmp_path / "vm", accel="tcg", boot_timeout=5)
+    boot = vm.guest_kernel and vm.boot  # prepared: QEMU, the kernel and its initramfs
+    kernel = dataclasses.replace(boot.image.kernel, image=missing)
+    vm.boot = dataclasses.replace(boot, image=dataclasses.replace(boot.image, kernel=kernel))
+    with pytest.raises(VMLaunchError) as failure:
+        vm.launch()
+    error = failure.value
+    assert type(error) is VMLaunchError  # QEMU's failure, not the backend's that followed it
+    assert error.exit_code == 1 and "exited with status 1" in str(error)
+    assert "could not open kernel file" in error.log_tail
+    assert f"could not open kernel file '{missing}'" in str(error)
+    assert error.command[error.command.index("-kernel") + 1] == str(missing)
+    assert shlex.join(error.command) in str(error)
+    no_leftovers(vm)
+
+
+def test_a_backend_that_exits_at_once_is_a_backend_launch_error_with_its_log(
+        tmp_path: Path) -> None:
+    no_endpoints = dataclasses.replace(load_profile("default"), endpoints=())
+    vm = Machine(no_endpoints, workdir=tmp_path, accel="tcg", boot_timeout=5)
+    with pytest.raises(BackendLaunchError) as failure:
+        vm.launch()
+    error = failure.value
+    assert error.exit_status == 2 and "exited with status 2" in str(error)
+    assert "give at least one --endpoint" in error.log_tail
+    assert error.log_tail in str(error) and str(tmp_path / "backend.log") in str(error)
+    no_leftovers(vm)
+
+
+def test_a_guest_too_slow_for_the_boot_timeout_is_a_boot_timeout(tmp_path: Path) -> None:
+    vm = Machine("default", workdir=tmp_path, accel="tcg", boot_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(BootTimeout) as failure:
+        vm.launch()
+    error = failure.value
+    assert error.exit_code is None and "did not come up within 0.5 s" in str(error)
+    assert error.command[0].endswith("qemu-system-x86_64")
+    assert time.monotonic() - started < 60
+    no_leftovers(vm)

@@ -1,5 +1,6 @@
-"""The VIOT we hand QEMU with -acpitable: byte-exact against the digest's worked example,
-and parsed the way Linux's drivers/acpi/viot.c parses it."""
+"""The VIOT we hand QEMU with -acpitable: byte-exact against worked examples written out from
+the table's layout (ACPI 6.4 §5.2.30), and parsed the way Linux's drivers/acpi/viot.c parses
+it."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ from viommu.vm.viot import PciRange, bdf, build_viot
 
 QEMU_HEADER = {"oem_id": b"BOCHS ", "oem_table_id": b"BXPC    ", "creator_id": b"BXPC"}
 
-# A VIOT as QEMU's virtio-iommu-pci builds one (hw/acpi/viot.c): IOMMU at 00:03.0, one
-# range 0x0000-0xffff.
+# Variant A: the virtio-pci IOMMU node for 00:03.0 and one PCI range node, 0x0000-0xffff.
 VARIANT_A = bytes.fromhex(
     "56494f5458000000" "0057424f43485320" "4258504320202020" "0100000042585043"
     "0100000002003000" "0000000000000000" "0300100000001800" "0000000000000000"

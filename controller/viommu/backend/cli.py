@@ -13,6 +13,7 @@ import sys
 
 from viommu.dataplane.requestq import DEFAULT_POLL_US
 from viommu.events.page_requests import POLICIES
+from viommu.uapi import MSI_WINDOW_X86
 
 HELP = "serve a virtio-iommu over vhost-user"
 EXAMPLES = """
@@ -25,11 +26,27 @@ def int_arg(text: str) -> int:
     return int(text, 0)
 
 
+def range_arg(text: str) -> tuple[int, int]:
+    """START-END, both inclusive, decimal or 0x-hex."""
+    start, sep, end = text.partition("-")
+    if not sep:
+        raise ValueError(f"{text!r} is not START-END")
+    first, last = int(start, 0), int(end, 0)
+    if last < first:
+        raise ValueError(f"{text!r} ends before it starts")
+    return first, last
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", required=True, help="vhost-user socket to listen on")
     parser.add_argument("--control", help="QMP control socket to listen on")
     parser.add_argument("--endpoint", type=int_arg, action="append",
                         metavar="ID", help="endpoint ID behind this vIOMMU (repeat)")
+    parser.add_argument("--msi-window", type=range_arg, metavar="START-END",
+                        default=MSI_WINDOW_X86,
+                        help="the platform's MSI doorbell range, reported as reserved in PROBE "
+                             "(default: x86's 0xfee00000-0xfeefffff; virt's ITS page is "
+                             "0x8090000-0x809ffff)")
     parser.add_argument("--bypass", action="store_true",
                         help="unattached endpoints bypass translation (config `bypass`=1)")
     parser.add_argument("--event-fifo", type=int, default=1024, metavar="N",
@@ -64,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     options = BackendOptions(event_capacity=args.event_fifo, exit_on_disconnect=not args.persist,
                              page_request_policy=args.page_request_policy,
                              request_thread=not args.no_request_thread, poll_us=args.poll_us)
-    backend = Backend(args.socket, args.control, args.endpoint, DeviceConfig(bypass=args.bypass),
-                      options, listen_fds)
+    config = DeviceConfig(bypass=args.bypass, resv_msi=args.msi_window)
+    backend = Backend(args.socket, args.control, args.endpoint, config, options, listen_fds)
     try:
         backend.run()
     except KeyboardInterrupt:

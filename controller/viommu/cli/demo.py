@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 from viommu.vm.console import ConsoleError
-from viommu.vm.machine import Machine, MachineError
+from viommu.vm.errors import MachineError
+from viommu.vm.machine import Machine
 from viommu.vm.paths import SetupMissing
 
 
@@ -38,14 +39,20 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def run_demo(profile: str = "default", accel: str = "auto", keep_logs: str | None = None) -> int:
+def run_demo(profile: str = "default", accel: str = "auto", keep_logs: str | None = None,
+             kernel: str | None = None, modules: str | None = None, arch: str | None = None
+             ) -> int:
     workdir = Path(keep_logs) if keep_logs else Path(tempfile.mkdtemp(prefix="viommu-demo-"))
-    machine = Machine(profile, workdir=workdir, accel=accel, name="demo")
+    machine = Machine(profile, workdir=workdir, accel=accel, name="demo", kernel=kernel,
+                      modules=modules, arch=arch)
     endpoint = machine.endpoint_ids[0]
-    _say(f"== booting a q35 guest ({machine.accel.upper()}) with the viommu virtio-iommu and "
-         f"endpoint {endpoint} ({endpoint >> 8:02x}:{endpoint >> 3 & 31:02x}.{endpoint & 7})")
     results: list[bool] = []
     try:
+        boot = machine.prepare()
+        _say(f"== booting a {boot.platform.machine.split(',')[0]} guest ({machine.arch}, "
+             f"{machine.accel.upper()}) with the viommu virtio-iommu and endpoint {endpoint} "
+             f"({endpoint >> 8:02x}:{endpoint >> 3 & 31:02x}.{endpoint & 7})")
+        _say(f"   kernel {boot.kernel_description}")
         machine.launch()
         _say(f"   booted in {machine.boot_seconds:.1f} s")
         _show_guest_driver(machine)

@@ -8,367 +8,55 @@ the one-shot tour; `backend` is the process a VM's virtio-iommu runs in.
 from __future__ import annotations
 
 import argparse
-import code
-import contextlib
-import dataclasses
-import json
 import logging
-import os
-import re
-import socket
 import sys
 import textwrap
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from viommu import __version__
 from viommu.backend import cli as backend_cli
 from viommu.backend.cli import int_arg
-from viommu.cli import views
-from viommu.cli.terminal import DETACH_KEY_NAME, interact, progress
-from viommu.cli.tracing import TraceFollower, format_entry
+from viommu.cli.common import CliError, add_guest_arguments, say
+from viommu.cli.endpoints import cmd_attach, cmd_detach
+from viommu.cli.session import cmd_down, cmd_ls, cmd_up
+from viommu.cli.terminal import DETACH_KEY_NAME
+from viommu.cli.vm_commands import cmd_console, cmd_inject, cmd_shell, cmd_state, cmd_trace
 from viommu.events.smmuv3 import ADDRESS_EVENTS, FETCH_EVENTS, EventId
-from viommu.vm import paths, runs
+from viommu.provision import kconfig as kconfig_module
+from viommu.provision.arch import ARCHES, get_arch
+from viommu.provision.kernels import resolve_kernel
+from viommu.vm import runs
 from viommu.vm.console import ConsoleError
-from viommu.vm.machine import Endpoint, Machine, MachineError, detect_accel, kvm_unusable_reason
+from viommu.vm.errors import MachineError
 from viommu.vm.paths import SetupMissing
 
 EVENT_NAMES = [e.name for e in EventId]
 
 
-class CliError(RuntimeError):
-    """A mistake on the command line; the message says what to do instead."""
-
-
-def _say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def _note(text: str) -> None:
-    print(f"viommu: note: {text}", file=sys.stderr, flush=True)
-
-
-# --- one-shot commands ------------------------------------------------------------------------
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from viommu.cli.demo import run_demo
 
-    return run_demo(profile=args.profile, accel=args.accel, keep_logs=args.logs)
+    return run_demo(profile=args.profile, accel=args.accel, keep_logs=args.logs,
+                    kernel=args.kernel, modules=args.modules, arch=args.arch)
 
 
-# --- up / ls / down ---------------------------------------------------------------------------
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    name = runs.check_name(args.name or Path(args.profile).stem)
-    directory = runs.run_dir(name)
-    _clear_stale(directory, name)
-    _preflight()
-    accel = _choose_accel(args.accel)
-    machine = Machine(args.profile, accel=accel, name=name, run_dir=directory,
-                      boot_timeout=args.timeout)
-    with progress(f"booting {name} ({accel.upper()})"):
-        machine.launch()
-    machine.release()
-    _say(_up_usage(runs.RunState.load(directory), directory))
-    return 0
-
-
-def _clear_stale(directory: Path, name: str) -> None:
-    if not (directory / runs.STATE_FILE).exists():
-        return
-    state = runs.RunState.load(directory)
-    if state.alive:
-        raise CliError(f"a VM named {name!r} is already running (QEMU pid {state.qemu_pid}); "
-                       f"use it, stop it with `viommu down {name}`, or pick another --name")
-    _note(f"removing the stale run directory of {name!r} (its QEMU is gone)")
-    runs.remove_run(directory)
-
-
-def _preflight() -> None:
-    """What `up` needs before it starts anything, each with what to do when it is missing."""
-    binary = paths.qemu_binary()
-    version = paths.qemu_version(binary)
-    if version is None or version < paths.MIN_QEMU_VERSION:
-        found = "does not run" if version is None else f"is {version[0]}.{version[1]}"
-        need = ".".join(map(str, paths.MIN_QEMU_VERSION))
-        raise SetupMissing(f"QEMU {binary} {found}; viommu needs >= {need}: run ./scripts/setup "
-                           "(it installs a private QEMU into .cache) or set VIOMMU_QEMU")
-    paths.guest_image()
-    try:
-        os.close(os.memfd_create("viommu-check"))
-    except OSError as exc:
-        raise SetupMissing(f"no shared memory: memfd_create failed ({exc.strerror}); the "
-                           "backend maps guest RAM from a shared memfd: allow memfd_create "
-                           "(in a container, in its seccomp profile)") from None
-
-
-def _choose_accel(requested: str) -> str:
-    if requested == "auto" and os.environ.get("VIOMMU_ACCEL"):
-        return detect_accel()
-    if requested == "tcg":
-        return "tcg"
-    reason = kvm_unusable_reason()
-    if reason is None:
-        return "kvm"
-    _note(f"KVM is not usable ({reason}); using TCG instead: slower, but the guest and the "
-          "vIOMMU behave the same")
-    return "tcg"
-
-
-def _up_usage(state: runs.RunState, directory: Path) -> str:
-    n = state.name
-    commands = [
-        (f"viommu console {n}", f"serial console; detach with {DETACH_KEY_NAME}"),
-        (f"viommu inject {n} C_BAD_STE --sid 0x100", "inject an SMMUv3 event"),
-        (f"viommu trace {n}", "follow requests, faults, page requests, translations"),
-        (f"viommu state {n}", "endpoints, domains, mappings, counters"),
-        (f"viommu attach {n} --port 1", "hot-plug a DMA endpoint"),
-        (f"viommu shell {n}", "Python with `vm` bound"),
-        (f"viommu down {n}", "power off and clean up"),
-    ]
-    width = max(len(c) for c, _ in commands)
-    return "\n".join([
-        f"{n} is up: profile {state.profile}, {state.accel.upper()}, QEMU pid {state.qemu_pid}, "
-        f"backend pid {state.backend_pid}",
-        f"run directory: {directory} (sockets, state.json, logs)",
-        f"console log:   {state.workdir}/console.log (kept while nobody is attached)", "",
-        *(f"  {c.ljust(width)}   {what}" for c, what in commands)])
-
-
-def cmd_ls(args: argparse.Namespace) -> int:
-    found = runs.list_runs()
-    if args.json:
-        _say(json.dumps([{**dataclasses.asdict(s), "alive": s.alive, "run_dir": str(d)}
-                         for d, s in found], indent=1))
+def cmd_kconfig(args: argparse.Namespace) -> int:
+    """Print the fragment; with --kernel, check that kernel instead (exit 1 when it lacks
+    something)."""
+    if args.kernel is None:
+        say(kconfig_module.fragment(args.arch, args.feature).rstrip())
         return 0
-    rows = []
-    for directory, state in found:
-        status = "running" if state.alive else "stale (QEMU gone)"
-        if not state.alive and args.prune:
-            runs.remove_run(directory)
-            status = "stale: removed"
-        rows.append((state.name, state.profile, state.accel, state.qemu_pid, state.backend_pid,
-                     views.duration(state.uptime), status))
-    if not rows:
-        _say(f"no VMs in {runs.run_root()}; start one with `viommu up default`")
-        return 0
-    _say(views.table(("name", "profile", "accel", "qemu", "backend", "uptime", "status"),
-                     rows))
+    kernel = resolve_kernel(args.kernel, get_arch(args.arch), args.modules)
+    config = kconfig_module.read_config(kernel)
+    if config is None:
+        raise CliError(f"kernel {kernel.release}: no configuration found (no .config or "
+                       f"config-{kernel.release} beside it, no IKCONFIG in the image)")
+    gaps = kconfig_module.missing(kernel, config, args.feature)
+    if gaps:
+        say(kconfig_module.explain(kernel, gaps))
+        return 1
+    say(f"kernel {kernel.release} ({kernel.origin}) has what viommu needs")
     return 0
-
-
-def cmd_down(args: argparse.Namespace) -> int:
-    directory = runs.run_dir(args.name)
-    if (directory / runs.STATE_FILE).exists() and not runs.RunState.load(directory).alive:
-        runs.remove_run(directory)
-        _say(f"{args.name} was stale (its QEMU had exited); removed {directory}")
-        return 0
-    runs.find_run(args.name)
-    vm = Machine.attach(directory)
-    with progress(f"shutting {args.name} down"):
-        vm.shutdown()
-    if args.keep_logs:
-        _say(f"{args.name} is down; logs kept in {vm.workdir}")
-    else:
-        runs.remove_run(directory)
-        _say(f"{args.name} is down")
-    return 0
-
-
-# --- using a running VM -----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _attached(name: str) -> Iterator[tuple[Machine, runs.RunState, Path]]:
-    """The running VM `name`, driven from this process and released (left running) after."""
-    directory, state = runs.find_run(name)
-    vm = Machine.attach(directory)
-    try:
-        yield vm, state, directory
-    finally:
-        vm.release()
-
-
-def cmd_console(args: argparse.Namespace) -> int:
-    directory, state = runs.find_run(args.name)
-    log_path = Path(state.workdir) / "console.log"
-    if args.history:
-        sys.stdout.write("".join(_tail_lines(log_path, args.history)))
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(state.sockets["serial"])
-    print(f"[connected to {args.name}'s serial console; detach with {DETACH_KEY_NAME}; "
-          "press Enter for a prompt]", file=sys.stderr, flush=True)
-    try:
-        interact(sock)
-    finally:
-        sock.close()
-    print(f"\r\n[detached; {args.name} keeps running]", file=sys.stderr)
-    return 0
-
-
-def _tail_lines(path: Path, count: int) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines(keepends=True)[-count:]
-    except OSError:
-        return []
-
-
-def cmd_inject(args: argparse.Namespace) -> int:
-    fields = {k: v for k, v in (("ssid", args.ssid), ("address", args.addr),
-                                ("access", args.access), ("ipa", args.ipa),
-                                ("fetch_addr", args.fetch_addr), ("count", args.count),
-                                ("class", args.event_class))
-              if v is not None}
-    fields.update({flag: True for flag in ("privileged", "s2", "stall") if getattr(args, flag)})
-    with _attached(args.name) as (vm, state, _):
-        log_path = Path(state.workdir) / "console.log"
-        offset = log_path.stat().st_size if log_path.exists() else 0
-        reply = vm.inject(args.event, args.sid, **fields)
-    if args.json:
-        _say(json.dumps(reply))
-    else:
-        _say(f"{args.event}: delivered {reply['delivered']}, pending {reply['pending']}, lost "
-             f"{reply['lost']}, not forwarded {reply['not_forwarded']} (seq {reply['seq']})")
-        if reply["guest_line"]:
-            _say(f"guest should print: {reply['guest_line']}")
-        if reply["note"]:
-            _say(f"note: {reply['note']}")
-    if args.wait and reply["guest_line"]:
-        return _wait_for_guest_line(log_path, offset, reply["guest_line"], args.wait)
-    return 0
-
-
-def _wait_for_guest_line(log_path: Path, offset: int, text: str, timeout: float) -> int:
-    pattern = re.compile(rf"^.*virtio_iommu virtio\d+: {re.escape(text)}$", re.M)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(log_path, errors="replace") as log_file:
-            log_file.seek(offset)
-            match = pattern.search(log_file.read())
-        if match:
-            _say(f"guest printed: {match.group(0).strip()}")
-            return 0
-        time.sleep(0.1)
-    _say(f"the guest printed no such line within {timeout:g} s (Linux prints at most 10 fault "
-         f"lines per 5 s); see {log_path}")
-    return 1
-
-
-def cmd_trace(args: argparse.Namespace) -> int:
-    print(f"[following {args.name}: requests, faults, page requests, translations; Ctrl-C "
-          "stops]", file=sys.stderr, flush=True)
-    deadline = time.monotonic() + args.duration if args.duration else None
-    shown = 0
-    with _attached(args.name) as (vm, _, _):
-        follower = TraceFollower(vm.backend, from_start=args.all)
-        try:
-            while deadline is None or time.monotonic() < deadline:
-                for entry in follower.poll():
-                    _say(json.dumps(entry) if args.json else format_entry(entry))
-                    shown += 1
-                    if args.count and shown >= args.count:
-                        return 0
-                time.sleep(args.interval)
-        except KeyboardInterrupt:
-            pass
-    return 0
-
-
-def cmd_state(args: argparse.Namespace) -> int:
-    with _attached(args.name) as (vm, state, _):
-        if args.json:
-            _say(json.dumps({name: vm.backend(f"query-{name}") for name in (
-                "endpoints", "domains", "requests", "events", "translations",
-                "page-requests")} | {"hot_plugged": state.endpoints}, indent=1))
-            return 0
-        _say(views.state_report(vm.backend))
-    if state.endpoints:
-        _say("\nhot-plugged (viommu attach)\n" + views.table(
-            ("device", "endpoint", "port"),
-            [(e["name"], f"{e['endpoint_id']:#x}", e["port"]) for e in state.endpoints]))
-    return 0
-
-
-def cmd_attach(args: argparse.Namespace) -> int:
-    with _attached(args.name) as (vm, state, directory):
-        _check_port_free(vm, state, args.port)
-        with progress(f"hot-plugging a DMA endpoint into port {args.port}"):
-            endpoint = vm.add_endpoint(args.port, args.id, pri=args.pri)
-            if args.vfio:
-                vm.run(f"viommu-vfio bind {endpoint.sysfs_name}").check()
-    state.endpoints.append(dataclasses.asdict(endpoint))
-    state.save(directory)
-    _say(f"{endpoint.name}: endpoint {endpoint.endpoint_id:#x} at {endpoint.sysfs_name}"
-         f"{' (PRI)' if args.pri else ''}{', bound to vfio-pci' if args.vfio else ''}; "
-         f"`viommu detach {args.name} {endpoint.name}` removes it")
-    return 0
-
-
-def _check_port_free(vm: Machine, state: runs.RunState, port: int) -> None:
-    taken = {ep.port: ep.name for ep in vm.profile.endpoints}
-    taken |= {e["port"]: e["name"] for e in state.endpoints}
-    free = [p for p in range(vm.profile.root_ports) if p not in taken]
-    if port in taken or port not in range(vm.profile.root_ports):
-        why = f"is taken by {taken[port]}" if port in taken else "does not exist"
-        raise CliError(f"root port {port} {why}; free ports: "
-                       f"{', '.join(map(str, free)) or 'none (detach one first)'}")
-
-
-def cmd_detach(args: argparse.Namespace) -> int:
-    with _attached(args.name) as (vm, state, directory):
-        spec = _find_endpoint(state, args.endpoint)
-        endpoint = Endpoint(**spec)
-        bound = f"/sys/bus/pci/drivers/vfio-pci/{endpoint.sysfs_name}"
-        with progress(f"unplugging {endpoint.name}"):
-            vm.run(f"test -e {bound} && echo {endpoint.sysfs_name} > "
-                   "/sys/bus/pci/drivers/vfio-pci/unbind")
-            vm.remove_endpoint(endpoint)
-    state.endpoints.remove(spec)
-    state.save(directory)
-    _say(f"{endpoint.name} (endpoint {endpoint.endpoint_id:#x}) removed")
-    return 0
-
-
-def _find_endpoint(state: runs.RunState, wanted: str) -> dict:
-    for spec in state.endpoints:
-        if wanted == spec["name"] or _maybe_int(wanted) == spec["endpoint_id"]:
-            return spec
-    known = ", ".join(f"{e['name']} ({e['endpoint_id']:#x})" for e in state.endpoints)
-    raise CliError(f"{state.name} has no hot-plugged endpoint {wanted!r}; "
-                   f"{'known: ' + known if known else 'attach one with `viommu attach`'}")
-
-
-def _maybe_int(text: str) -> int | None:
-    try:
-        return int(text, 0)
-    except ValueError:
-        return None
-
-
-def cmd_shell(args: argparse.Namespace) -> int:
-    with _attached(args.name) as (vm, _, _):
-        follower = TraceFollower(vm.backend)
-        helpers: dict[str, Any] = {
-            "vm": vm, "run": vm.run, "inject": vm.inject, "backend": vm.backend, "qmp": vm.qmp,
-            "EventId": EventId, "state": lambda: print(views.state_report(vm.backend)),
-            "trace": lambda: print("\n".join(map(format_entry, follower.poll()))
-                                   or "(nothing new)"),
-        }
-        code.interact(banner=_shell_banner(args.name), local=helpers,
-                      exitmsg=f"[{args.name} keeps running]")
-    return 0
-
-
-def _shell_banner(name: str) -> str:
-    return textwrap.dedent(f"""\
-        viommu shell on {name}. Bound: vm (the Machine), run("cmd") in the guest,
-        inject("C_BAD_STE", sid, ...), backend("query-events"), qmp("query-status"),
-        state(), trace() (what happened since the last call), EventId. Ctrl-D leaves;
-        the VM keeps running.""")
 
 
 # --- the parser -------------------------------------------------------------------------------
@@ -390,13 +78,17 @@ def _session_commands(sub: Any) -> None:
     up = _add(sub, "up", cmd_up, "boot a VM and leave it running in the background", """
 viommu up default              # qemu-configs/default.toml, named "default"
 viommu up default --name a     # a second one beside it
-viommu up default --accel tcg""")
+viommu up default --accel tcg
+viommu up default --kernel 6.12              # Debian's 6.12 LTS kernel (fetched once)
+viommu up default --kernel ~/src/linux       # the kernel you just built
+viommu up default --arch aarch64             # an arm64 guest on QEMU's virt machine""")
     up.add_argument("profile", metavar="PROFILE",
                     help="machine profile: a name in qemu-configs/ or a .toml path")
     up.add_argument("--name", help="name to use it by (default: the profile's)")
     up.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     up.add_argument("--timeout", type=float, default=120, metavar="S",
                     help="seconds to wait for the guest's shell")
+    add_guest_arguments(up)
 
     ls = _add(sub, "ls", cmd_ls, "list VMs: name, profile, accel, pids, uptime, status", """
 viommu ls
@@ -521,6 +213,20 @@ viommu demo --accel tcg --logs /tmp/demo-logs""")
     demo.add_argument("--profile", default="default", help="machine profile in qemu-configs/")
     demo.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     demo.add_argument("--logs", metavar="DIR", help="keep QEMU, console and backend logs here")
+    add_guest_arguments(demo)
+
+    kconfig = _add(sub, "kconfig", cmd_kconfig, "what a guest kernel's configuration needs: a "
+                   "fragment to merge, or what a given kernel lacks", """
+viommu kconfig > viommu.config               # then, in the kernel tree:
+scripts/kconfig/merge_config.sh .config viommu.config
+viommu kconfig --arch aarch64 --feature vfio
+viommu kconfig --kernel ~/src/linux          # check a kernel: exit 1 if it lacks something""")
+    kconfig.add_argument("--arch", choices=sorted(ARCHES), default="x86_64")
+    kconfig.add_argument("--feature", action="append", choices=kconfig_module.FEATURES,
+                         help="only these features' options besides the basics (repeat; "
+                              "default: every feature)")
+    kconfig.add_argument("--kernel", metavar="SPEC", help="check this kernel instead")
+    kconfig.add_argument("--modules", metavar="DIR", help="with --kernel IMAGE: its modules")
 
     backend = _add(sub, "backend", backend_cli.run, backend_cli.HELP, backend_cli.EXAMPLES)
     backend_cli.add_arguments(backend)

@@ -153,7 +153,7 @@ def explain(kernel: Kernel, gaps: list[Requirement]) -> str:
 
 
 def fragment(arch: str, features: list[str] | None = None) -> str:
-    lines = [f"# viommu: what a {arch} guest kernel needs (merge with "
+    lines = [f"# viommu: what a guest kernel for {arch} needs (merge with "
              "scripts/kconfig/merge_config.sh)"]
     for req in requirements(arch, features):
         scope = f" [{req.feature}]" if req.feature else ""

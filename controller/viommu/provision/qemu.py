@@ -56,10 +56,14 @@ def find_qemu(arch: Arch) -> str:
     is never replaced silently), else what set-up provided."""
     forced = os.environ.get("VIOMMU_QEMU")
     if forced:
+        need = (f"point it at a {arch.qemu_binary} >= {version_text(MIN_QEMU_VERSION)}, or "
+                "unset it to use the QEMU `viommu setup` provides")
         if not os.access(forced, os.X_OK):
-            raise SetupMissing(f"VIOMMU_QEMU={forced} is not an executable file; point it at "
-                               f"a {arch.qemu_binary} >= {version_text(MIN_QEMU_VERSION)} or "
-                               "unset it to use the one `viommu setup` provides")
+            raise SetupMissing(f"VIOMMU_QEMU={forced} is not an executable file: {need}")
+        version = qemu_version(forced)
+        if version is None or version < MIN_QEMU_VERSION:
+            found = "does not run" if version is None else f"is QEMU {version_text(version)}"
+            raise SetupMissing(f"VIOMMU_QEMU={forced} {found}: {need}")
         return forced
     path = launcher(arch)
     if path.exists():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import time
 import weakref
@@ -31,7 +32,8 @@ from pathlib import Path
 import pytest
 
 from viommu.cli.tracing import TraceFollower, format_entry
-from viommu.vm.machine import Endpoint, Machine
+from viommu.vm.hotplug import HotpluggedEndpoint
+from viommu.vm.machine import Machine
 
 CONSOLE_EXCERPT = 6000  # characters of console output in a report
 QEMU_LOG_LINES = 40
@@ -58,9 +60,36 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--viommu-logs", default=None,
                     help="where logs of VMs with failed tests are kept (default: test-logs/ "
                          "in the directory pytest runs from)")
+    group.addoption("--viommu-kernel", default=None, metavar="SPEC",
+                    help="guest kernel of the test VMs: a Debian series (7, 6.12), a kernel "
+                         "build tree or an image (default: VIOMMU_KERNEL, else 7)")
+    group.addoption("--viommu-arch", default=None, choices=("x86_64", "aarch64"),
+                    help="guest architecture of the test VMs (default: VIOMMU_ARCH, else "
+                         "x86_64)")
+
+
+def guest_choice(config: pytest.Config) -> dict:
+    """The kernel and architecture this run's VMs boot: the options, else the environment
+    (Machine reads VIOMMU_KERNEL and VIOMMU_ARCH itself)."""
+    return {"kernel": config.getoption("--viommu-kernel"),
+            "arch": config.getoption("--viommu-arch")}
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """What the VMs of this run boot, exactly: reports must say which kernel was tested."""
+    from viommu.vm.boot import describe_choice
+
+    choice = guest_choice(config)
+    return [f"viommu: {describe_choice(config.getoption('--viommu-profile'), **choice)}"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Every VM of the run follows the choice, the plugin's and those tests make themselves,
+    # in this process and in the processes it starts (`viommu up`, xdist workers).
+    for option, variable in (("--viommu-kernel", "VIOMMU_KERNEL"),
+                             ("--viommu-arch", "VIOMMU_ARCH")):
+        if config.getoption(option):
+            os.environ[variable] = config.getoption(option)
     config.addinivalue_line(
         "markers", "viommu_endpoint(port=None, pri=False, vfio=False, name=None): how the "
         "dma_endpoint fixture plugs its endpoint")
@@ -78,7 +107,7 @@ def viommu_vm(request: pytest.FixtureRequest) -> Iterator[Machine]:
     logs = request.config.getoption("--viommu-logs") or request.config.rootpath / "test-logs"
     workdir = Path(logs) / f"{stamp}-{worker}"
     machine = Machine(request.config.getoption("--viommu-profile"), workdir=workdir,
-                      name=f"session-{worker}")
+                      name=f"session-{worker}", **guest_choice(request.config))
     machine.launch()
     request.config.stash[_FAILED_KEY] = False
     yield machine
@@ -123,7 +152,7 @@ def expect_guest_line(guest: Machine, request: pytest.FixtureRequest) -> Callabl
 
 
 @pytest.fixture
-def dma_endpoint(guest: Machine, request: pytest.FixtureRequest) -> Iterator[Endpoint]:
+def dma_endpoint(guest: Machine, request: pytest.FixtureRequest) -> Iterator[HotpluggedEndpoint]:
     """A DMA endpoint plugged into the guest for this test (a free root port unless the
     viommu_endpoint marker names one), unplugged after."""
     marker = request.node.get_closest_marker("viommu_endpoint")
@@ -134,7 +163,7 @@ def dma_endpoint(guest: Machine, request: pytest.FixtureRequest) -> Iterator[End
 
 @contextlib.contextmanager
 def plugged_endpoint(vm: Machine, port: int | None = None, *, name: str | None = None,
-                     pri: bool = False, vfio: bool = False) -> Iterator[Endpoint]:
+                     pri: bool = False, vfio: bool = False) -> Iterator[HotpluggedEndpoint]:
     """Hot-plug a DMA endpoint (bound to vfio-pci in the guest when `vfio`); unplug it after.
     For module-scoped fixtures as well as the `dma_endpoint` fixture."""
     port = free_root_port(vm) if port is None else port

@@ -25,6 +25,10 @@ class ConsoleError(RuntimeError):
     pass
 
 
+class ConsoleClosed(ConsoleError):
+    """QEMU closed the console: it is exiting (or has exited)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CommandResult:
     command: str
@@ -88,7 +92,7 @@ class Console:
         except pexpect.TIMEOUT:
             pass
         except pexpect.EOF:
-            raise ConsoleError("the guest console closed (QEMU exited?)") from None
+            raise ConsoleClosed("the guest console closed (QEMU exited?)") from None
 
     def wait_for(self, pattern: str | re.Pattern, timeout: float = 30,
                  since: int = 0) -> re.Match:
@@ -129,7 +133,7 @@ class Console:
             raise ConsoleError(f"guest command {command!r} did not finish within {timeout:g} s; "
                                f"console:\n{self._transcript.text[start:][-2000:]}") from None
         except pexpect.EOF:
-            raise ConsoleError(f"the guest console closed while running {command!r}") from None
+            raise ConsoleClosed(f"the guest console closed while running {command!r}") from None
         status = int(self.child.match.group(1))
         raw = self._transcript.text[start:]
         raw = raw[:raw.rfind(f"@@rc:{token}:")]
@@ -137,8 +141,8 @@ class Console:
 
     def close(self) -> None:
         try:
-            self._pump(0)
-        except ConsoleError:
-            pass
+            self._pump(0)  # the last of it, into the log
+        except ConsoleClosed:
+            pass  # nothing more to read
         self._transcript.close()
         self._sock.close()

@@ -51,7 +51,13 @@ class Profile:
     iommu: str = "viommu"
     root_ports: int = 4
     root_port_first_addr: int = 4
-    cmdline: str = "console=ttyS0 deferred_probe_timeout=-1 panic=-1 loglevel=4"
+    # The guest architecture (x86_64, aarch64) and kernel SPEC (viommu.provision.kernels);
+    # None: the Machine's, the environment's (VIOMMU_ARCH, VIOMMU_KERNEL) or the defaults.
+    arch: str | None = None
+    kernel: str | None = None
+    kernel_modules: str | None = None  # with a kernel image: its lib/modules/<release>
+    # The platform adds its serial console (console=ttyS0 or ttyAMA0) unless this names one.
+    cmdline: str = "deferred_probe_timeout=-1 panic=-1 loglevel=4"
     endpoints: tuple[EndpointSpec, ...] = ()
     extra_args: tuple[str, ...] = ()
     # Guest-physical range the guest kernel never uses (memmap=SIZE$BASE marks it reserved):
@@ -59,11 +65,6 @@ class Profile:
     table_area_base: int = 0x1000_0000
     table_area_size: int = 0x100_0000
     network: NetworkSpec | None = None
-
-    @property
-    def kernel_cmdline(self) -> str:
-        reserve = f"memmap={self.table_area_size:#x}${self.table_area_base:#x}"
-        return f"{self.cmdline} {reserve}" if self.table_area_size else self.cmdline
 
     @property
     def iommu_bdf(self) -> int:
@@ -108,13 +109,14 @@ def load_profile(name_or_path: str | Path) -> Profile:
         EndpointSpec(ep["name"], ep["port"], ep["device"], ep.get("options", {}))
         for ep in data.get("endpoints", []))
     network = _network_spec(path, data["network"]) if "network" in data else None
-    fields = {f.name for f in dataclasses.fields(Profile)} - {"network"}
+    fields = {f.name for f in dataclasses.fields(Profile)} - {"network", "kernel", "kernel_modules",
+                                                              "cmdline"}
     unknown = set(machine) - fields
     if unknown:
         raise ValueError(f"{path}: unknown [machine] keys {sorted(unknown)}")
     profile = Profile(name=path.stem, endpoints=endpoints, network=network, **{
         k: tuple(v) if isinstance(v, list) else v for k, v in machine.items()},
-        **({"cmdline": kernel["cmdline"]} if "cmdline" in kernel else {}))
+        **_kernel_fields(path, kernel))
     for ep in profile.endpoints:
         profile.port_bus(ep.port)
     if profile.iommu not in ("viommu", "qemu", "none"):
@@ -138,3 +140,24 @@ def _network_spec(path: Path, table: dict) -> NetworkSpec:
         raise ValueError(f"{path}: [network] mac_prefix must be five octets like "
                          f"52:54:00:12:34, not {spec.mac_prefix!r}")
     return spec
+
+
+# [kernel] keys and the Profile fields they set.
+_KERNEL_KEYS = {"cmdline": "cmdline", "source": "kernel", "modules": "kernel_modules"}
+
+
+def _kernel_fields(path: Path, table: dict) -> dict:
+    """[kernel]: `cmdline`, `source` (a kernel SPEC: a Debian series, a build tree or an
+    image) and `modules` (an image's lib/modules/<release>); paths are relative to the
+    profile's own directory."""
+    unknown = set(table) - set(_KERNEL_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown [kernel] keys {sorted(unknown)} "
+                         f"(known: {sorted(_KERNEL_KEYS)})")
+    fields = {_KERNEL_KEYS[k]: v for k, v in table.items()}
+    for key in ("kernel", "kernel_modules"):
+        value = fields.get(key)
+        if isinstance(value, str) and ("/" in value or value.startswith((".", "~"))):
+            given = Path(value).expanduser()
+            fields[key] = str(given if given.is_absolute() else path.parent / given)
+    return fields

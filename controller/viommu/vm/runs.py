@@ -12,11 +12,11 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from viommu.vm.processes import process_alive
 
 STATE_FILE = "state.json"
 # Short and shell-safe: it becomes a path component of unix sockets (~107 bytes at most).
@@ -69,6 +69,11 @@ class RunState:
     workdir: str  # logs: qemu.log, console.log, backend.log
     sockets: dict[str, str] = dataclasses.field(default_factory=dict)
     endpoints: list[dict] = dataclasses.field(default_factory=list)  # hot-plugged DMA endpoints
+    arch: str = "x86_64"
+    kernel: str | None = None  # the kernel SPEC as given (None: the default)
+    kernel_release: str = ""  # what booted: `uname -r` ...
+    kernel_origin: str = ""  # ... and where it came from, with its exact version
+    qemu: str = ""  # the QEMU binary and its version
 
     def save(self, directory: Path) -> None:
         tmp = directory / f".{STATE_FILE}.tmp"
@@ -88,44 +93,6 @@ class RunState:
     @property
     def uptime(self) -> float:
         return time.time() - self.started
-
-
-def process_alive(pid: int, token: str) -> bool:
-    """Whether `pid` runs a command line containing `token` (one of its socket paths): a
-    pid reused by an unrelated process, or a zombie (empty command line), is not ours."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return token.encode() in cmdline
-
-
-class PidProcess:
-    """A VM's QEMU or backend found again from state.json: the part of subprocess.Popen that
-    Machine uses (poll, wait, kill). It is not our child, so its exit status is unknown and
-    reported as 0."""
-
-    def __init__(self, pid: int, token: str) -> None:
-        self.pid = pid
-        self.token = token
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None and not process_alive(self.pid, self.token):
-            self.returncode = 0
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
-            time.sleep(0.05)
-        return self.returncode
-
-    def kill(self) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
 
 
 def list_runs() -> list[tuple[Path, RunState]]:

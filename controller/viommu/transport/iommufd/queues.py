@@ -1,46 +1,6 @@
-"""The iommufd host edge (Linux include/uapi/linux/iommufd.h, drivers/iommu/iommufd/eventq.c):
-IO page fault groups in and page responses out through a fault fd, SMMUv3 events in through a
-vEVENTQ fd, exactly as a VMM reads and writes them against a real /dev/iommu.
-
-Fault fd (IOMMU_FAULT_QUEUE_ALLOC). read() yields `struct iommu_hwpt_pgfault` records, 40 bytes
-each and only whole groups: every record of a group carries the group's cookie, the last one
-LAST_PAGE. The read count must be a multiple of 40 (else -ESPIPE), and a group that does not fit
-in the buffer is not delivered at all. write() takes `struct iommu_hwpt_page_response` (8 bytes,
-multiples only); an unknown cookie or a code other than SUCCESS/INVALID is -EINVAL. Each group
-is answered once; destroying the fault object answers every group still pending with INVALID.
-
-vEVENTQ fd (IOMMU_VEVENTQ_ALLOC). read() yields `struct iommufd_vevent_header` (8 bytes) each
-followed by its payload, for ARM SMMUv3 the 32-byte event record with StreamID replaced by the
-vDEVICE's virt_id. `sequence` counts 0..INT_MAX and wraps to 0; a jump of k+1 means k events
-were dropped because the queue was full. A dropped event with no successor yet shows up as a
-payload-less header flagged LOST_EVENTS at the tail; it carries the sequence number of the last
-dropped event (eventq.c re-appends it for every drop), so it stands for one lost event itself.
-
-Both kernel fds return 0 from read() when nothing is queued: there is no EOF. Over a socket or
-a pipe (the test harness) 0 does mean the peer closed; the readers tell the two apart by the
-file type, so the same classes take either.
-
-On a real host
---------------
-All ioctls go to the /dev/iommu fd; numbers are _IO(';', cmd) = 0x3b00 | cmd (IOMMUFD_TYPE).
-
-1. Bind the VFIO device cdev (VFIO_DEVICE_BIND_IOMMUFD) to get its `dev_id`; that is the dev_id
-   in every page fault record, so `FaultQueue(fd, {dev_id: endpoint_id})`.
-2. IOMMU_FAULT_QUEUE_ALLOC (0x3b8e; `iommu_fault_alloc {size, flags=0, out_fault_id,
-   out_fault_fd}`) gives the fault object's ID and the fault fd.
-3. IOMMU_HWPT_ALLOC (0x3b89) for the HWPT the device attaches to, with flags
-   IOMMU_HWPT_FAULT_ID_VALID (1 << 2) and `fault_id` (offset 40) = out_fault_id: its IO page
-   faults are now delivered on the fault fd. (A PRI-capable VF is refused: PRI is shared
-   with its PF.)
-4. IOMMU_VIOMMU_ALLOC (0x3b90; type IOMMU_VIOMMU_TYPE_ARM_SMMUV3, the device's dev_id, the
-   nesting-parent HWPT) gives viommu_id.
-5. IOMMU_VDEVICE_ALLOC (0x3b91; viommu_id, dev_id, virt_id = the virtio-iommu endpoint ID).
-   The kernel writes virt_id into the StreamID of every forwarded event, so SID = endpoint.
-6. IOMMU_VEVENTQ_ALLOC (0x3b93; viommu_id, type IOMMU_VEVENTQ_TYPE_ARM_SMMUV3, veventq_depth)
-   gives the vEVENTQ fd. Depth bounds the queue; beyond it events are dropped and counted.
-7. `loop.add_reader(fd, queue.on_readable)` for both. Those fds go to these classes unchanged.
-
-The ioctls themselves are not implemented here: these machines have no /dev/iommu.
+"""The readers of an iommufd fault fd (FaultQueue) and vEVENTQ fd (VeventQueue): whole
+groups out, page responses in, lost events counted; the rules they follow are in the
+package docstring, the records they decode in `uapi`.
 """
 
 from __future__ import annotations
@@ -50,60 +10,26 @@ import logging
 import os
 import select
 import stat
-import struct
 import time
 from collections.abc import Callable, Mapping
 
 from viommu.events.page_requests import PageRequest, ResponseCode
-from viommu.events.smmuv3 import EVENT_RECORD_SIZE, EventRecord
+from viommu.events.smmuv3 import EventRecord
+from viommu.transport.iommufd.uapi import (
+    HWPT_PGFAULT,
+    IOMMU_VEVENTQ_FLAG_LOST_EVENTS,
+    IOMMUFD_PAGE_RESP_INVALID,
+    IOMMUFD_PAGE_RESP_SUCCESS,
+    VEVENT_ARM_SMMUV3_SIZE,
+    VEVENT_HEADER,
+    VEVENT_SEQUENCE_MAX,
+    HwptPageResponse,
+    HwptPgfault,
+    VeventHeader,
+)
 
 log = logging.getLogger(__name__)
 
-# ioctl numbers: _IO(IOMMUFD_TYPE, IOMMUFD_CMD_*), no size or direction bits.
-IOMMUFD_TYPE = ord(";")
-IOMMUFD_CMD_HWPT_ALLOC = 0x89
-IOMMUFD_CMD_FAULT_QUEUE_ALLOC = 0x8E
-IOMMUFD_CMD_VIOMMU_ALLOC = 0x90
-IOMMUFD_CMD_VDEVICE_ALLOC = 0x91
-IOMMUFD_CMD_VEVENTQ_ALLOC = 0x93
-
-
-def _io(cmd: int) -> int:
-    return IOMMUFD_TYPE << 8 | cmd
-
-
-IOMMU_HWPT_ALLOC = _io(IOMMUFD_CMD_HWPT_ALLOC)
-IOMMU_FAULT_QUEUE_ALLOC = _io(IOMMUFD_CMD_FAULT_QUEUE_ALLOC)
-IOMMU_VIOMMU_ALLOC = _io(IOMMUFD_CMD_VIOMMU_ALLOC)
-IOMMU_VDEVICE_ALLOC = _io(IOMMUFD_CMD_VDEVICE_ALLOC)
-IOMMU_VEVENTQ_ALLOC = _io(IOMMUFD_CMD_VEVENTQ_ALLOC)
-IOMMU_HWPT_FAULT_ID_VALID = 1 << 2
-IOMMU_VIOMMU_TYPE_ARM_SMMUV3 = 1
-
-# enum iommu_hwpt_pgfault_flags / _perm
-IOMMU_PGFAULT_FLAGS_PASID_VALID = 1 << 0
-IOMMU_PGFAULT_FLAGS_LAST_PAGE = 1 << 1
-IOMMU_PGFAULT_PERM_READ = 1 << 0
-IOMMU_PGFAULT_PERM_WRITE = 1 << 1
-IOMMU_PGFAULT_PERM_EXEC = 1 << 2  # PASID TLP prefix: Execute Requested
-IOMMU_PGFAULT_PERM_PRIV = 1 << 3  # PASID TLP prefix: Privileged Mode Requested
-
-# enum iommufd_page_response_code. FAILURE was removed from the uAPI: see FaultQueue.respond.
-IOMMUFD_PAGE_RESP_SUCCESS = 0
-IOMMUFD_PAGE_RESP_INVALID = 1
-
-# enum iommu_veventq_flag / iommu_veventq_type
-IOMMU_VEVENTQ_FLAG_LOST_EVENTS = 1 << 0
-IOMMU_VEVENTQ_TYPE_ARM_SMMUV3 = 1
-
-# flags, dev_id, pasid, grpid, perm, __reserved, addr (aligned_u64), length, cookie
-HWPT_PGFAULT = struct.Struct("<6IQII")
-HWPT_PAGE_RESPONSE = struct.Struct("<II")  # cookie, code
-VEVENT_HEADER = struct.Struct("<II")  # flags, sequence
-VEVENT_ARM_SMMUV3_SIZE = EVENT_RECORD_SIZE  # struct iommu_vevent_arm_smmuv3 { le64 evt[4] }
-VEVENT_SEQUENCE_MAX = (1 << 31) - 1  # the kernel's INT_MAX: sequence = (sequence + 1) & INT_MAX
-
-PAGE_MASK = ~0xFFF
 # Read sizes. The fault fd wants a multiple of 40 and never splits a group, so the buffer must
 # hold the largest group a device can send (bounded by its outstanding page requests).
 FAULT_READ_SIZE = 1024 * HWPT_PGFAULT.size
@@ -131,100 +57,20 @@ class PriMustBeDisabled(IommufdError):
             "reset) and stop forwarding its page requests")
 
 
-# ---- codecs ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class HwptPgfault:
-    """struct iommu_hwpt_pgfault (40 bytes), read from the fault fd."""
-
-    flags: int
-    dev_id: int  # iommufd device object ID, not the endpoint: map it
-    pasid: int  # meaningful only with PASID_VALID
-    grpid: int  # Page Request Group Index
-    perm: int
-    addr: int  # page address for PRI; the exact IOVA for an SMMU stall
-    length: int = 0  # prefetch hint; the kernel writes 0
-    cookie: int = 0  # the group's cookie, echoed in the response
-
-    def encode(self) -> bytes:
-        return HWPT_PGFAULT.pack(self.flags, self.dev_id, self.pasid, self.grpid, self.perm, 0,
-                                 self.addr, self.length, self.cookie)
-
-    @classmethod
-    def decode(cls, raw: bytes) -> HwptPgfault:
-        if len(raw) != HWPT_PGFAULT.size:
-            raise ValueError(f"struct iommu_hwpt_pgfault is {HWPT_PGFAULT.size} bytes, "
-                             f"got {len(raw)}")
-        flags, dev_id, pasid, grpid, perm, _reserved, addr, length, cookie = (
-            HWPT_PGFAULT.unpack(raw))
-        return cls(flags, dev_id, pasid, grpid, perm, addr, length, cookie)
-
-    @property
-    def last_page(self) -> bool:
-        return bool(self.flags & IOMMU_PGFAULT_FLAGS_LAST_PAGE)
-
-    def to_page_request(self, sid: int) -> PageRequest:
-        """The request as PRI states it; ValueError when it cannot be (e.g. an SMMU stall tag
-        wider than the 9-bit group index). The address is reduced to its page."""
-        return PageRequest(
-            sid=sid, grpid=self.grpid, address=self.addr & PAGE_MASK, last=self.last_page,
-            read=bool(self.perm & IOMMU_PGFAULT_PERM_READ),
-            write=bool(self.perm & IOMMU_PGFAULT_PERM_WRITE),
-            exec=bool(self.perm & IOMMU_PGFAULT_PERM_EXEC),
-            priv=bool(self.perm & IOMMU_PGFAULT_PERM_PRIV),
-            pasid=self.pasid if self.flags & IOMMU_PGFAULT_FLAGS_PASID_VALID else None)
-
-
-@dataclasses.dataclass(frozen=True)
-class HwptPageResponse:
-    """struct iommu_hwpt_page_response (8 bytes), written to the fault fd."""
-
-    cookie: int
-    code: int
-
-    def encode(self) -> bytes:
-        return HWPT_PAGE_RESPONSE.pack(self.cookie, self.code)
-
-    @classmethod
-    def decode(cls, raw: bytes) -> HwptPageResponse:
-        if len(raw) != HWPT_PAGE_RESPONSE.size:
-            raise ValueError(f"struct iommu_hwpt_page_response is {HWPT_PAGE_RESPONSE.size} "
-                             f"bytes, got {len(raw)}")
-        return cls(*HWPT_PAGE_RESPONSE.unpack(raw))
-
-
-@dataclasses.dataclass(frozen=True)
-class VeventHeader:
-    """struct iommufd_vevent_header (8 bytes); an SMMUv3 payload follows unless LOST_EVENTS."""
-
-    flags: int
-    sequence: int
-
-    def encode(self) -> bytes:
-        return VEVENT_HEADER.pack(self.flags, self.sequence)
-
-    @classmethod
-    def decode(cls, raw: bytes) -> VeventHeader:
-        if len(raw) != VEVENT_HEADER.size:
-            raise ValueError(f"struct iommufd_vevent_header is {VEVENT_HEADER.size} bytes, "
-                             f"got {len(raw)}")
-        return cls(*VEVENT_HEADER.unpack(raw))
-
-    @property
-    def lost_events(self) -> bool:
-        return bool(self.flags & IOMMU_VEVENTQ_FLAG_LOST_EVENTS)
-
-
 # ---- reading either kind of fd ----------------------------------------------------------
 
 
 class _Reader:
-    """Non-blocking reads that tell "nothing queued" from "peer closed" (see module doc)."""
+    """Non-blocking reads that tell "nothing queued" from "peer closed" (see the package
+    docstring), and the count of what could not be read."""
 
-    def __init__(self, fd: int, read_size: int) -> None:
+    def __init__(self, fd: int, read_size: int, what: str) -> None:
         self.fd = fd
         self._read_size = read_size
+        self._what = what  # for the log
+        self._buffer = b""
+        self.errors = 0
+        self.last_error = ""
         os.set_blocking(fd, False)
         mode = os.fstat(fd).st_mode
         # Only sockets and pipes have an EOF; an iommufd anon inode returns 0 when empty.
@@ -233,6 +79,11 @@ class _Reader:
 
     def fileno(self) -> int:
         return self.fd
+
+    def _error(self, what: str) -> None:
+        self.errors += 1
+        self.last_error = what
+        log.warning("iommufd %s: %s", self._what, what)
 
     def _read(self) -> bytes:
         if self.closed:
@@ -294,10 +145,9 @@ class FaultQueue(_Reader):
 
     def __init__(self, fd: int, dev_to_sid: Mapping[int, int],
                  on_group: Callable[[FaultGroup], None] | None = None) -> None:
-        super().__init__(fd, FAULT_READ_SIZE)
+        super().__init__(fd, FAULT_READ_SIZE, "fault queue")
         self.dev_to_sid = dev_to_sid
         self.on_group = on_group
-        self._buffer = b""
         self._partial: dict[int, list[HwptPgfault]] = {}  # cookie -> records before LAST_PAGE
         self._pending: dict[int, FaultGroup] = {}
         self._shut = False
@@ -305,8 +155,6 @@ class FaultQueue(_Reader):
         self.groups = 0
         self.answered = 0
         self.rejected = 0
-        self.errors = 0
-        self.last_error = ""
 
     def on_readable(self) -> list[FaultGroup]:
         """Read what is there (for loop.add_reader); returns, and calls back with, each group
@@ -422,11 +270,6 @@ class FaultQueue(_Reader):
         del self._pending[cookie]
         self.answered += 1
 
-    def _error(self, what: str) -> None:
-        self.errors += 1
-        self.last_error = what
-        log.warning("iommufd fault queue: %s", what)
-
 
 # ---- vEVENTQ ----------------------------------------------------------------------------
 
@@ -444,17 +287,14 @@ class VeventQueue(_Reader):
     def __init__(self, fd: int, on_event: Callable[[EventRecord], None],
                  on_lost: Callable[[int], None] | None = None, *,
                  expect_sequence: int | None = 0) -> None:
-        super().__init__(fd, VEVENTQ_READ_SIZE)
+        super().__init__(fd, VEVENTQ_READ_SIZE, "vEVENTQ")
         self.on_event = on_event
         self.on_lost = on_lost
         self._expected = expect_sequence
-        self._buffer = b""
         self.received = 0
         self.lost = 0
         self.gaps = 0
         self.lost_headers = 0
-        self.errors = 0
-        self.last_error = ""
 
     def on_readable(self) -> list[EventRecord]:
         """Read what is there (for loop.add_reader); returns the events it decoded."""
@@ -521,8 +361,3 @@ class VeventQueue(_Reader):
     def _garbage(self, what: str) -> None:
         self._error(f"{what}; dropped {len(self._buffer)} buffered bytes")
         self._buffer = b""
-
-    def _error(self, what: str) -> None:
-        self.errors += 1
-        self.last_error = what
-        log.warning("iommufd vEVENTQ: %s", what)
