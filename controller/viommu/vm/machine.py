@@ -19,6 +19,7 @@ import os
 import shlex
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +61,8 @@ class Machine:
                  backend_in_process: bool = False, iommu: str | None = None,
                  network: PrivateNetwork | None = None,
                  run_dir: Path | str | None = None, kernel: str | None = None,
-                 modules: str | Path | None = None, arch: str | None = None) -> None:
+                 modules: str | Path | None = None, arch: str | None = None,
+                 backend_args: Sequence[str] = ()) -> None:
         """`iommu` overrides the profile's: "viommu" (ours), "qemu" (QEMU's in-process
         virtio-iommu-pci, to compare against) or "none". `network`: the segment the VM's NIC
         joins (the profile's [network], or its defaults); VMs given the same one can talk.
@@ -78,7 +80,10 @@ class Machine:
         architecture ("x86_64", "aarch64"); unset, VIOMMU_KERNEL and VIOMMU_ARCH, then the
         profile's, then the defaults decide. Whatever is missing is fetched or built at
         launch, and a kernel lacking an option viommu needs is refused before it boots
-        (viommu.vm.boot.KernelRefused)."""
+        (viommu.vm.boot.KernelRefused).
+
+        `backend_args`: more `viommu backend` arguments for the backend process (e.g.
+        ["--null-device"] or ["--poll-us", "0"]; benchmarks compare modes with them)."""
         self.profile = load_profile(profile) if isinstance(profile, str) else profile
         self._profile_ref = profile if isinstance(profile, str) else self.profile.name
         if iommu is not None:
@@ -93,6 +98,7 @@ class Machine:
         self.name = name
         self.boot_timeout = boot_timeout
         self.backend_in_process = backend_in_process
+        self.backend_args = list(backend_args)
         self.workdir = Path(workdir or self.run_dir or tempfile.mkdtemp(prefix=f"viommu-{name}-"))
         # Unix socket paths are limited to ~107 bytes: keep them in a short private dir.
         self._sockdir = self.run_dir or Path(tempfile.mkdtemp(prefix="viommu-"))
@@ -222,7 +228,7 @@ class Machine:
             in_process=self.backend_in_process, vhost_socket=self.vhost_socket,
             control_socket=self.control_socket, endpoint_ids=self.endpoint_ids,
             log_path=self.workdir / "backend.log", detached=self.run_dir is not None,
-            msi_window=self._prepared().platform.msi_window)
+            msi_window=self._prepared().platform.msi_window, extra_args=self.backend_args)
         self._backend.start()
 
     def _start_qemu(self) -> None:
