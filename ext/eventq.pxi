@@ -41,8 +41,8 @@ cdef struct HeldRecord:
     uint32_t len
 
 cdef struct EventReport:
-    int64_t time_ns             # CLOCK_MONOTONIC after the used index and the notify
-    uint8_t kind
+    int64_t time_ns             # CLOCK_MONOTONIC with the used index published, as the
+    uint8_t kind                # call eventfd is written (records.py says why before)
 
 
 cdef class EventServer:
@@ -313,10 +313,10 @@ cdef class EventServer:
                 self._report(EVENT_SUMMARY_QUEUED_KIND)
         if delivered:
             self.delivered += delivered
+            now = monotonic_ns()
             if self.call_fd >= 0 and self.vq._needs_interrupt():
                 eventfd_signal(self.call_fd)
                 self.notifies += 1
-            now = monotonic_ns()
             for i in range(batch, self.report_len):
                 self.report[i].time_ns = now
         return delivered

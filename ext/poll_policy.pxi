@@ -2,9 +2,10 @@
 # follows what polling earns.
 #
 # The rules are those of KVM's halt polling (Linux Documentation/virt/kvm/halt-polling.rst):
-# the window grows when the thread slept and the next request came soon after it gave up,
-# and shrinks when requests come further apart than polling could ever wait; a window that
-# finds work is kept. One rule is added for a shared host: a poller that is preempted while
+# the window grows when the thread slept and the next request came within the longest
+# window it may poll (polling longer would have caught it), and shrinks when requests come
+# further apart than that; a window that finds work is kept. (The gap after a sleep
+# includes the kick's delivery and the thread's wake-up, as KVM's block time does.) One rule is added for a shared host: a poller that is preempted while
 # it polls (the scheduler switched it out involuntarily, and its CPU time fell behind the
 # wall clock) is taking a core that another thread wants, perhaps the very vCPU whose
 # request it waits for. Then it stops polling and serves on kicks for a cool-down of
@@ -75,7 +76,6 @@ cdef void poll_miss(PollState *p, int64_t wall_ns, int64_t cpu_ns,
 cdef void poll_unpolled(PollState *p, int64_t gap_ns) noexcept nogil:
     """A request came `gap_ns` after the last one's answer, with the thread not polling:
     it was asleep (woken by a kick) or giving up just then."""
-    cdef int64_t base
     if not p.adaptive or p.max_ns == 0:
         return
     if p.cooldown_left > 0:
@@ -83,14 +83,13 @@ cdef void poll_unpolled(PollState *p, int64_t gap_ns) noexcept nogil:
         if p.cooldown_left == 0:
             p.window_ns = min(<int64_t>POLL_GROW_START_NS, p.max_ns)
         return
-    base = max(p.window_ns, <int64_t>POLL_GROW_START_NS)
     if gap_ns > p.max_ns:  # no window we may poll would have caught it
         if p.window_ns:
             p.shrinks += 1
         p.window_ns //= 2
         if p.window_ns < POLL_GROW_START_NS:
             p.window_ns = 0
-    elif gap_ns <= 2 * base and p.window_ns < p.max_ns:  # just missed: poll longer
+    elif p.window_ns < p.max_ns:  # polling longer would have caught it
         p.grows += 1
         p.window_ns = min(p.max_ns, max(p.window_ns * 2, <int64_t>POLL_GROW_START_NS))
 

@@ -6,7 +6,9 @@ what they did in the same form, so viommu.events.relay follows either the same w
 A report lists, oldest first, `(EVENT_DELIVERED, time_ns)` when the oldest record went into
 a buffer and `(EVENT_SUMMARY_QUEUED, time_ns)` when the armed summary record went in behind
 the others (after the first delivery that follows `arm_summary`). `time_ns` is
-CLOCK_MONOTONIC once the batch was published and the driver notified.
+CLOCK_MONOTONIC once the batch is in the used ring, as the driver is notified (taken just
+before the notify: a notify that wakes QEMU on this core may keep this thread from running
+for a while before the write returns, and that wait is the interrupt's, not the backend's).
 """
 
 from __future__ import annotations
@@ -71,8 +73,8 @@ class RecordQueue:
                     self._summary = None
                     self._report.append((EVENT_SUMMARY_QUEUED, 0))
         finally:
-            if delivered and self.notify is not None:
-                self.notify()
             now = time.monotonic_ns()
             self._report[start:] = [(kind, now) for kind, _ in self._report[start:]]
+            if delivered and self.notify is not None:
+                self.notify()
         return delivered

@@ -136,6 +136,7 @@ class EventRelay:
         self.capacity = capacity
         # What the sink holds, in its order: events and summary records not yet delivered.
         self._fifo: deque[TraceEntry] = deque()
+        self._summaries_held = 0  # of them, summary records
         self.trace: deque[TraceEntry] = deque(maxlen=trace_len)
         self._seq = 0
         self.injected = 0
@@ -183,7 +184,7 @@ class EventRelay:
     @property
     def pending(self) -> int:
         self.sync()
-        return sum(1 for entry in self._fifo if not entry.is_summary)
+        return len(self._fifo) - self._summaries_held
 
     def submit(self, event: EventRecord, arrived_ns: int = 0) -> TraceEntry:
         """Accept one SMMUv3 event and deliver what the guest has buffers for. It waits in
@@ -295,6 +296,7 @@ class EventRelay:
             entry.state, entry.delivered_ns = "delivered", time_ns
             if entry.is_summary:
                 self.summaries += 1
+                self._summaries_held -= 1
             else:
                 self.delivered += 1
             if entry.arrived_ns:
@@ -308,6 +310,7 @@ class EventRelay:
         entry = TraceEntry(0, time.time(), self._summary_fault(), "pending", lost_count=count,
                            note=f"{count} event(s) lost to FIFO overflow")
         self._fifo.append(entry)
+        self._summaries_held += 1
         self.trace.append(entry)
         log.warning("event FIFO: %d event(s) were lost; a summary record is queued", count)
 
@@ -329,6 +332,7 @@ class EventRelay:
             dropped += 1
             self._log(entry)
         self._fifo.clear()
+        self._summaries_held = 0
         self.sink.clear()
         self._lost_unreported = 0  # the guest that would read the summary is gone too
         return dropped
@@ -365,7 +369,7 @@ class EventRelay:
                 "not_forwarded": self.not_forwarded, "drained": self.drained,
                 "upstream_lost": self.upstream_lost, "summaries": self.summaries,
                 # summary records queued behind the events, not yet delivered
-                "summaries_pending": len(self._fifo) - self.pending,
+                "summaries_pending": self._summaries_held,
                 "capacity": self.capacity}
 
     def delivery_latency(self) -> dict:

@@ -80,14 +80,14 @@ class EventCommands:
         record = record_from_args(event_id, sid, args)
         if is_config_event(event_id):
             self.device.note_config_fault(sid, event_id.name)
-        before = self.relay.counters()
+        relay = self.relay
+        lost, not_forwarded = relay.lost, relay.not_forwarded
         arrived_ns = self.control.arrival_ns if self.control else 0
-        first = self.relay.submit_burst(record, count, arrived_ns)[0]
-        after = self.relay.counters()
+        first = relay.submit_burst(record, count, arrived_ns)[0]
         # The FIFO is delivered in order, so this burst's records are the last ones pending.
-        pending = min(after["pending"], count)
-        lost = after["lost"] - before["lost"]
-        not_forwarded = after["not_forwarded"] - before["not_forwarded"]
+        pending = min(relay.pending, count)
+        lost = relay.lost - lost
+        not_forwarded = relay.not_forwarded - not_forwarded
         return {"seq": first.seq, "count": count, "pending": pending, "lost": lost,
                 "not_forwarded": not_forwarded,
                 "delivered": count - pending - lost - not_forwarded,
