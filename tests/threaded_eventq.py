@@ -10,10 +10,11 @@ and call eventfds) and the device's health.
 from __future__ import annotations
 
 import os
-import select
 import time
 
-from viommu._dataplane import DataplaneLock, VirtQueue
+from fake_loop import FakeLoop
+
+from viommu._dataplane import VirtQueue
 from viommu.dataplane.eventq import EventQueue
 from viommu.events.relay import EventRelay
 from viommu.events.smmuv3 import EventId, EventRecord
@@ -24,17 +25,16 @@ SETTLE_TIMEOUT = 5.0
 LOOK_MAX_MS = 2
 
 
-class EventqGuest:
+class EventqGuest(FakeLoop):
     """The guest side of an eventq and the device's side of it, in one object."""
 
     def __init__(self, threaded: bool, capacity: int = 8, queue_size: int = 16,
                  mem_size: int = 1 << 20) -> None:
+        super().__init__()
         self.driver = FakeDriver(queue_size=queue_size, mem_size=mem_size)
         self.vq: VirtQueue = self.driver.vq
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.call_fd: int | None = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.lock = DataplaneLock()
-        self.readers: dict[int, object] = {}
         self.broken: str | None = None
         self.buffers: dict[int, list[tuple[int, int]]] = {}  # head -> its writable parts
         self.received: list[tuple[int, bytes]] = []  # (used length, bytes) in used order
@@ -45,19 +45,10 @@ class EventqGuest:
                 self.eventq.use_thread(self.lock, self, look_max_ms=LOOK_MAX_MS)
             self.eventq.started(self)
 
-    # --- the transport's side (Ring) and the loop's (Readers) ------------------------------
+    # --- the transport's side (Ring; the loop's Readers are FakeLoop's) --------------------
 
     def notify(self) -> None:
         os.eventfd_write(self.call_fd, 1)
-
-    def signal_error(self) -> bool:
-        return False
-
-    def add_reader(self, fd: int, callback) -> None:
-        self.readers[fd] = callback
-
-    def remove_reader(self, fd: int) -> bool:
-        return self.readers.pop(fd, None) is not None
 
     # --- the device's health (DeviceHealth) ----------------------------------------------------
 
@@ -130,13 +121,6 @@ class EventqGuest:
                     pass
                 self.eventq.kicked()
 
-    def serve_wakeups(self, timeout: float = 0) -> None:
-        fds = list(self.readers)
-        if fds and select.select(fds, [], [], timeout)[0]:
-            with self.lock:
-                for fd in fds:
-                    self.readers[fd]()
-
     def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
         """Until the device has delivered all it can: no record waits, or no buffer is
         posted, or the device is broken."""
@@ -151,6 +135,46 @@ class EventqGuest:
                     return
             assert time.monotonic() < deadline, "the event thread did not deliver"
             self.serve_wakeups(0.0002)
+
+    def replay(self, op: tuple) -> None:
+        """One step of a scenario, then `settle`: ("inject", count, sid, ssid or None,
+        event ID, address), ("post", buffers, size, kick), ("chain", ((length, writable),
+        ...), outside RAM, kick), ("break",) the avail index 100 ahead, ("drain", sid,
+        pasid), ("reset",), ("extended", on), ("restart",) the ring, ("call",) a new call
+        fd, ("nothing",)."""
+        kind = op[0]
+        if kind == "inject":
+            _, count, sid, ssid, event_id, address = op
+            self.inject(count, sid=sid, ssid=ssid, event_id=event_id, address=address)
+        elif kind == "post":
+            self.post_buffers(op[1], size=op[2], kick=op[3])
+        elif kind == "chain":
+            self.post_chain(list(op[1]), kick=op[3], outside_ram=op[2])
+        elif kind == "break":
+            self.driver.set_avail_idx((self.driver._avail_idx + 100) & 0xFFFF)
+            self.kick()
+        elif kind != "nothing":
+            with self.lock:
+                self._backend_step(op)
+        self.settle()
+
+    def _backend_step(self, op: tuple) -> None:
+        kind = op[0]
+        if kind == "drain":
+            self.relay.drain(op[1], op[2], "PASID unbound")
+        elif kind == "reset":
+            self.relay.drop_pending("device reset")
+        elif kind == "extended":
+            self.relay.extended = op[1]
+        elif kind == "restart":
+            self.eventq.stopped()
+            self.eventq.started(self)
+        elif kind == "call":
+            old, self.call_fd = self.call_fd, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.eventq.call_changed()
+            os.close(old)
+        else:
+            raise ValueError(f"no such step: {op}")
 
     def inject(self, count: int = 1, sid: int = 0x100, ssid: int | None = None,
                event_id: EventId = EventId.F_TRANSLATION, address: int = 0x1000) -> None:

@@ -184,34 +184,14 @@ OPS = st.one_of(
     st.tuples(st.just("inject"), st.integers(1, 6), st.sampled_from([EP, EP2]),
               st.sampled_from([None, 1, 2]),
               st.sampled_from([EventId.F_TRANSLATION, EventId.C_BAD_STE,
-                               EventId.C_BAD_STREAMID])),
+                               EventId.C_BAD_STREAMID]), st.just(0x1000)),
     st.tuples(st.just("post"), st.integers(0, 6), st.sampled_from([24, 24, 32, 16]),
               st.booleans()),
-    st.tuples(st.just("readable"), st.booleans()),
+    st.tuples(st.just("chain"), st.just(((24, False),)), st.just(False), st.booleans()),
     st.tuples(st.just("drain"), st.sampled_from([EP, EP2]), st.sampled_from([None, 1, 2])),
     st.tuples(st.just("reset")),
     st.tuples(st.just("extended"), st.booleans()),
 )
-
-
-def apply(g: EventqGuest, op: tuple) -> None:
-    kind = op[0]
-    if kind == "inject":
-        _, count, sid, ssid, event_id = op
-        g.inject(count, sid=sid, ssid=ssid, event_id=event_id)
-    elif kind == "post":
-        g.post_buffers(op[1], size=op[2], kick=op[3])
-    elif kind == "readable":
-        g.post_readable_buffer(kick=op[1])
-    else:
-        with g.lock:
-            if kind == "drain":
-                g.relay.drain(op[1], op[2], "unbound")
-            elif kind == "reset":
-                g.relay.drop_pending("reset")
-            else:
-                g.relay.extended = op[1]
-    g.settle()
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -221,7 +201,7 @@ def test_thread_and_python_deliver_the_same_records_in_the_same_order(ops, capac
     try:
         for op in ops:
             for g in (python, threaded):
-                apply(g, op)
+                g.replay(op)
             assert threaded.take_received() == python.take_received(), op
             assert threaded.notified() == python.notified(), op
             assert threaded.counters() == python.counters(), op
