@@ -10,12 +10,13 @@
 # wall clock) is taking a core that another thread wants, perhaps the very vCPU whose
 # request it waits for. Then it stops polling and serves on kicks for a cool-down of
 # requests, doubled each time contention is seen again, before it tries a small window
-# again. (Waiting for the data-plane lock while Python holds it is no preemption.)
+# again; the cool-down shortens again only after as many undisturbed polls as it is long.
+# (Waiting for the data-plane lock while Python holds it is no preemption.)
 
 cdef enum:
     POLL_GROW_START_NS = 10000      # the first window after none (KVM's grow_start default)
     POLL_COOLDOWN_MIN = 16          # requests served on kicks after contention is seen...
-    POLL_COOLDOWN_MAX = 4096        # ...doubling up to this
+    POLL_COOLDOWN_MAX = 16384       # ...doubling up to this
     POLL_STOLEN_MIN_NS = 20000      # preemption shorter than this is scheduling noise
 
 
@@ -25,6 +26,7 @@ cdef struct PollState:
     bint adaptive                   # False: always `max_ns`, as before this policy
     int64_t cooldown_left           # requests still to serve on kicks
     int64_t cooldown_len            # the next cool-down's length
+    int64_t clean_polls             # undisturbed polls since the last back-off
     uint64_t hits, misses, grows, shrinks, contended
 
 
@@ -48,6 +50,7 @@ cdef inline bint poll_was_preempted(int64_t wall_ns, int64_t cpu_ns,
 cdef void poll_back_off(PollState *p) noexcept nogil:
     p.contended += 1
     p.window_ns = 0
+    p.clean_polls = 0
     p.cooldown_left = p.cooldown_len
     p.cooldown_len = min(p.cooldown_len * 2, <int64_t>POLL_COOLDOWN_MAX)
 
@@ -61,8 +64,11 @@ cdef void poll_hit(PollState *p, int64_t wall_ns, int64_t cpu_ns,
         return
     if poll_was_preempted(wall_ns, cpu_ns, preemptions):
         poll_back_off(p)
-    else:  # polled undisturbed: contention, if any, is easing
-        p.cooldown_len = max(p.cooldown_len // 2, <int64_t>POLL_COOLDOWN_MIN)
+        return
+    p.clean_polls += 1  # polled undisturbed: contention, if any, may be easing
+    if p.clean_polls >= p.cooldown_len and p.cooldown_len > POLL_COOLDOWN_MIN:
+        p.cooldown_len //= 2
+        p.clean_polls = 0
 
 
 cdef void poll_miss(PollState *p, int64_t wall_ns, int64_t cpu_ns,

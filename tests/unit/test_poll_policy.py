@@ -72,17 +72,23 @@ def test_a_preempted_poller_stops_polling_for_a_cool_down_that_doubles() -> None
     assert p.counters()["poll_backoffs"] == 2
 
 
-def test_undisturbed_polling_shortens_the_next_cool_down() -> None:
+def test_as_many_undisturbed_polls_as_the_cool_down_is_long_halve_it() -> None:
     p = PollPolicy(200)
     for _ in range(3):
         p.miss(wall_ns=500 * US, cpu_ns=0, preemptions=1)
         for _ in range(p.cooldown_left):
             p.unpolled(3 * US)
-    assert p.cooldown_left == 0
-    for _ in range(2):
+    assert p.cooldown_left == 0  # the next cool-down would be 128 requests
+    for _ in range(127):
         p.hit(wall_ns=5 * US, cpu_ns=5 * US)
     p.miss(wall_ns=500 * US, cpu_ns=0, preemptions=1)
-    assert p.cooldown_left == 32  # 128 after three back-offs, halved twice
+    assert p.cooldown_left == 128  # a few clean polls are no sign that contention is over
+    for _ in range(p.cooldown_left):
+        p.unpolled(3 * US)
+    for _ in range(256 + 128):
+        p.hit(wall_ns=5 * US, cpu_ns=5 * US)
+    p.miss(wall_ns=500 * US, cpu_ns=0, preemptions=1)
+    assert p.cooldown_left == 64  # 256, halved after 256 clean polls, then after 128
 
 
 def test_scheduling_noise_is_not_contention() -> None:
