@@ -22,9 +22,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def run_json(script: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, str(HERE / script), "--json", *args], check=True,
-                         capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, str(HERE / script), "--json", *args],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        tail = "\n".join(proc.stderr.splitlines()[-40:])
+        raise SystemExit(f"{script} exited {proc.returncode}:\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def qemu_version() -> str:

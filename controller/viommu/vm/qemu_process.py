@@ -57,7 +57,7 @@ class QemuProcess(Supervised):
         """The console first: QEMU waits for it (wait=on) before it goes on, so no output is
         lost. Then QMP. OSError or a QMP error when QEMU does not get that far."""
         self._wait_for_socket(self.serial_socket)
-        self.open_console()
+        self._open_console_once_listening()
         if self.detached:
             self._wait_for_socket(self.qmp.path)
             self.qmp.connect()
@@ -66,10 +66,27 @@ class QemuProcess(Supervised):
 
     def open_console(self) -> Console:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(self.serial_socket)
+        try:
+            sock.connect(self.serial_socket)
+        except OSError:
+            sock.close()
+            raise
         # A detached QEMU writes console.log itself (logfile=): do not write it twice.
         self.console = Console(sock, Path(os.devnull) if self.detached else self.console_log)
         return self.console
+
+    def _open_console_once_listening(self) -> None:
+        """QEMU binds the console's socket (its path appears) before it listens on it; a
+        connect in between is refused, so it is tried again until QEMU listens."""
+        deadline = time.monotonic() + SOCKET_TIMEOUT_S
+        while True:
+            try:
+                self.open_console()
+                return
+            except ConnectionRefusedError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def _wait_for_socket(self, path: str) -> None:
         deadline = time.monotonic() + SOCKET_TIMEOUT_S
