@@ -19,6 +19,7 @@ import os
 import shlex
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,14 +64,13 @@ class Machine:
                  network: PrivateNetwork | None = None,
                  run_dir: Path | str | None = None, kernel: str | None = None,
                  modules: str | Path | None = None, arch: str | None = None,
-                 kernel_args: str = "") -> None:
+                 kernel_args: str = "", backend_args: Sequence[str] = ()) -> None:
         """`iommu` overrides the profile's: "viommu" (ours), "qemu" (QEMU's in-process
         virtio-iommu-pci, to compare against) or "none". `network`: the segment the VM's NIC
         joins (the profile's [network], or its defaults); VMs given the same one can talk.
         A profile with [network] and no `network` gets a segment of its own.
         `backend_in_process`: the backend's loop runs in a thread of this process (handy
-        under a debugger) instead of its own process (where it cannot share our GIL or our
-        crashes).
+        under a debugger), not in its own (where it cannot share our GIL or our crashes).
 
         `run_dir` makes a detached VM (`viommu up`): QEMU and the backend run in sessions of
         their own and outlive this process; sockets, logs and state.json live in `run_dir`,
@@ -82,7 +82,8 @@ class Machine:
         profile's, then the defaults decide. Whatever is missing is fetched or built at
         launch, and a kernel lacking an option viommu needs is refused before it boots
         (viommu.vm.boot.KernelRefused). `kernel_args` go after the profile's command line
-        (iommu.strict=1, ...)."""
+        (iommu.strict=1, ...); `backend_args` after the backend process's (["--null-device"],
+        ["--poll-us", "0"]: benchmarks compare modes with them)."""
         self.profile = load_profile(profile) if isinstance(profile, str) else profile
         self._profile_ref = profile if isinstance(profile, str) else self.profile.name
         if iommu is not None:
@@ -101,6 +102,7 @@ class Machine:
         self.name = name
         self.boot_timeout = boot_timeout
         self.backend_in_process = backend_in_process
+        self.backend_args = list(backend_args)
         self.workdir = Path(workdir or self.run_dir or tempfile.mkdtemp(prefix=f"viommu-{name}-"))
         # Unix socket paths are limited to ~107 bytes: keep them in a short private dir.
         self._sockdir = self.run_dir or Path(tempfile.mkdtemp(prefix="viommu-"))
@@ -243,7 +245,7 @@ class Machine:
             in_process=self.backend_in_process, vhost_socket=self.vhost_socket,
             control_socket=self.control_socket, endpoint_ids=self.endpoint_ids,
             log_path=self.workdir / "backend.log", detached=self.run_dir is not None,
-            msi_window=self._prepared().platform.msi_window)
+            msi_window=self._prepared().platform.msi_window, extra_args=self.backend_args)
         self._backend.start()
 
     def _start_qemu(self) -> None:
@@ -372,7 +374,6 @@ class Machine:
         return wait_fault_window(trace[-1]["time"] if trace else None)
 
     # --- QMP ------------------------------------------------------------------------------------
-
     def backend(self, command: str, **args: Any) -> Any:
         """Run a control command on the backend; raises MachineError with its QMP error."""
         return self._control.execute(command, args)
@@ -383,10 +384,10 @@ class Machine:
     # --- detached VMs (viommu up) ---------------------------------------------------------------
 
     def _save_run_state(self) -> None:
-        backend_pid = self._backend.pid if self._backend is not None else None
-        boot = self._prepared()
+        boot, backend = self._prepared(), self._backend
         runs.RunState(name=self.name, profile=self._profile_ref, accel=self.accel,
-                      qemu_pid=self._qemu.pid, backend_pid=backend_pid, started=time.time(),
+                      qemu_pid=self._qemu.pid, backend_pid=backend.pid if backend else None,
+                      started=time.time(),
                       workdir=str(self.workdir), sockets=dict(self._sockets), arch=self.arch,
                       kernel=self.kernel_spec, kernel_release=boot.image.kernel.release,
                       kernel_origin=boot.image.kernel.origin,

@@ -44,8 +44,10 @@ class EventCommands:
         self.device = device
         self.relay = relay
         self.page_requests = page_requests
+        self.control: ControlServer | None = None
 
     def register(self, control: ControlServer) -> None:
+        self.control = control  # when the command being served arrived
         control.register(Command("inject-event", self.inject_event, (
             Arg("type", (str, int), True, "SMMUv3 event name (C_BAD_STE) or ID"),
             Arg("sid", (int,), True, "StreamID = virtio-iommu endpoint ID"),
@@ -78,13 +80,14 @@ class EventCommands:
         record = record_from_args(event_id, sid, args)
         if is_config_event(event_id):
             self.device.note_config_fault(sid, event_id.name)
-        before = self.relay.counters()
-        first = self.relay.submit_burst(record, count)[0]
-        after = self.relay.counters()
+        relay = self.relay
+        lost, not_forwarded = relay.lost, relay.not_forwarded
+        arrived_ns = self.control.arrival_ns if self.control else 0
+        first = relay.submit_burst(record, count, arrived_ns)[0]
         # The FIFO is delivered in order, so this burst's records are the last ones pending.
-        pending = min(after["pending"], count)
-        lost = after["lost"] - before["lost"]
-        not_forwarded = after["not_forwarded"] - before["not_forwarded"]
+        pending = min(relay.pending, count)
+        lost = relay.lost - lost
+        not_forwarded = relay.not_forwarded - not_forwarded
         return {"seq": first.seq, "count": count, "pending": pending, "lost": lost,
                 "not_forwarded": not_forwarded,
                 "delivered": count - pending - lost - not_forwarded,
@@ -92,8 +95,11 @@ class EventCommands:
                 "note": first.note or None}
 
     def query_events(self, args: dict) -> dict:
+        counters = self.relay.counters()  # first: brings the trace states up to date
         trace = trace_slice(self.relay.trace, lambda e: e.seq, args)
-        return {**self.relay.counters(), "page_requests": self.page_requests.counters(),
+        return {**counters, "page_requests": self.page_requests.counters(),
+                # command arrival -> record in the used ring and the driver notified
+                "delivery_us": self.relay.delivery_latency(),
                 "trace": [e.to_dict() for e in trace]}
 
 
