@@ -116,17 +116,6 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def forwarded_args(argv: list[str]) -> list[str]:
-    """What of ./scripts/bench's arguments this script takes (--rounds N)."""
-    out = []
-    for i, arg in enumerate(argv):
-        if arg == "--rounds" and i + 1 < len(argv):
-            out += ["--rounds", argv[i + 1]]
-        elif arg.startswith("--rounds="):
-            out.append(arg)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")

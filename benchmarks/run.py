@@ -1,10 +1,11 @@
 """Run every benchmark, print one table of figures and ratios, write bench-results.json.
 
-    ./scripts/bench [--rounds N] [--maps N]    (set-up first, then this)
+    ./scripts/bench [--rounds N] [--maps N] [--boot-rounds N]    (set-up first, then this)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -12,9 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from blk import forwarded_args as blk_args
 from blk import table_rows as blk_rows
-from plot import plot
 
 from viommu.vm import paths
 
@@ -133,7 +132,31 @@ def table(results: dict) -> str:
                      for r in rows)
 
 
+def count(least: int):
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= {least}")
+        return int(text)
+    return parse
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Checked before anything runs: a typo should not cost a half-hour run."""
+    parser = argparse.ArgumentParser(
+        prog="./scripts/bench", description="Run every benchmark and print figures beside "
+        "their anchors as ratios; writes bench-results.json and bench-latency.png.")
+    parser.add_argument("--rounds", type=count(1), default=3,
+                        help="VMs of each kind booted, per benchmark (default 3)")
+    parser.add_argument("--maps", type=count(1), default=2000,
+                        help="map/unmap iterations a round (default 2000)")
+    parser.add_argument("--boot-rounds", type=count(0), default=6,
+                        help="further boots of each kind, for the boot ratio (default 6)")
+    return parser.parse_args(argv)
+
+
 def main() -> None:
+    args = parse_args(sys.argv[1:])
+    rounds = ["--rounds", str(args.rounds)]
     results: dict = {}
     print("==> engine translation benchmark", flush=True)
     results.update(run_json("translate.py"))
@@ -141,13 +164,15 @@ def main() -> None:
     results.update(run_json("engine_dma.py"))
     print("==> guest benchmarks (rounds of VMs: none, ours, ours as a null device, QEMU's; "
           "then pairs mapping at once)", flush=True)
-    results.update(run_json("guest.py", *sys.argv[1:]))
+    results.update(run_json("guest.py", *rounds, "--maps", str(args.maps),
+                            "--boot-rounds", str(args.boot_rounds)))
     print("==> guest block I/O (rounds of three VMs: our virtio-blk, QEMU's with its "
           "virtio-iommu, QEMU's without an IOMMU)", flush=True)
-    results.update(run_json("blk.py", *blk_args(sys.argv[1:])))
+    results.update(run_json("blk.py", *rounds))
     results["machine"].update(cores=os.cpu_count(), qemu=qemu_version())
     out = ROOT / "bench-results.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
+    from plot import plot  # matplotlib: the bench extra, needed only now
     plot(results, ROOT / "bench-latency.png")
     print(table(results))
     print(f"machine: {results['machine']}")
