@@ -1,6 +1,9 @@
 """Guest-side benchmarks, each beside its anchor in the same run: VFIO map/unmap latency
-through our device and through QEMU's in-process virtio-iommu-pci (same guest kernel), boot
-time with and without our vIOMMU, endpoint DMA throughput, and the fault round trip.
+through our device, through our device in its null mode (every request answered S_OK,
+nothing done: the transport's own cost) and through QEMU's in-process virtio-iommu-pci (same
+guest kernel); the CPU each spends on that work; the same with two VMs of a kind mapping at
+once on the host's cores (benchmarks/contended.py); boot time with and without our vIOMMU;
+endpoint DMA throughput; the event path's latency in the backend and to the guest's line.
 
 Each round boots one VM of each kind, interleaved so that a slow patch of the machine hits
 all of them; figures are medians over the rounds, and the JSON keeps every round. Boot
@@ -19,27 +22,24 @@ import tempfile
 import time
 from pathlib import Path
 
+from contended import CONTENDED, contended_round, summarize_contended
+from maplat import machine as vm_of
+from maplat import map_latency, percentile, spread
+
 from viommu.vm.machine import Machine
 
-BDF = "0000:01:00.0"
 DMA_LEN = 64 * 1024
 DMA_REPEAT = 200
-# name in the results -> Machine's `iommu`; boot-time baseline first
-KINDS = {"none": "none", "viommu": "viommu", "qemu_virtio_iommu_pci": "qemu"}
-DEVICES = ("viommu", "qemu_virtio_iommu_pci")  # the two whose latencies are compared
+EVENTS = 200  # single injections for the event path's latency
+# name in the results -> Machine's `iommu` and the backend's arguments; boot baseline first
+KINDS = {"none": ("none", ()), "viommu": ("viommu", ()),
+         "viommu_null": ("viommu", ("--null-device",)), "qemu_virtio_iommu_pci": ("qemu", ())}
+DEVICES = ("viommu", "viommu_null", "qemu_virtio_iommu_pci")  # whose latencies are compared
+OURS, FLOOR, QEMU = DEVICES
 
 
-def map_latency(vm: Machine, count: int) -> dict:
-    """Guest VFIO map and unmap of 4 KiB, `count` times (viommu-vfio maplat): medians and
-    percentiles 0..100, in µs."""
-    vm.run(f"viommu-vfio bind {BDF}").check()
-    out = vm.run(f"viommu-vfio maplat {BDF} {count}", timeout=600).check().output
-    result = {}
-    for op in ("map", "unmap"):
-        result[f"{op}_median_us"] = int(re.search(rf"{op}_median_ns=(\d+)", out)[1]) / 1000
-        line = re.search(rf"{op}_percentiles_ns=([\d,]+)", out)[1]
-        result[f"{op}_percentiles_us"] = [int(v) / 1000 for v in line.split(",")]
-    return result
+def machine(workdir: Path, name: str, tag: str) -> Machine:
+    return vm_of(workdir, name, tag, *KINDS[name])
 
 
 def dma_throughput(vm: Machine) -> float:
@@ -65,27 +65,47 @@ def fault_roundtrip(vm: Machine, count: int = 8) -> float:
     return statistics.median(samples)
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": values}
+def event_delivery(vm: Machine, count: int = EVENTS, gap_s: float = 0.002) -> dict:
+    """Per injected event, as the backend measures it: from the control command's arrival
+    to its record in the eventq's used ring and the driver notified (µs). One event at a
+    time, `gap_s` apart, each once the one before reached the guest (the guest takes its
+    records and re-posts their buffers in its interrupt handler: a record that finds no
+    buffer would measure the guest, not the backend)."""
+    first = None
+    for i in range(count):
+        deadline = time.monotonic() + 5
+        while vm.backend("query-events", limit=0)["pending"] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        reply = vm.inject("F_TRANSLATION", address=0x100000 + 0x1000 * i)
+        first = reply["seq"] if first is None else first
+        time.sleep(gap_s)
+    trace = vm.backend("query-events", since=first - 1, limit=count)["trace"]
+    samples = sorted(e["delivery_us"] for e in trace if "delivery_us" in e)
+    return {"median": statistics.median(samples), "p99": percentile(samples, 0.99),
+            "samples": len(samples), "injected": count,
+            "event_thread": vm.backend("query-status")["event_thread"] is not None}
 
 
 def run_round(workdir: Path, index: int, maps: int, last: bool) -> dict:
-    """One VM of each kind: boot times, map latencies; on the last round, the figures
-    that need one VM only (DMA, fault round trip, machine)."""
+    """One VM of each kind: boot times, map latencies and CPU; then the contended runs; on
+    the last round, the figures that need one VM only (DMA, events, machine)."""
     out: dict = {"boot_s": {}, "latency": {}}
     for name in KINDS:
-        with _machine(workdir, name, f"round{index}") as vm:
+        with machine(workdir, name, f"round{index}") as vm:
             out["boot_s"][name] = vm.boot_seconds
             if name not in DEVICES:
                 continue
             out["latency"][name] = map_latency(vm, maps)
-            if last and name == "viommu":
-                out["fault_roundtrip_ms"] = fault_roundtrip(vm)
-                out["dma_mbps"] = dma_throughput(vm)
+            if last and name == OURS:
                 out["request_thread"] = vm.backend("query-status")["request_thread"]
+                out["fault_roundtrip_ms"] = fault_roundtrip(vm)  # first: the guest's line
+                out["event_delivery_us"] = event_delivery(vm)   # rate limit is not used up
+                out["event_delivery_sparse_us"] = event_delivery(vm, gap_s=0.01)
+                out["dma_mbps"] = dma_throughput(vm)
                 out["machine"] = {"accel": vm.accel,
                                   "kernel": vm.run("uname -r").check().output.strip()}
+    out["contended"] = {name: contended_round(workdir, name, f"round{index}", maps)
+                        for name in CONTENDED}
     return out
 
 
@@ -93,21 +113,25 @@ def boot_round(workdir: Path, index: int) -> dict:
     """Boot times only: boot varies by a few percent from one boot to the next, more than
     the vIOMMU adds, so the ratio needs more boots than the latency rounds give."""
     boots = {}
-    for name in KINDS:
-        with _machine(workdir, name, f"boot{index}") as vm:
+    for name in ("none", OURS, QEMU):
+        with machine(workdir, name, f"boot{index}") as vm:
             boots[name] = vm.boot_seconds
     return {"boot_s": boots}
 
 
-def _machine(workdir: Path, name: str, tag: str) -> Machine:
-    return Machine("default", workdir=workdir / f"{name}-{tag}", name=f"{name}-{tag}",
-                   iommu=KINDS[name])
+def ratio_spread(rounds: list[dict], key: str, mine: str, theirs: str) -> tuple[float, dict]:
+    """Ratio of the medians over rounds, and the spread of the per-round ratios."""
+    ours = statistics.median(r["latency"][mine][key] for r in rounds)
+    anchor = statistics.median(r["latency"][theirs][key] for r in rounds)
+    return ours / anchor, spread([r["latency"][mine][key] / r["latency"][theirs][key]
+                                  for r in rounds])
 
 
 def summarize(rounds: list[dict], boot_only: list[dict], maps: int) -> dict:
     last = rounds[-1]
     results: dict = {key: last[key] for key in ("fault_roundtrip_ms", "dma_mbps", "machine",
-                                                  "request_thread")}
+                                                  "request_thread", "event_delivery_us",
+                                                  "event_delivery_sparse_us")}
     results["rounds"] = len(rounds)
     results["maps_per_round"] = maps
     for op in ("map", "unmap"):
@@ -118,20 +142,32 @@ def summarize(rounds: list[dict], boot_only: list[dict], maps: int) -> dict:
         results[f"{op}_latency_percentiles_us"] = {
             name: [r["latency"][name][f"{op}_percentiles_us"] for r in rounds]
             for name in DEVICES}
-        ratios = [r["latency"]["viommu"][f"{op}_median_us"]
-                  / r["latency"]["qemu_virtio_iommu_pci"][f"{op}_median_us"] for r in rounds]
-        results[f"{op}_latency_ratio_vs_qemu"] = (results[f"{op}_latency_us"]["viommu"]
-                                                  / results[f"{op}_latency_us"][
-                                                      "qemu_virtio_iommu_pci"])
-        results[f"{op}_latency_ratio_spread"] = spread(ratios)
+        key = f"{op}_median_us"
+        (results[f"{op}_latency_ratio_vs_qemu"],
+         results[f"{op}_latency_ratio_spread"]) = ratio_spread(rounds, key, OURS, QEMU)
+        (results[f"{op}_latency_ratio_vs_floor"],
+         results[f"{op}_latency_ratio_vs_floor_spread"]) = ratio_spread(rounds, key, OURS, FLOOR)
+    cpu = {name: spread([r["latency"][name]["qemu_cpu_per_10k_s"] for r in rounds])
+           for name in DEVICES}
+    backend = {name: spread([r["latency"][name]["backend_cpu_per_10k_s"] for r in rounds])
+               for name in (OURS, FLOOR)}
+    results["backend_cpu_per_10k_maps_s"] = backend[OURS]["median"]
+    # QEMU's device runs in the vCPU thread (TCG, no ioeventfd): its CPU is what QEMU spends
+    # for the same guest work beyond a VM whose device does nothing (our null device).
+    results["qemu_device_cpu_per_10k_maps_s"] = statistics.median(
+        r["latency"][QEMU]["qemu_cpu_per_10k_s"] - r["latency"][FLOOR]["qemu_cpu_per_10k_s"]
+        for r in rounds)
+    results["cpu_per_10k_maps_s"] = {"backend": backend, "qemu_process": cpu}
+    results.update(summarize_contended([r["contended"] for r in rounds]))
     every_boot = rounds + boot_only
-    boots = {kind: spread([r["boot_s"][kind] for r in every_boot]) for kind in KINDS}
+    names = ("none", OURS, QEMU)
+    boots = {kind: spread([r["boot_s"][kind] for r in every_boot]) for kind in names}
     results["boot_s_without_viommu"] = boots["none"]["median"]
-    results["boot_s_with_viommu"] = boots["viommu"]["median"]
-    results["boot_s_qemu_virtio_iommu"] = boots["qemu_virtio_iommu_pci"]["median"]
+    results["boot_s_with_viommu"] = boots[OURS]["median"]
+    results["boot_s_qemu_virtio_iommu"] = boots[QEMU]["median"]
     results["boot_spread_s"] = boots
     results["boot_ratio"] = results["boot_s_with_viommu"] / results["boot_s_without_viommu"]
-    results["boot_ratio_spread"] = spread([r["boot_s"]["viommu"] / r["boot_s"]["none"]
+    results["boot_ratio_spread"] = spread([r["boot_s"][OURS] / r["boot_s"]["none"]
                                            for r in every_boot])
     return results
 

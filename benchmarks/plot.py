@@ -1,5 +1,7 @@
-"""Latency distributions of guest VFIO map and unmap, our device beside QEMU's in-process
-virtio-iommu-pci, from bench-results.json: one CDF a round and device.
+"""Latency distributions from bench-results.json, one CDF a round and device: guest VFIO map
+and unmap through our device, its null mode (the transport's floor) and QEMU's in-process
+virtio-iommu-pci; and, beside them, map with two VMs of a kind mapping at once (our device
+with its adaptive poll window, with a fixed one, and QEMU's).
 
     .venv/bin/python benchmarks/plot.py [bench-results.json] [-o bench-latency.png]
 """
@@ -16,26 +18,44 @@ matplotlib.use("Agg")  # files only: no display on a CI machine
 import matplotlib.pyplot as plt  # noqa: E402
 
 LABELS = {"viommu": "viommu (out of process)",
+          "viommu_null": "viommu --null-device (transport floor)",
+          "viommu_fixed_poll": "viommu, fixed 200 µs poll window",
           "qemu_virtio_iommu_pci": "QEMU virtio-iommu-pci (in process)"}
-COLORS = {"viommu": "tab:blue", "qemu_virtio_iommu_pci": "tab:orange"}
+COLORS = {"viommu": "tab:blue", "viommu_null": "tab:gray", "viommu_fixed_poll": "tab:red",
+          "qemu_virtio_iommu_pci": "tab:orange"}
+PERCENT = list(range(101))
+
+
+def _curves(ax, per_device: dict) -> None:
+    for device, rounds in per_device.items():
+        for i, curve in enumerate(rounds):
+            ax.plot(curve, PERCENT, color=COLORS[device], alpha=0.75, linewidth=1.1,
+                    label=LABELS[device] if i == 0 else None)
+
+
+def _style(ax, xlabel: str, title: str) -> None:
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
 
 
 def plot(results: dict, out: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    percent = list(range(101))
-    for ax, op in zip(axes, ("map", "unmap"), strict=True):
-        for device, rounds in results[f"{op}_latency_percentiles_us"].items():
-            for i, curve in enumerate(rounds):
-                ax.plot(curve, percent, color=COLORS[device], alpha=0.8, linewidth=1.2,
-                        label=LABELS[device] if i == 0 else None)
-            ax.axvline(results[f"{op}_latency_us"][device], color=COLORS[device],
-                       linestyle=":", linewidth=1)
-        ax.set_xscale("log")
-        ax.set_xlabel(f"guest VFIO {op} of 4 KiB, µs (log)")
-        ax.set_title(f"{op}: median ratio {results[f'{op}_latency_ratio_vs_qemu']:.2f}")
-        ax.grid(True, which="both", alpha=0.3)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), sharey=True)
+    for ax, op in zip(axes, ("map", "unmap"), strict=False):
+        _curves(ax, results[f"{op}_latency_percentiles_us"])
+        for device, median in results[f"{op}_latency_us"].items():
+            ax.axvline(median, color=COLORS[device], linestyle=":", linewidth=1)
+        _style(ax, f"guest VFIO {op} of 4 KiB, µs (log)",
+               f"{op}: ours/QEMU {results[f'{op}_latency_ratio_vs_qemu']:.2f}, "
+               f"ours/floor {results[f'{op}_latency_ratio_vs_floor']:.2f}")
+    contended = {device: [curve for pair in rounds for curve in pair]
+                 for device, rounds in results["contended_percentiles_us"].items()}
+    _curves(axes[2], contended)
+    _style(axes[2], "map of 4 KiB, two VMs of a kind mapping at once, µs (log)",
+           f"contended map: ours/QEMU {results['map_latency_ratio_contended']:.2f}")
     axes[0].set_ylabel("percent of calls at or below")
-    axes[0].legend(loc="lower right", fontsize=8)
     machine = results.get("machine", {})
     fig.suptitle(f"{results['rounds']} rounds x {results['maps_per_round']} calls, "
                  f"{machine.get('accel', '?').upper()}, {machine.get('cores', '?')} cores, "

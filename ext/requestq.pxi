@@ -9,59 +9,16 @@
 # and UNMAP): the chain is left pending in the VirtQueue and the backend's loop serves it
 # (and the rest of the ring) with `VirtQueue.process_requests`.
 #
+# The busy-poll window adapts to what polling earns (poll_policy.pxi). In the benchmark
+# mode `null_device` the thread answers every request S_OK and does nothing else: the floor
+# that the transport itself costs.
+#
 # Sharing: the thread touches the VirtQueue, guest memory and the MAP tables only while it
 # holds the `DataplaneLock`; the backend's loop holds that lock whenever it is not waiting
-# in select (viommu.dataplane.requestq.dataplane_event_loop), so Python code on the loop
-# may change any of them.
-
-from libc.stdint cimport int64_t
-from posix.time cimport clock_gettime, CLOCK_MONOTONIC, CLOCK_REALTIME, timespec
-from posix.unistd cimport close, dup, read, write
-
-
-cdef extern from "<sys/eventfd.h>" nogil:
-    int eventfd(unsigned int initval, int flags)
-    enum:
-        EFD_CLOEXEC
-        EFD_NONBLOCK
-
-cdef extern from "<sys/epoll.h>" nogil:
-    union epoll_data_t "epoll_data":
-        int fd
-        uint64_t u64
-    struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-    enum:
-        EPOLLIN
-        EPOLL_CTL_ADD
-        EPOLL_CLOEXEC
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-
+# in select (viommu.dataplane.loop), so Python code on the loop may change any of them.
 
 cdef enum:
     DEFAULT_TRACE_CAPACITY = 16384
-
-
-cdef inline int64_t monotonic_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
-
-cdef inline double wall_time() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_REALTIME, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
-
-cdef void eventfd_signal(int fd) noexcept nogil:
-    cdef uint64_t one = 1
-    write(fd, &one, 8)  # EAGAIN only when the counter is saturated: already signalled
-
-cdef void eventfd_clear(int fd) noexcept nogil:
-    cdef uint64_t value
-    read(fd, &value, 8)
 
 
 cdef struct FastDomain:
@@ -86,14 +43,18 @@ cdef class RequestServer:
     which MAP/UNMAP may succeed here, `wake_fd` becomes readable when the thread needs
     Python (`take_wake`: a chain handed off, the driver wants an interrupt, the trace wants
     draining), `resume` lets the thread go on after a hand-off, `drain` returns what it
-    served. `poll_us` is the busy-poll window after the last request (0: kicks only).
+    served. `poll_us` caps the busy-poll window after the last request (0: kicks only);
+    `adaptive` lets the window follow what polling earns (poll_policy.pxi), else it is
+    always `poll_us`. `null_device`: every request is answered S_OK and nothing is done
+    (a benchmark's floor; nothing reaches Python).
     """
 
     cdef DataplaneLock lock
     cdef VirtQueue vq
     cdef int kick_fd, stop_fd, epoll_fd
     cdef readonly int wake_fd
-    cdef readonly int64_t poll_ns
+    cdef PollState poll
+    cdef readonly bint null_device
     # what may succeed here: the device's rules
     cdef bint map_unmap
     cdef MapLimits rules
@@ -111,11 +72,13 @@ cdef class RequestServer:
     cdef object _thread
 
     def __cinit__(self, DataplaneLock lock not None, VirtQueue vq not None, int kick_fd,
-                  double poll_us=200.0, size_t trace_capacity=DEFAULT_TRACE_CAPACITY):
+                  double poll_us=200.0, size_t trace_capacity=DEFAULT_TRACE_CAPACITY,
+                  bint adaptive=True, bint null_device=False):
         cdef epoll_event ev
         self.lock = lock
         self.vq = vq
-        self.poll_ns = <int64_t>(poll_us * 1000)
+        poll_init(&self.poll, <int64_t>(poll_us * 1000), adaptive)
+        self.null_device = null_device
         self.kick_fd = self.stop_fd = self.wake_fd = self.epoll_fd = -1
         self._domain_owners = []
         self.served_cap = max(trace_capacity, <size_t>1)
@@ -219,6 +182,10 @@ cdef class RequestServer:
     def handing_off(self) -> bool:
         return self.handoff
 
+    def poll_counters(self) -> dict:
+        """The busy-poll window now and what the policy saw (poll_policy.pxi)."""
+        return poll_counters(&self.poll)
+
     def drain(self) -> tuple:
         """The MAP/UNMAP served here since the last drain, oldest first, as tuples
         (time, type, domain, virt_start, virt_end, phys_start, flags); then how many more
@@ -238,7 +205,7 @@ cdef class RequestServer:
     # --- the thread --------------------------------------------------------------------
 
     cdef void _run(self) noexcept nogil:
-        cdef int64_t last_work = monotonic_ns()
+        cdef int64_t last_work = monotonic_ns(), now, poll_cpu = 0, poll_switches = 0
         cdef bint polling = False
         cdef bint pending
         cdef int served
@@ -256,19 +223,33 @@ cdef class RequestServer:
                 eventfd_signal(self.wake_fd)
             while self.handoff and not self.stopping:
                 pthread_cond_wait(&self.lock.cond, &self.lock.mutex)
+            now = monotonic_ns()
             if served:
-                last_work = monotonic_ns()
-            if self.poll_ns > 0 and monotonic_ns() - last_work < self.poll_ns:
+                # What polling earned: a request found while polling, or one that came
+                # while the thread slept or was giving up.
+                if polling:
+                    poll_hit(&self.poll, now - last_work, thread_cpu_ns() - poll_cpu,
+                             thread_preemptions() - poll_switches)
+                else:
+                    poll_unpolled(&self.poll, now - last_work)
+                last_work = now
+                polling = False
+            if self.poll.window_ns > 0 and now - last_work < self.poll.window_ns:
                 if not polling:
                     self.vq._suppress_kicks(True)
                     polling = True
+                    poll_cpu = thread_cpu_ns()
+                    poll_switches = thread_preemptions()
                 pthread_mutex_unlock(&self.lock.mutex)
                 viommu_cpu_relax()
                 continue
+            if polling:
+                poll_miss(&self.poll, now - last_work, thread_cpu_ns() - poll_cpu,
+                          thread_preemptions() - poll_switches)
+                polling = False
             # Going to sleep: kicks back on, then look once more, or a request made
             # available just before the flag cleared would wait for the next kick.
             self.vq._suppress_kicks(False)
-            polling = False
             pending = self.vq._avail_pending() != 0 and not self.paused
             pthread_mutex_unlock(&self.lock.mutex)
             if not pending:
@@ -303,6 +284,12 @@ cdef class RequestServer:
             req_type = _gather(self.vq, &chain)
             if req_type < 0:
                 self.vq._add_used(head, 0)  # the spec's answer to an unparsable request
+                continue
+            if self.null_device:  # S_OK in the tail, after any PROBE properties (none)
+                _scatter_tail(&chain, <uint32_t>(chain.writable - sizeof(virtio_iommu_req_tail)),
+                              VIRTIO_IOMMU_S_OK)
+                self.vq._add_used(head, <uint32_t>chain.writable)
+                self.fast_requests += 1
                 continue
             if not self._serve_here(req_type, &chain):
                 self.vq._keep_pending(head)

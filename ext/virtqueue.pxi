@@ -296,22 +296,29 @@ cdef class VirtQueue:
             self._push_used(head, req._complete(status, payload))
 
     def push_event(self, const uint8_t[::1] record not None) -> bool:
-        """Write one fault record into the next driver-posted buffer.
+        """Write one fault record into the next driver-posted buffer (`_push_record`).
+        Returns False when the driver has posted no buffer."""
+        cdef int rc = self._push_record(&record[0] if record.shape[0] else NULL,
+                                        record.shape[0])
+        if rc == -2:
+            raise RingError(self.ring_error_text())
+        return rc == 1
 
-        Returns False when the driver has posted no buffer. A buffer that is malformed or
-        too small for the record is returned with used length 0 (the spec forbids
-        splitting a record across buffers) and the next one is tried.
-        """
+    cdef int _push_record(self, const uint8_t *record, uint32_t n) noexcept nogil:
+        """Write one fault record into the next driver-posted buffer and publish it.
+        1: written; 0: the driver has posted no buffer; -2: the ring is broken
+        (`ring_error`). A buffer that is malformed or too small for the record is returned
+        with used length 0 (the spec forbids splitting a record across buffers) and the
+        next one is tried."""
         cdef uint16_t head
         cdef int rc
         cdef unsigned int k
         cdef uint64_t room
-        cdef uint32_t n = record.shape[0]
         cdef uint32_t done, chunk
         while True:
-            rc = self._pop(&head)
-            if rc == 0:
-                return False
+            rc = self._pop_chain(&head)
+            if rc == 0 or rc == -2:
+                return rc
             if rc < 0:
                 self._push_used(head, 0)
                 continue
@@ -329,8 +336,8 @@ cdef class VirtQueue:
             k = 0
             while done < n:
                 chunk = min(self.seg_len[k], n - done)
-                memcpy(self.seg_ptr[k], &record[done], chunk)
+                memcpy(self.seg_ptr[k], record + done, chunk)
                 done += chunk
                 k += 1
             self._push_used(head, n)
-            return True
+            return 1

@@ -8,46 +8,39 @@ state, and serves the thread's wake-ups (hand-offs to Python, trace draining).
 from __future__ import annotations
 
 import os
-import select
 import time
 
-from viommu._dataplane import DataplaneLock, VirtQueue
-from viommu.dataplane.requestq import RequestQueue
+from fake_loop import FakeLoop
+
+from viommu._dataplane import VirtQueue
+from viommu.dataplane.requestq import RequestQueue, RequestThreadOptions
 from viommu.device.virtio_iommu import VirtioIommuDevice
 from virtio_driver import FakeDriver
 
 
-class ThreadServedRing:
+class ThreadServedRing(FakeLoop):
     """Plays the transport (the ring, its kick fd, its notify) and the device's health
     (ring errors are kept) for a RequestQueue with a thread."""
 
     def __init__(self, device: VirtioIommuDevice, poll_us: float = 0,
-                 mem_size: int = 4 << 20) -> None:
+                 mem_size: int = 4 << 20, adaptive: bool = True,
+                 null_device: bool = False) -> None:
+        super().__init__()
         self.driver = FakeDriver(queue_size=64, mem_size=mem_size)
         self.device = device
-        self.lock = DataplaneLock()
         self.vq: VirtQueue = self.driver.vq
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.readers: dict[int, object] = {}
         self.ring_errors: list[str] = []  # what Python raised serving a hand-off
         self.notifies = 0
         self.broken: str | None = None
         with self.lock:
-            self.service = RequestQueue(device, self, self, (self.lock, self), poll_us)
+            self.service = RequestQueue(device, self, self, (self.lock, self),
+                                        RequestThreadOptions(poll_us, adaptive, null_device))
 
-    # --- the transport's side (Ring) and the loop's (Readers) ------------------------------
+    # --- the transport's side (Ring; the loop's Readers are FakeLoop's) --------------------
 
     def notify(self) -> None:
         self.notifies += 1
-
-    def signal_error(self) -> bool:
-        return False
-
-    def add_reader(self, fd: int, callback) -> None:
-        self.readers[fd] = callback
-
-    def remove_reader(self, fd: int) -> bool:
-        return self.readers.pop(fd, None) is not None
 
     # --- the device's health (DeviceHealth): a broken ring is recorded, not served ---------
 
@@ -61,13 +54,6 @@ class ThreadServedRing:
 
     def kick_now(self) -> None:
         os.eventfd_write(self.kick_fd, 1)
-
-    def serve_wakeups(self, timeout: float = 0) -> None:
-        """What the loop does when the thread's wake fd is readable."""
-        fds = list(self.readers)
-        if fds and select.select(fds, [], [], timeout)[0]:
-            with self.lock:
-                self.service._on_wake()
 
     def wait_used(self, count: int, timeout: float = 5) -> None:
         """Until the used index reaches `count` (or Python found the ring broken)."""

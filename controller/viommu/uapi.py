@@ -1,7 +1,10 @@
-"""virtio-iommu constants for Python (virtio spec 5.13, Linux include/uapi/linux/virtio_iommu.h).
+"""Spec constants for Python: virtio-iommu (virtio spec 5.13, Linux
+include/uapi/linux/virtio_iommu.h), and the virtio transport, virtio PCI and virtio-blk ones
+the block endpoint uses (spec 2.1, 4.1, 5.2; Linux virtio_config.h, virtio_pci.h,
+virtio_blk.h).
 
-Every value is defined once, in the data plane's header ext/uapi/virtio_iommu.pxd (named as
-Linux names it: VIRTIO_IOMMU_S_OK, VIRTIO_IOMMU_MAP_F_READ, ...), which the extension
+Every value is defined once, in the data plane's headers ext/uapi/*.pxd (named as Linux
+names it: VIRTIO_IOMMU_S_OK, VIRTIO_IOMMU_MAP_F_READ, ...), which the extension
 viommu._dataplane exports. This module is its Python face: each enum here is built from the
 extension's enum of the same name, with the common prefix dropped from member names
 (Status.S_OK, MapFlag.READ, Feature.F_MAP_UNMAP; RequestType keeps its full names), as a
@@ -9,8 +12,8 @@ plain `enum.IntEnum`, or `enum.IntFlag` for bit flags. The extension's own enums
 value (an unknown one gets a nameless pseudo-member) and do not combine as flags, so Python
 code uses these. Sizes are the headers' `sizeof`s.
 
-Defined here, because nothing in C uses them: the virtio and vhost-user feature bits that
-are not the device's, and the x86 MSI window.
+Defined here, because nothing in C uses them: vhost-user's feature bit, and the x86 MSI
+window.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ __all__ = [
     "InvalidateScope", "InvalidateCache", "InvalidateFlag", "VIOMMU_F_PAGE_REQUEST",
     "ExtFaultFlag", "PageRespCode", "PAGE_RESP_F_PASID_VALID",
     "EXT_FAULT_RECORD_SIZE", "VIRTIO_ID_IOMMU", "NUM_QUEUES", "python_enum",
+    "DeviceStatus", "TransportFeature", "RingFeature", "VIRTIO_F_ACCESS_PLATFORM",
+    "VirtioPciCapType", "CommonCfg", "BlkFeature", "BlkRequestType", "BlkStatus",
 ]
 
 
@@ -64,10 +69,8 @@ FAULT_RECORD_SIZE = hw.FAULT_RECORD_SIZE
 PROBE_PROPERTY_HEADER_SIZE = hw.PROBE_PROPERTY_HEADER_SIZE
 RESV_MEM_PROPERTY_SIZE = hw.RESV_MEM_PROPERTY_SIZE
 
-# Not the device's features: the virtio transport's (spec 6, "Reserved Feature Bits") and
-# vhost-user's protocol-features bit, which travels in the same feature word
+# vhost-user's protocol-features bit, which travels in the device's feature word
 # (QEMU docs/interop/vhost-user.rst).
-VIRTIO_F_VERSION_1 = 32
 VHOST_USER_F_PROTOCOL_FEATURES = 30
 
 # x86 MSI doorbell window (the LAPIC range), reported as RESV_MEM_T_MSI in PROBE.
@@ -95,3 +98,25 @@ PageRespCode = python_enum(hw.PageRespCode, "VIRTIO_IOMMU_PAGE_RESP_",
                            doc="PAGE_RESP `code` (VIRTIO_IOMMU_PAGE_RESP_*).")
 PAGE_RESP_F_PASID_VALID = hw.VIRTIO_IOMMU_PAGE_RESP_F_PASID_VALID
 EXT_FAULT_RECORD_SIZE = hw.EXT_FAULT_RECORD_SIZE
+
+
+# --- the virtio transport, virtio PCI and virtio-blk (ext/uapi/virtio_config.pxd,
+# virtio_ring.pxd, virtio_pci.pxd, virtio_blk.pxd) ---------------------------------------------
+DeviceStatus = python_enum(hw.DeviceStatus, "VIRTIO_CONFIG_S_", enum.IntFlag,
+                           doc="device_status bits (VIRTIO_CONFIG_S_*).")
+TransportFeature = python_enum(hw.TransportFeature, "VIRTIO_",
+                               doc="Reserved (transport) feature bit numbers (VIRTIO_F_*).")
+RingFeature = python_enum(hw.RingFeature, "VIRTIO_RING_",
+                          doc="Ring feature bit numbers (VIRTIO_RING_F_*).")
+VIRTIO_F_VERSION_1 = int(TransportFeature.F_VERSION_1)
+VIRTIO_F_ACCESS_PLATFORM = int(TransportFeature.F_ACCESS_PLATFORM)
+VirtioPciCapType = python_enum(hw.VirtioPciCapType, "VIRTIO_PCI_CAP_",
+                               doc="virtio PCI capability cfg_type (VIRTIO_PCI_CAP_*).")
+CommonCfg = python_enum(hw.CommonCfgOffset, "VIRTIO_PCI_COMMON_",
+                        doc="Offsets in the common configuration (VIRTIO_PCI_COMMON_*).")
+BlkFeature = python_enum(hw.BlkFeature, "VIRTIO_BLK_",
+                         doc="virtio-blk feature bit numbers (VIRTIO_BLK_F_*).")
+BlkRequestType = python_enum(hw.BlkRequestType, "VIRTIO_BLK_",
+                             doc="virtio-blk request types (VIRTIO_BLK_T_*).")
+BlkStatus = python_enum(hw.BlkStatus, "VIRTIO_BLK_",
+                        doc="virtio-blk request status (VIRTIO_BLK_S_*).")

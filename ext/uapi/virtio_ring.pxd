@@ -4,6 +4,11 @@
 
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
+# Ring features (spec 6 "Reserved Feature Bits"), with the transport's in uapi/virtio_config.pxd
+cpdef enum RingFeature:
+    VIRTIO_RING_F_INDIRECT_DESC = 28    # descriptors may point at tables of descriptors
+    VIRTIO_RING_F_EVENT_IDX = 29        # used_event / avail_event
+
 cdef enum:
     VRING_DESC_F_NEXT = 1           # the buffer continues in `next`
     VRING_DESC_F_WRITE = 2          # device-writable

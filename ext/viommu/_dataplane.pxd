@@ -6,3 +6,6 @@
 include "uapi/virtio_ring.pxd"
 include "uapi/virtio_iommu.pxd"
 include "uapi/smmuv3.pxd"
+include "uapi/virtio_config.pxd"
+include "uapi/virtio_pci.pxd"
+include "uapi/virtio_blk.pxd"

@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """viommu data plane: guest memory, split virtqueues, virtio-iommu requests, MAP domains,
-the translation engine and the requestq thread, compiled as one extension.
+the translation engine, the requestq thread and the virtio-blk endpoint's queue, compiled
+as one extension.
 
 The spec layouts and constants come from the headers under ext/uapi/ (included by this
 module's .pxd, which exports their `cpdef enum`s to Python; viommu.uapi is their Python
@@ -36,8 +37,14 @@ include "iotlb.pxi"            # cached translations
 include "streams.pxi"          # the stream table
 include "stage1.pxi"           # STE, CD and VMSAv8-64 table walks
 include "engine.pxi"           # Engine: the above composed, and its Python API
-include "dataplane_lock.pxi"   # the lock between the request thread and Python
+include "dataplane_lock.pxi"   # the lock between the queue threads and Python
+include "wakeups.pxi"          # eventfds, epoll and clocks for the queue threads
+include "poll_policy.pxi"      # how long the request thread busy-polls
 include "requestq.pxi"         # the requestq on its own thread
+include "blk_requests.pxi"     # virtio-blk requests against a backing file
+include "blkq.pxi"             # a virtio-blk endpoint's requestq, walked through translation
+include "virtio_layouts.pxi"   # virtio PCI capabilities and virtio-blk config, as bytes
+include "eventq.pxi"           # the eventq on its own thread
 
 
 # Sizes of the headers' structs that Python packs or checks (viommu.uapi re-exports them).

@@ -183,3 +183,16 @@ def test_sighup_then_ctrl_c_during_up_stop_what_it_started_with_one_line(
                                                                state.sockets["control"])
     assert runs.processes_of(directory) == []
     assert "no VMs" in ok(viommu(run_root, "ls"))
+
+
+def test_attach_blk_records_the_disk_with_the_guests_name_for_it_and_detach_removes_it(
+        run_root: Path) -> None:
+    ok(viommu(run_root, "up", "default", "--name", NAME, timeout=180))
+    attached = ok(viommu(run_root, "attach", NAME, "--port", "2", "--blk", timeout=90))
+    [disk] = runs.RunState.load(run_root / NAME).endpoints
+    assert disk["name"] == "disk2" and disk["disk"], disk  # vda...: seen by the guest
+    assert f"the guest's /dev/{disk['disk']}, image {disk['image']}" in attached, attached
+    assert "disk2 (endpoint 0x300) removed" in ok(viommu(run_root, "detach", NAME, "disk2",
+                                                         timeout=90))
+    assert runs.RunState.load(run_root / NAME).endpoints == []
+    ok(viommu(run_root, "down", NAME))

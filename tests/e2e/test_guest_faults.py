@@ -91,6 +91,17 @@ def test_injected_event_produces_the_exact_guest_line(
     assert re.fullmatch(fault_line(line).rstrip("$"), printed)
 
 
+def test_injected_event_goes_out_through_the_event_thread(
+        guest: Machine, inject: Callable[..., dict]) -> None:
+    before = guest.backend("query-status")["event_thread"]
+    reply = inject("F_TRANSLATION", EP, address=0x20000)
+    assert reply["delivered"] == 1
+    after = guest.backend("query-status")["event_thread"]
+    assert after["delivered_by_thread"] == before["delivered_by_thread"] + 1
+    [entry] = guest.backend("query-events", since=reply["seq"] - 1, limit=1)["trace"]
+    assert entry["state"] == "delivered" and entry["delivery_us"] > 0
+
+
 def test_injected_config_event_marks_the_stream_faulted(guest: Machine) -> None:
     guest.inject("C_BAD_STE", EP)
     [endpoint] = [e for e in guest.backend("query-endpoints") if e["endpoint"] == EP]

@@ -20,6 +20,7 @@ import pytest
 
 from viommu.provision import kconfig
 from viommu.provision.arch import get_arch
+from viommu.provision.initramfs import find_image
 from viommu.provision.kernels import resolve_kernel
 from viommu.vm.boot import KernelRefused
 from viommu.vm.machine import Machine
@@ -102,3 +103,4 @@ def test_a_kernel_without_virtio_iommu_is_refused_before_it_boots(
                                             r"\(the guest's virtio-iommu driver\)"):
         vm.launch()
     assert vm.qemu_pid is None  # nothing was started
+    assert find_image(resolve_kernel(str(tree), ARCH), ARCH) is None  # nor an initramfs built

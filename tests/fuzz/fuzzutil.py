@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,6 +118,18 @@ def leaked_fds(before: dict[int, str]) -> dict[int, str]:
     """fds open now that were not open (as the same object) before."""
     now = open_fds()
     return {fd: what for fd, what in now.items() if before.get(fd) != what}
+
+
+@contextlib.contextmanager
+def nothing_left_behind(thread: str):
+    """Around one input of a harness that starts a thread: when the block ends, as many
+    threads run as before (the thread ended on stop) and no fd was left open."""
+    threads_before = threading.active_count()
+    fds_before = open_fds()
+    yield
+    check(threading.active_count() == threads_before, f"{thread} outlived stop()")
+    leaked = leaked_fds(fds_before)
+    check(not leaked, f"fds leaked: {leaked}")
 
 
 # --- FuzzedDataProvider helpers --------------------------------------------------------------

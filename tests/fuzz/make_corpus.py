@@ -253,8 +253,47 @@ class Iommufd:
     }
 
 
+class BlkQueue:
+    harness = importlib.import_module("fuzz_blk_queue")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def observe(stats):
+        import blk_model
+
+        def execute(fn):
+            def wrapped(self):
+                status = fn(self)
+                stats[("status", status)] += 1
+                return status
+            return wrapped
+
+        def serve(fn):
+            def wrapped(self):
+                n = fn(self)
+                stats[("error", self.error)] += 1
+                stats["faults"] += len(self.faults)
+                return n
+            return wrapped
+        with patched(blk_model.Request, "execute", execute), \
+                patched(blk_model.Model, "serve", serve):
+            yield
+
+    predicates = {
+        "requests-ok": lambda s: s[("status", 0)] >= 2,
+        "io-error-and-unsupported": lambda s: s[("status", 1)] and s[("status", 2)],
+        "data-fault": lambda s: s["faults"] > 0 and s[("error", 0)] > 0,
+        "ring-fault": lambda s: s[("error", 1)] > 0,
+        "bad-indirect": lambda s: s[("error", 6)] > 0,
+        "loop-or-bad-next": lambda s: s[("error", 5)] or s[("error", 4)],
+        "readable-after-writable": lambda s: s[("error", 7)] > 0,
+        "avail-ahead": lambda s: s[("error", 2)] > 0,
+    }
+
+
 SEARCHED = {"fuzz_virtqueue": Virtqueue, "fuzz_vhost_user": VhostUser,
-            "fuzz_vfio_user": VfioUser, "fuzz_pagetables": Pagetables, "fuzz_iommufd": Iommufd}
+            "fuzz_vfio_user": VfioUser, "fuzz_pagetables": Pagetables, "fuzz_iommufd": Iommufd,
+            "fuzz_blk_queue": BlkQueue}
 
 
 def qmp(*requests: dict, negotiate: bool = True) -> bytes:

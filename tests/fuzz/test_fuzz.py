@@ -26,7 +26,8 @@ import pytest
 
 FUZZ_DIR = Path(__file__).resolve().parent
 HARNESSES = ["fuzz_virtqueue", "fuzz_vhost_user", "fuzz_vfio_user", "fuzz_control",
-             "fuzz_pagetables", "fuzz_iommufd", "fuzz_request_thread"]
+             "fuzz_pagetables", "fuzz_iommufd", "fuzz_request_thread", "fuzz_blk_queue",
+             "fuzz_event_thread"]
 CI_SECONDS = int(os.environ.get("VIOMMU_FUZZ_SECONDS", "8"))
 EXTRA_ARGS = {"fuzz_control": [f"-dict={FUZZ_DIR / 'control.dict'}"]}
 MAX_SEED = 4096

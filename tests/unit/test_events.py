@@ -4,11 +4,13 @@ relay's accounting: nothing vanishes."""
 from __future__ import annotations
 
 import struct
+import time
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from viommu.dataplane.records import RecordQueue
 from viommu.events.faults import FaultRecord, NotForwarded, fault_from_event
 from viommu.events.relay import EventRelay
 from viommu.events.smmuv3 import FETCH_EVENTS, EventClass, EventId, EventRecord, PageHint
@@ -165,6 +167,17 @@ class Guest:
         self.received.append(record)
         return True
 
+    def post(self, relay: EventRelay, buffers: int) -> int:
+        """Post `buffers` more buffers and let the relay deliver; the number delivered."""
+        self.buffers += buffers
+        return relay.deliver()
+
+
+def relay_to(guest: Guest, capacity: int = 1024) -> EventRelay:
+    relay = EventRelay(capacity=capacity)
+    relay.attach_sink(RecordQueue(guest))
+    return relay
+
 
 def bad_ste(sid: int = EP) -> EventRecord:
     return EventRecord(event_id=EventId.C_BAD_STE, sid=sid)
@@ -177,22 +190,34 @@ def accounted(relay: EventRelay) -> bool:
 
 
 def test_event_waits_while_the_guest_has_no_buffer_then_is_delivered() -> None:
-    relay = EventRelay()
+    guest = Guest(0)
+    relay = relay_to(guest)
     relay.submit(bad_ste())
-    assert relay.flush(Guest(0)) == 0
     assert relay.pending == 1
-    guest = Guest(1)
-    assert relay.flush(guest) == 1
+    assert guest.post(relay, 1) == 1
     assert relay.pending == 0 and relay.delivered == 1
     assert FaultRecord.decode(guest.received[0]).endpoint == EP
+    [entry] = relay.trace
+    assert entry.state == "delivered"
+
+
+def test_records_wait_in_the_relay_until_an_eventq_is_attached() -> None:
+    relay = EventRelay()
+    relay.submit(bad_ste(1))
+    relay.submit(bad_ste(2))
+    guest = Guest(10)
+    relay.attach_sink(RecordQueue(guest))
+    relay.deliver()
+    assert [FaultRecord.decode(r).endpoint for r in guest.received] == [1, 2]
+    assert relay.pending == 0 and relay.delivered == 2
 
 
 def test_events_are_delivered_in_order() -> None:
-    relay = EventRelay()
+    guest = Guest(0)
+    relay = relay_to(guest)
     for sid in (1, 2, 3):
         relay.submit(bad_ste(sid))
-    guest = Guest(10)
-    relay.flush(guest)
+    guest.post(relay, 10)
     assert [FaultRecord.decode(r).endpoint for r in guest.received] == [1, 2, 3]
 
 
@@ -214,26 +239,27 @@ def test_reset_counts_pending_events_as_lost() -> None:
     assert accounted(relay)
 
 
-@given(st.lists(st.tuples(st.sampled_from(["submit", "host", "flush"]), st.integers(0, 5)),
+@given(st.lists(st.tuples(st.sampled_from(["submit", "host", "post"]), st.integers(0, 5)),
                 max_size=60))
 def test_every_event_is_accounted_for(ops) -> None:
-    relay = EventRelay(capacity=8)
+    guest = Guest(0)
+    relay = relay_to(guest, capacity=8)
     for op, n in ops:
         if op == "submit":
             relay.submit(bad_ste())
         elif op == "host":
             relay.submit(EventRecord(event_id=EventId.C_BAD_STREAMID, sid=EP))
         else:
-            relay.flush(Guest(n))
+            guest.post(relay, n)
         assert accounted(relay)
 
 
 def test_overflow_reaches_the_guest_as_one_summary_record_once_there_is_room() -> None:
-    relay = EventRelay(capacity=2)
+    guest = Guest(0)
+    relay = relay_to(guest, capacity=2)
     for sid in (1, 2, 3, 4, 5):
         relay.submit(bad_ste(sid))
-    guest = Guest(10)
-    relay.flush(guest)
+    guest.post(relay, 10)
     received = [FaultRecord.decode(r) for r in guest.received]
     assert [r.endpoint for r in received] == [1, 2, 3]  # the kept two, then the summary
     assert received[2] == FaultRecord(FaultReason.UNKNOWN, 0, 3)  # the first lost stream
@@ -244,24 +270,45 @@ def test_overflow_reaches_the_guest_as_one_summary_record_once_there_is_room() -
 
 
 def test_a_huge_burst_costs_what_the_fifo_can_take_and_counts_the_rest_lost() -> None:
-    relay = EventRelay(capacity=8)
+    guest = Guest(0)
+    relay = relay_to(guest, capacity=8)
     entries = relay.submit_burst(bad_ste(), 1_000_000)
     assert relay.pending == 8 and relay.lost == 1_000_000 - 8
     assert len(entries) == 9  # eight queued, one trace entry for the lost copies
     assert accounted(relay)
-    guest = Guest(100)
-    relay.flush(guest)
+    guest.post(relay, 100)
     assert FaultRecord.decode(guest.received[-1]).reason == FaultReason.UNKNOWN  # summary
 
 
 def test_summary_record_waiting_for_a_buffer_is_counted_pending() -> None:
-    relay = EventRelay(capacity=2)
+    guest = Guest(0)
+    relay = relay_to(guest, capacity=2)
     for sid in (1, 2, 3):
         relay.submit(bad_ste(sid))
-    relay.flush(Guest(2))  # the two kept events; the summary goes in behind them
+    guest.post(relay, 2)  # the two kept events; the summary goes in behind them
     counters = relay.counters()
     assert (counters["pending"], counters["summaries_pending"], counters["summaries"]) == (
         0, 1, 0)
-    relay.flush(Guest(1))
+    guest.post(relay, 1)
     counters = relay.counters()
     assert (counters["summaries_pending"], counters["summaries"]) == (0, 1)
+
+
+def test_records_are_encoded_again_when_the_driver_negotiates_extended_records() -> None:
+    guest = Guest(0)
+    relay = relay_to(guest)
+    relay.submit(bad_ste())
+    relay.extended = True  # the driver came up with VIOMMU_F_PAGE_REQUEST after the event
+    guest.post(relay, 1)
+    assert len(guest.received[0]) == 32
+
+
+def test_delivery_latency_runs_from_the_commands_arrival() -> None:
+    guest = Guest(1)
+    relay = relay_to(guest)
+    arrived = time.monotonic_ns()
+    [entry] = [relay.submit(bad_ste(), arrived_ns=arrived)]
+    assert entry.state == "delivered" and entry.delivered_ns >= arrived
+    latency = relay.delivery_latency()
+    assert latency["samples"] == 1 and 0 <= latency["median_us"] == latency["p99_us"]
+    assert entry.to_dict()["delivery_us"] >= 0

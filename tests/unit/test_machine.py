@@ -147,3 +147,32 @@ def test_a_console_qemu_reset_is_console_closed_and_closing_it_never_raises(
         console.send_line("true")
     console.close()
     assert "booting" in (tmp_path / "console.log").read_text()
+
+
+# --- backend arguments: benchmarks run the backend in other modes ---------------------------
+
+def test_backend_args_reach_the_backend_process_and_only_a_process(tmp_path: Path) -> None:
+    from viommu.vm.backend_supervisor import supervisor
+    common = {"vhost_socket": "vu.sock", "control_socket": "ctl.sock", "endpoint_ids": [256],
+              "log_path": tmp_path / "backend.log", "detached": False,
+              "msi_window": (0xFEE0_0000, 0xFEEF_FFFF)}
+    child = supervisor(in_process=False, extra_args=["--null-device"], **common)
+    assert child.command(3, 4)[-1] == "--null-device"
+    with pytest.raises(ValueError, match="need a backend process"):
+        supervisor(in_process=True, extra_args=["--null-device"], **common)
+
+
+def test_backend_command_line_modes_become_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    from viommu.backend import backend as backend_module
+    from viommu.backend import cli
+    built = []
+    monkeypatch.setattr(backend_module.Backend, "__init__",
+                        lambda self, *args: built.append(args[4]))
+    monkeypatch.setattr(backend_module.Backend, "run", lambda self: None)
+    assert cli.main(["--socket", "vu.sock", "--endpoint", "256", "--null-device",
+                     "--fixed-poll", "--poll-us", "50", "--no-event-thread"]) == 0
+    [options] = built
+    assert (options.null_device, options.adaptive_poll, options.poll_us) == (True, False, 50)
+    assert options.event_thread is False and options.request_thread is True
+    assert cli.main(["--socket", "vu.sock", "--endpoint", "256", "--null-device",
+                     "--no-request-thread"]) == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from viommu.dataplane.records import RecordQueue
 from viommu.events.faults import FaultRecord
 from viommu.events.page_requests import PageRequest, PageRequestRelay, ResponseCode
 from viommu.events.relay import EventRelay
@@ -43,17 +44,11 @@ class Harness:
         self.guest = Guest(buffers)
         self.emitted: list[tuple[str, dict]] = []
         self.timers: list[tuple[float, object]] = []
-        self.events.attach_sink(self)
+        self.events.attach_sink(RecordQueue(self.guest))
         self.relay = PageRequestRelay(self.events, self, self, policy=policy, **kwargs)
         self.answers: list[tuple[int, ResponseCode]] = []
 
-    # The harness is the relay's eventq (EventSink), announcer and timers.
-
-    def push(self, record: bytes) -> bool:
-        return self.guest(record)
-
-    def notify(self) -> None:
-        pass
+    # The harness is the page-request relay's announcer and timers.
 
     def emit(self, name: str, data: dict) -> None:
         self.emitted.append((name, data))
@@ -71,7 +66,7 @@ class Harness:
             self.relay.submit(request, lambda code, g=grpid: self.answers.append((g, code)))
 
     def faults(self) -> list[FaultRecord]:
-        self.events.flush(self.guest)
+        self.events.deliver()
         return [FaultRecord.decode(r[:24]) for r in self.guest.records]
 
 
@@ -132,7 +127,7 @@ def test_guest_policy_relays_extended_records_and_waits_for_page_resp() -> None:
     h.relay.guest_can_answer = True
     h.events.extended = True
     h.group(8, [0x10000], pasid=9)
-    h.events.flush(h.guest)
+    h.events.deliver()
     [record] = h.guest.records
     assert len(record) == 32 and int.from_bytes(record[12:16], "little") == 9
     assert int.from_bytes(record[24:26], "little") == 8

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from viommu.provision import kconfig
+from viommu.provision import initramfs, kconfig
 from viommu.provision.arch import get_arch
 from viommu.provision.cache import cache_root
-from viommu.provision.initramfs import Cpio, module_load_order
+from viommu.provision.initramfs import Cpio, ensure_image, find_image, module_load_order
 from viommu.provision.kernels import read_release, resolve_kernel
 
 X86 = get_arch("x86_64")
@@ -31,6 +31,7 @@ CONFIG_VFIO=m
 CONFIG_VFIO_IOMMU_TYPE1=m
 CONFIG_VFIO_PCI=m
 CONFIG_VIRTIO_BLK=y
+CONFIG_VFAT_FS=y
 CONFIG_VIRTIO_NET=y
 """
 
@@ -84,6 +85,23 @@ def test_modules_load_after_their_dependencies_and_built_in_ones_are_skipped(tmp
     kernel = resolve_kernel(str(build_tree(tmp_path)), X86)
     order = module_load_order(kernel, ["virtio_iommu", "vfio_pci", "virtio_net", "virtio_blk"])
     assert order == ["virtio_iommu", "irqbypass", "vfio", "vfio_pci_core", "vfio_pci"]
+
+
+def test_a_module_rebuilt_without_the_image_gets_a_new_initramfs(tmp_path, monkeypatch) -> None:
+    # The developer's loop with a driver built =m: `make modules` remakes virtio-iommu.ko and
+    # leaves bzImage alone; the next boot must load the new module, not the cached one.
+    monkeypatch.setenv("VIOMMU_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "busybox").write_bytes(b"busybox")
+    monkeypatch.setattr(initramfs, "busybox", lambda arch: tmp_path / "busybox")
+    monkeypatch.setattr(initramfs, "guest_tools", lambda arch: {})
+    tree = build_tree(tmp_path)
+    kernel = resolve_kernel(str(tree), X86)
+    first = ensure_image(kernel, X86)
+    assert find_image(kernel, X86) == first  # unchanged: found again, not rebuilt
+    (tree / "drivers/iommu/virtio-iommu.ko").write_bytes(ko("virtio_iommu") + b"\0fixed=1")
+    assert find_image(kernel, X86) is None
+    second = ensure_image(kernel, X86)
+    assert b"fixed=1" in gzip.decompress(second.initramfs.read_bytes())
 
 
 def test_an_image_with_a_modules_tree_takes_its_release_from_the_tree(tmp_path) -> None:

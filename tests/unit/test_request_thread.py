@@ -27,14 +27,17 @@ MSI = 0xFEE0_0000
 class ThreadHarness(ThreadServedRing):
     """Requests to a device with endpoints EP and EP2, through the request thread."""
 
-    def __init__(self, poll_us: float = 0, features: int = ALL_FEATURES, **config) -> None:
+    def __init__(self, poll_us: float = 0, features: int = ALL_FEATURES, adaptive: bool = True,
+                 null_device: bool = False, **config) -> None:
         device = VirtioIommuDevice([EP, EP2], DeviceConfig(**config))
         device.driver_features = features
-        super().__init__(device, poll_us)
+        super().__init__(device, poll_us, adaptive=adaptive, null_device=null_device)
 
-    def submit(self, readable: bytes, kick: bool = True) -> Status:
+    def submit(self, readable: bytes, kick: bool | None = True) -> Status:
+        """`kick` None: as a driver does, kick unless the device suppresses kicks, looking
+        at the flag after publishing (virtio spec 2.7.10)."""
         head, wgpa = self.driver.post(readable, 4)
-        if kick:
+        if kick or (kick is None and not self.driver.vq.kicks_suppressed):
             self.kick_now()
         self.wait_used(self.driver._avail_idx)
         [(used_id, used_len)] = self.driver.take_used()
@@ -159,7 +162,7 @@ def test_map_without_map_unmap_negotiated_is_unsupp(
 
 def test_kicks_are_suppressed_while_polling_and_back_on_when_idle(
         make: Callable[..., ThreadHarness]) -> None:
-    t = make(poll_us=300_000)
+    t = make(poll_us=300_000, adaptive=False)  # a fixed window: always 300 ms
     t.submit(attach(1, EP))
     t.submit(map_(1, 0, PAGE - 1, 0))
     with t.lock:
@@ -181,8 +184,7 @@ def test_request_published_as_the_thread_falls_asleep_is_still_served(
     t.submit(attach(1, EP))
     for i in range(200):  # each lands at a random point of the poll-then-sleep cycle
         time.sleep(0.0001 * (i % 7))
-        assert t.submit(map_(1, i * PAGE, i * PAGE + PAGE - 1, 0),
-                        kick=not t.driver.vq.kicks_suppressed) == Status.S_OK
+        assert t.submit(map_(1, i * PAGE, i * PAGE + PAGE - 1, 0), kick=None) == Status.S_OK
 
 
 def test_stopping_mid_hand_off_gives_the_chain_back_to_the_ring(t: ThreadHarness) -> None:
@@ -301,3 +303,32 @@ def test_thread_and_python_answer_every_request_sequence_alike(ops: list[bytes])
             assert threaded.mappings(domain) == expected
     finally:
         threaded.close()
+
+
+# --- the busy-poll window adapts; the null device -------------------------------------------
+
+def test_back_to_back_requests_find_the_thread_polling(
+        make: Callable[..., ThreadHarness]) -> None:
+    t = make(poll_us=20_000)
+    t.submit(attach(1, EP))
+    for i in range(200):
+        t.submit(map_(1, i * PAGE, i * PAGE + PAGE - 1, 0), kick=None)
+    counters = t.counters()
+    assert counters["poll_hits"] > 0 and counters["poll_adaptive"]
+    assert counters["poll_window_us"] <= 20_000  # 0 in a cool-down, on a busy host
+
+
+def test_null_device_answers_every_request_ok_and_does_nothing(
+        make: Callable[..., ThreadHarness]) -> None:
+    from test_requests import probe
+    t = make(null_device=True)
+    assert t.submit(map_(9, 0, PAGE - 1, 0)) == Status.S_OK  # no such domain
+    assert t.submit(attach(1, 0xDEAD)) == Status.S_OK  # no such endpoint
+    head, wgpa = t.driver.post(probe(EP), 64 + 4)
+    t.kick_now()
+    t.wait_used(3)
+    assert t.driver.take_used() == [(head, 68)]
+    assert t.driver.read(wgpa + 64, 1)[0] == Status.S_OK
+    counters = t.counters()
+    assert counters["served_by_thread"] == 3 and counters["handed_to_python"] == 0
+    assert t.mappings(9) == [] and not t.device.domains

@@ -88,6 +88,14 @@ def test_every_guarded_name_is_defined_once_in_the_headers_and_nowhere_else() ->
     (uapi.InvalidateFlag, hw.InvalidateFlag, "VIRTIO_IOMMU_INVAL_F_"),
     (uapi.ExtFaultFlag, hw.ExtFaultFlag, "VIRTIO_IOMMU_FAULT_F_"),
     (uapi.PageRespCode, hw.PageRespCode, "VIRTIO_IOMMU_PAGE_RESP_"),
+    (uapi.DeviceStatus, hw.DeviceStatus, "VIRTIO_CONFIG_S_"),
+    (uapi.TransportFeature, hw.TransportFeature, "VIRTIO_"),
+    (uapi.RingFeature, hw.RingFeature, "VIRTIO_RING_"),
+    (uapi.VirtioPciCapType, hw.VirtioPciCapType, "VIRTIO_PCI_CAP_"),
+    (uapi.CommonCfg, hw.CommonCfgOffset, "VIRTIO_PCI_COMMON_"),
+    (uapi.BlkFeature, hw.BlkFeature, "VIRTIO_BLK_"),
+    (uapi.BlkRequestType, hw.BlkRequestType, "VIRTIO_BLK_"),
+    (uapi.BlkStatus, hw.BlkStatus, "VIRTIO_BLK_"),
     (smmuv3.EventId, hw.EventId, ""),
     (smmuv3.EventClass, hw.EventClass, "CLASS_"),
 ])
@@ -101,7 +109,7 @@ def test_python_enums_are_the_headers_values(python_enum, c_enum, prefix) -> Non
 
 def test_flag_enums_combine_as_flags() -> None:
     for flags in (uapi.MapFlag, uapi.FaultFlag, uapi.ExtFaultFlag, uapi.InvalidateCache,
-                  uapi.InvalidateFlag):
+                  uapi.InvalidateFlag, uapi.DeviceStatus):
         assert issubclass(flags, enum.IntFlag)
     assert uapi.MapFlag.READ | uapi.MapFlag.WRITE == 3
     assert isinstance(uapi.MapFlag.READ | uapi.MapFlag.WRITE, uapi.MapFlag)
@@ -123,6 +131,24 @@ def test_values_match_the_linux_header_and_the_architecture() -> None:
     assert EventId.C_BAD_STE == 0x04 and EventId.C_BAD_CD == 0x0A
     assert EventId.F_TRANSLATION == 0x10 and EventId.F_PERMISSION == 0x13
     assert smmuv3.EVENT_RECORD_SIZE == 32
+
+
+def test_virtio_pci_and_blk_values_match_the_linux_headers() -> None:
+    """include/uapi/linux/virtio_config.h, virtio_ring.h, virtio_pci.h, virtio_blk.h."""
+    assert (uapi.VIRTIO_F_VERSION_1, uapi.VIRTIO_F_ACCESS_PLATFORM) == (32, 33)
+    assert uapi.RingFeature.F_INDIRECT_DESC == 28 and uapi.DeviceStatus.NEEDS_RESET == 0x40
+    assert uapi.VirtioPciCapType.PCI_CFG == 5 and uapi.CommonCfg.Q_USEDHI == 52
+    assert uapi.BlkFeature.F_FLUSH == 9 and uapi.BlkFeature.F_WRITE_ZEROES == 14
+    assert uapi.BlkRequestType.T_GET_ID == 8 and uapi.BlkRequestType.T_DISCARD == 11
+    assert uapi.BlkStatus.S_UNSUPP == 2 and hw.VIRTIO_ID_BLOCK == 2
+    assert (hw.VIRTIO_PCI_CAP_SIZE, hw.VIRTIO_PCI_NOTIFY_CAP_SIZE, hw.VIRTIO_PCI_CFG_CAP_SIZE) \
+        == (16, 20, 20)
+    assert (hw.VIRTIO_PCI_COMMON_CFG_SIZE, hw.VIRTIO_PCI_MODERN_COMMON_CFG_SIZE) == (0x38, 0x40)
+    assert (hw.VIRTIO_BLK_CONFIG_SIZE, hw.VIRTIO_BLK_OUTHDR_SIZE) == (96, 16)
+    assert hw.VIRTIO_BLK_DISCARD_SEG_SIZE == 16 and hw.VIRTIO_MSI_NO_VECTOR == 0xFFFF
+    raw = hw.encode_virtio_blk_config(131072, 254, 512)
+    assert raw[:8] == (131072).to_bytes(8, "little") and raw[12:16] == (254).to_bytes(4, "little")
+    assert raw[20:24] == (512).to_bytes(4, "little")
 
 
 def test_event_sets_come_from_the_data_plane() -> None:

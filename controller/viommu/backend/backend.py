@@ -2,10 +2,10 @@
 
 `Backend` is the composition root: it builds the device, the event and page-request relays,
 the translation engine's keeper, the vhost-user device and listener, the endpoint servers
-and the control commands, and runs them on one asyncio loop. The requestq has a thread of
-its own (viommu.dataplane.requestq) when the loop is the backend's own data-plane loop
-(`run()`, `start_in_thread()`): the loop holds the data-plane lock outside its waits, so
-loop code never races it.
+and the control commands, and runs them on one asyncio loop. The requestq and the eventq have
+threads of their own (viommu.dataplane.requestq, viommu.dataplane.eventq) when the loop is the
+backend's own data-plane loop (`run()`, `start_in_thread()`): the loop holds the data-plane
+lock outside its waits, so loop code never races them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from viommu.backend.endpoint_servers import EndpointServers
 from viommu.backend.iommufd_edge import IommufdEdge
 from viommu.backend.vhost_device import IommuVhostDevice
 from viommu.dataplane.loop import DeferredLoop, dataplane_event_loop
-from viommu.dataplane.requestq import DEFAULT_POLL_US
+from viommu.dataplane.requestq import DEFAULT_POLL_US, RequestThreadOptions
 from viommu.dataplane.translation import Translator
 from viommu.device.config import DeviceConfig
 from viommu.device.virtio_iommu import VirtioIommuDevice
@@ -49,7 +49,10 @@ class BackendOptions:
     exit_on_disconnect: bool = True  # the VM is gone: nothing left to serve
     page_request_policy: str = "invalid"
     request_thread: bool = True  # serve the requestq on its own thread when possible
-    poll_us: float = DEFAULT_POLL_US  # that thread's busy-poll window after a request
+    event_thread: bool = True  # and the eventq on another
+    poll_us: float = DEFAULT_POLL_US  # the cap of that thread's busy-poll window
+    adaptive_poll: bool = True  # the window follows what polling earns (else: poll_us)
+    null_device: bool = False  # benchmark floor: the thread answers every request S_OK
 
 
 class Backend:
@@ -74,12 +77,15 @@ class Backend:
         self.device.observe(self.page_requests)
         self.translator = Translator(self.device, self.relay)
         self.vhost = IommuVhostDevice(self.device, self.relay, self.page_requests,
-                                      self.translator, self.control, options.poll_us)
+                                      self.translator, self.control,
+                                      RequestThreadOptions(options.poll_us, options.adaptive_poll,
+                                                           options.null_device))
         self.listener = VhostUserListener(socket_path, self.vhost, self._frontend_gone,
                                           listen_fds[0] if listen_fds else None)
         self.endpoints = EndpointServers(self.device, self.translator, self.page_requests,
                                          self.loop,
-                                         os.path.dirname(control_path or socket_path))
+                                         os.path.dirname(control_path or socket_path),
+                                         self.control.emit)
         self.iommufd = IommufdEdge(self.relay, self.page_requests, self.control)
         for commands in (EventCommands(self.device, self.relay, self.page_requests,
                                        self.endpoints.guest_absence),
@@ -145,10 +151,10 @@ class Backend:
             self._thread.join(timeout)
 
     def _run(self, main: Coroutine[Any, Any, None]) -> None:
-        # This loop shares the data plane with a request thread: it holds the lock outside
+        # This loop shares the data plane with the queue threads: it holds the lock outside
         # its waits (viommu.dataplane.loop).
-        if self.options.request_thread:
-            self.vhost.thread = (self.lock, self.loop)
+        self.vhost.use_threads(self.lock, self.loop, requests=self.options.request_thread,
+                               events=self.options.event_thread)
         with asyncio.Runner(loop_factory=lambda: dataplane_event_loop(self.lock)) as runner:
             runner.run(main)
 

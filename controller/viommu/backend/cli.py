@@ -19,7 +19,8 @@ from viommu.uapi import MSI_WINDOW_X86
 HELP = "serve a virtio-iommu over vhost-user"
 EXAMPLES = """
 viommu backend --socket vu.sock --control ctl.sock --endpoint 0x100
-viommu backend --socket vu.sock --endpoint 0x100 --endpoint 0x200 --poll-us 0"""
+viommu backend --socket vu.sock --endpoint 0x100 --endpoint 0x200 --poll-us 0
+viommu backend --socket vu.sock --endpoint 0x100 --null-device    # benchmark floor"""
 
 
 def int_arg(text: str) -> int:
@@ -59,11 +60,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-request-policy", choices=POLICIES,
                         default="invalid", help="how page request groups are answered")
     parser.add_argument("--poll-us", type=float, default=DEFAULT_POLL_US, metavar="US",
-                        help="the request thread busy-polls this long after a request, "
-                        "with the guest's kicks suppressed (0: sleep until kicked)")
+                        help="the request thread busy-polls at most this long after a "
+                        "request, with the guest's kicks suppressed (0: sleep until kicked); "
+                        "the window adapts below that to what polling earns")
+    parser.add_argument("--fixed-poll", action="store_true",
+                        help="always busy-poll --poll-us after a request (no adapting)")
     parser.add_argument("--no-request-thread", action="store_true",
                         help="serve the requestq on the event loop in Python (slower; "
                         "for comparison and debugging)")
+    parser.add_argument("--no-event-thread", action="store_true",
+                        help="serve the eventq on the event loop (for comparison)")
+    parser.add_argument("--null-device", action="store_true",
+                        help="benchmark mode: the request thread answers every request "
+                        "S_OK and does nothing else (no domains, no mappings, no "
+                        "translation): the floor the transport itself costs")
     parser.add_argument("--persist", action="store_true",
                         help="keep serving after the front-end disconnects")
     parser.add_argument("--socket-fd", type=int, metavar="FD",
@@ -88,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     listen_fds = (args.socket_fd, args.control_fd) if args.socket_fd is not None else None
     options = BackendOptions(event_capacity=args.event_fifo, exit_on_disconnect=not args.persist,
                              page_request_policy=args.page_request_policy,
-                             request_thread=not args.no_request_thread, poll_us=args.poll_us)
+                             request_thread=not args.no_request_thread,
+                             event_thread=not args.no_event_thread, poll_us=args.poll_us,
+                             adaptive_poll=not args.fixed_poll, null_device=args.null_device)
     config = DeviceConfig(bypass=args.bypass, resv_msi=args.msi_window)
     backend = Backend(args.socket, args.control, args.endpoint, config, options, listen_fds)
     try:
@@ -102,6 +114,8 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
     if not args.endpoint:
         return ("give at least one --endpoint ID (the VIOT endpoint IDs this vIOMMU "
                 "translates, e.g. 0x100 for 01:00.0)")
+    if args.null_device and args.no_request_thread:
+        return "--null-device is a mode of the request thread: drop --no-request-thread"
     if args.socket_fd is None and args.control_fd is not None:
         return "--control-fd needs --socket-fd too"
     if args.socket_fd is not None and args.control and args.control_fd is None:

@@ -10,7 +10,7 @@ import logging
 from viommu import _dataplane as hw
 from viommu._dataplane import DataplaneLock, GuestMemory
 from viommu.dataplane.eventq import EventQueue
-from viommu.dataplane.requestq import DEFAULT_POLL_US, RequestQueue
+from viommu.dataplane.requestq import RequestQueue, RequestThreadOptions
 from viommu.dataplane.rings import Ring
 from viommu.dataplane.translation import Translator
 from viommu.device.virtio_iommu import VirtioIommuDevice
@@ -34,20 +34,31 @@ class IommuVhostDevice:
 
     def __init__(self, device: VirtioIommuDevice, relay: EventRelay,
                  page_requests: PageRequestRelay, translator: Translator,
-                 announcer: Announcer, poll_us: float = DEFAULT_POLL_US) -> None:
+                 announcer: Announcer,
+                 requests: RequestThreadOptions | None = None) -> None:
         self.device = device
         self.relay = relay
         self.page_requests = page_requests
         self.translator = translator
         self.announcer = announcer
-        self.poll_us = poll_us
-        # Set by the backend when its loop shares the data plane with a request thread.
+        self.request_options = requests or RequestThreadOptions()
+        # Set by `use_threads` when the backend's loop shares the data plane with threads.
         self.thread: tuple[DataplaneLock, Readers] | None = None
         self.requestq: RequestQueue | None = None
         self.eventq = EventQueue(relay, self)
         self.memory: GuestMemory | None = None
         self.resets = 0
         self._broken: str | None = None
+
+    def use_threads(self, lock: DataplaneLock, readers: Readers, requests: bool = True,
+                    events: bool = True) -> None:
+        """Serve the requestq and the eventq on threads of their own (ext/requestq.pxi,
+        ext/eventq.pxi), sharing the data plane under `lock` with the loop whose `readers`
+        hear their wake-ups."""
+        if requests:
+            self.thread = (lock, readers)
+        if events:
+            self.eventq.use_thread(lock, readers)
 
     # --- negotiation and config space ---------------------------------------------------
 
@@ -79,10 +90,12 @@ class IommuVhostDevice:
 
     def queue_started(self, index: int, vring: Vring) -> bool:
         if index == EVENTQ:
-            log.info("queue %d started (size %d): the eventq", index, vring.vq.num)
-            self.eventq.started(vring)
-            return False
-        self.requestq = RequestQueue(self.device, vring, self, self.thread, self.poll_us)
+            threaded = self.eventq.started(vring)
+            log.info("queue %d started (size %d): the eventq%s", index, vring.vq.num,
+                     ", served by the event thread" if threaded else "")
+            return threaded
+        self.requestq = RequestQueue(self.device, vring, self, self.thread,
+                                     self.request_options)
         log.info("queue %d started (size %d): the requestq%s", index, vring.vq.num,
                  ", served by the request thread" if self.requestq.threaded else "")
         return self.requestq.threaded
@@ -94,6 +107,10 @@ class IommuVhostDevice:
             self.requestq.stop()
             self.requestq = None
         log.info("queue %d stopped", index)
+
+    def queue_call_changed(self, index: int) -> None:
+        if index == EVENTQ:
+            self.eventq.call_changed()
 
     def queue_kicked(self, index: int) -> None:
         if index == EVENTQ:
@@ -122,6 +139,7 @@ class IommuVhostDevice:
         self._broken = why
         if self.requestq is not None:
             self.requestq.pause()
+        self.eventq.pause()
         signalled = ring.signal_error()
         log.error("device broken until the guest resets it: %s (vring error fd %s)", why,
                   "signalled" if signalled else "absent")
@@ -132,6 +150,7 @@ class IommuVhostDevice:
         self._broken = None
         if self.requestq is not None:
             self.requestq.pause(False)
+        self.eventq.pause(False)
         for sid in {g.key[0] for g in self.page_requests.pending.values()}:
             self.page_requests.drain(sid)  # nobody is left to answer them
         lost = self.relay.drop_pending(f"dropped by device reset: {reason}")

@@ -31,6 +31,7 @@ from viommu.provision.arch import ARCHES, get_arch
 from viommu.provision.kernels import KernelNotFound, resolve_kernel
 from viommu.vm import runs
 from viommu.vm.console import ConsoleError
+from viommu.vm.disks import parse_size
 from viommu.vm.errors import MachineError
 from viommu.vm.paths import SetupMissing
 from viommu.vm.profile import ProfileError
@@ -197,18 +198,28 @@ an endpoint the guest does not have (declared with add-endpoint and never probed
 
 
 def _endpoint_commands(sub: Any) -> None:
-    attach = _add(sub, "attach", cmd_attach, "hot-plug a DMA endpoint (served over vfio-user) "
-                  "into a root port", """
+    attach = _add(sub, "attach", cmd_attach, "hot-plug a DMA endpoint or a virtio-blk disk "
+                  "(served over vfio-user) into a root port", """
 viommu attach default --port 1
-viommu attach default --port 3 --pri --id dma-pri --vfio""")
+viommu attach default --port 3 --pri --id dma-pri --vfio
+viommu attach default --port 2 --blk                     # a 64 MiB disk in the run directory
+viommu attach default --port 2 --blk --image my.img --size 256M --read-only""")
     _add_name(attach)
     attach.add_argument("--port", type=int, required=True, help="root port number (rpN)")
     attach.add_argument("--pri", action="store_true", help="with PCIe PRI (page requests)")
-    attach.add_argument("--id", help="QEMU device id (default dmaPORT)")
+    attach.add_argument("--id", help="QEMU device id (default dmaPORT, diskPORT)")
     attach.add_argument("--vfio", action="store_true",
                         help="bind it to vfio-pci in the guest (for viommu-vfio dma)")
+    attach.add_argument("--blk", action="store_true",
+                        help="a virtio-blk disk: the guest's virtio_blk drives it, every DMA "
+                             "translated")
+    attach.add_argument("--image", help="--blk: the raw image (created when missing; default "
+                                        "disk-ID.img in the run directory)")
+    attach.add_argument("--size", type=parse_size, help="--blk: size of a new image (256M, "
+                                                        "1G...; default 64M)")
+    attach.add_argument("--read-only", action="store_true", help="--blk: a read-only disk")
 
-    detach = _add(sub, "detach", cmd_detach, "unplug a DMA endpoint `attach` plugged", """
+    detach = _add(sub, "detach", cmd_detach, "unplug an endpoint or disk `attach` plugged", """
 viommu detach default dma1
 viommu detach default 0x200""")
     _add_name(detach)

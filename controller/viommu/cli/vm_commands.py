@@ -107,14 +107,29 @@ def cmd_state(args: argparse.Namespace) -> int:
         if args.json:
             say(json.dumps({name: vm.backend(f"query-{name}") for name in (
                 "endpoints", "domains", "requests", "events", "translations",
-                "page-requests")} | {"hot_plugged": state.endpoints}, indent=1))
+                "page-requests", "disks")} | {"hot_plugged": state.endpoints}, indent=1))
             return 0
         say(views.state_report(vm.backend))
+        disks = vm.backend("query-disks")
+    if disks:
+        say("\ndisks (virtio-blk)\n" + views.table(
+            ("endpoint", "guest", "image", "size", "reads", "writes", "flushes", "ioerrors",
+             "faults", "status"),
+            [(f"{d['endpoint']:#x}", _guest_disk(state, d["endpoint"]), d["image"],
+              f"{d['size'] >> 20} MiB", d["reads"], d["writes"], d["flushes"], d["ioerrors"],
+              d["faults_relayed"], d["error"] or d["virtio"]["status"]) for d in disks]))
     if state.endpoints:
         say("\nhot-plugged (viommu attach)\n" + views.table(
             ("device", "endpoint", "port"),
             [(e["name"], f"{e['endpoint_id']:#x}", e["port"]) for e in state.endpoints]))
     return 0
+
+
+def _guest_disk(state, endpoint_id: int) -> str:
+    for e in state.endpoints:
+        if e["endpoint_id"] == endpoint_id and e.get("disk"):
+            return f"/dev/{e['disk']}"
+    return "-"
 
 
 

@@ -4,13 +4,17 @@ The thread serves MAP and UNMAP that succeed without the GIL and hands every oth
 to Python: `RequestQueue` gives it the device's rules and MAP domains, serves what it hands
 off through `VirtioIommuDevice.handle_request`, and moves what it served into the device's
 request log. Without a thread (no data-plane loop, or `--no-request-thread`) every request
-is served on the loop when the driver kicks.
+is served on the loop when the driver kicks. The thread's busy-poll window adapts to what
+polling earns (ext/poll_policy.pxi); `null_device` is a benchmark's floor, where the thread
+answers every request S_OK and does nothing else.
 
 Both sides share the ring, guest memory and the MAP tables under one `DataplaneLock` that
 the loop holds outside its waits (viommu.dataplane.loop).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from viommu._dataplane import DataplaneLock, RequestServer, RingError
 from viommu.dataplane.rings import DeviceHealth, Ring
@@ -24,12 +28,19 @@ from viommu.uapi import Feature, RequestType
 DEFAULT_POLL_US = 200.0
 
 
+@dataclasses.dataclass(frozen=True)
+class RequestThreadOptions:
+    poll_us: float = DEFAULT_POLL_US  # the busy-poll window's cap (0: kicks only)
+    adaptive_poll: bool = True  # the window follows what polling earns; else always poll_us
+    null_device: bool = False  # benchmark floor: every request S_OK, nothing done
+
+
 class RequestQueue(DeviceObserver):
     """One running requestq and the device it serves."""
 
     def __init__(self, device: VirtioIommuDevice, ring: Ring, health: DeviceHealth,
                  thread: tuple[DataplaneLock, Readers] | None = None,
-                 poll_us: float = DEFAULT_POLL_US) -> None:
+                 options: RequestThreadOptions | None = None) -> None:
         """`thread`: serve on a thread, sharing the ring under this lock with the loop
         whose readers hear the thread's wake-ups; None: serve on `kicked()`."""
         self.device = device
@@ -39,7 +50,10 @@ class RequestQueue(DeviceObserver):
         self.stopped = False
         if thread is not None:
             lock, self._readers = thread
-            self.server = RequestServer(lock, ring.vq, ring.kick_fd, poll_us)
+            options = options or RequestThreadOptions()
+            self.server = RequestServer(lock, ring.vq, ring.kick_fd, options.poll_us,
+                                        adaptive=options.adaptive_poll,
+                                        null_device=options.null_device)
             self.configure()
             self.map_domains_changed()
             device.observe(self)
@@ -112,7 +126,8 @@ class RequestQueue(DeviceObserver):
         if s is None:
             return None
         return {"served_by_thread": s.fast_requests, "handed_to_python": s.handoffs,
-                "kicks": s.kicks_seen, "sleeps": s.sleeps, "poll_us": s.poll_ns / 1000}
+                "kicks": s.kicks_seen, "sleeps": s.sleeps, "null_device": s.null_device,
+                **s.poll_counters()}
 
     def _on_wake(self) -> None:
         handoff, notify = self.server.take_wake()

@@ -14,6 +14,7 @@ class Ring(Protocol):
 
     vq: VirtQueue
     kick_fd: int | None
+    call_fd: int | None  # where `notify` signals (a device thread may signal it itself)
 
     def notify(self) -> None:
         """Used-buffer notification (vhost-user: the call eventfd)."""

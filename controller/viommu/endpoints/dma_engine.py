@@ -361,6 +361,9 @@ class DmaEndpoint:
             return VFIO_IRQ_INFO_EVENTFD, 1
         return VFIO_IRQ_INFO_EVENTFD, 0  # INTx, MSI-X: not implemented
 
+    def irq_mask(self, index: int, changes: list[tuple[int, bool]]) -> None:
+        pass  # no index is maskable
+
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         if index == PciRegion.CONFIG:
             return self.config.read(offset, count)

@@ -1,5 +1,6 @@
 """A PCI Express endpoint's configuration space: type 0 header, memory BARs, a capability
-list with the PCI Express capability (v2, endpoint) and MSI (64-bit, one vector).
+list with the PCI Express capability (v2, endpoint), then MSI (64-bit), MSI-X and
+vendor-specific capabilities as the function has them.
 
 Writes behave as on hardware: each byte has a write mask (bits the function implements as
 read/write), status bits are write-1-to-clear, read-only bits keep their value, and a BAR
@@ -29,6 +30,7 @@ PCI_COMMAND_PARITY = 0x40
 PCI_COMMAND_SERR = 0x100
 PCI_COMMAND_INTX_DISABLE = 0x400
 PCI_STATUS = 0x06
+PCI_STATUS_INTERRUPT = 0x08
 PCI_STATUS_CAP_LIST = 0x10
 PCI_STATUS_PARITY = 0x100
 PCI_STATUS_SIG_TARGET_ABORT = 0x800
@@ -53,7 +55,9 @@ PCI_STD_NUM_BARS = 6
 PCI_CAP_LIST_ID = 0
 PCI_CAP_LIST_NEXT = 1
 PCI_CAP_ID_MSI = 0x05
+PCI_CAP_ID_VNDR = 0x09
 PCI_CAP_ID_EXP = 0x10
+PCI_CAP_ID_MSIX = 0x11
 
 PCI_MSI_FLAGS = 2
 PCI_MSI_FLAGS_ENABLE = 0x0001
@@ -63,6 +67,16 @@ PCI_MSI_FLAGS_64BIT = 0x0080
 PCI_MSI_ADDRESS_LO = 4
 PCI_MSI_ADDRESS_HI = 8
 PCI_MSI_DATA_64 = 12
+
+PCI_MSIX_FLAGS = 2
+PCI_MSIX_FLAGS_QSIZE = 0x07FF  # Table Size - 1
+PCI_MSIX_FLAGS_MASKALL = 0x4000
+PCI_MSIX_FLAGS_ENABLE = 0x8000
+PCI_MSIX_TABLE = 4
+PCI_MSIX_PBA = 8
+PCI_MSIX_FLAGS_BIRMASK = 0x7
+PCI_CAP_MSIX_SIZEOF = 12
+PCI_MSIX_ENTRY_SIZE = 16
 
 PCI_EXP_FLAGS = 2
 PCI_EXP_FLAGS_VERS_2 = 0x0002
@@ -96,8 +110,9 @@ _EXP_DEVCTL_WMASK = 0x79FF  # error reporting, relaxed ordering, MPS, ext tag, n
 _EXP_DEVSTA_W1C = 0x000F  # correctable/non-fatal/fatal/unsupported-request detected
 _EXP_LNKCTL_WMASK = 0x00CB  # ASPM control, RCB, common clock, extended synch
 _MSI_FLAGS_WMASK = PCI_MSI_FLAGS_ENABLE | PCI_MSI_FLAGS_QSIZE
+_MSI_SIZE = 0x18  # 64-bit address, no per-vector masking
 _EXP_OFFSET = 0x40  # first capability, right after the type 0 header
-_MSI_OFFSET = 0x80  # after the PCI Express capability (0x3C bytes in version 2)
+_CAPS_OFFSET = 0x80  # the others, after the PCI Express capability (0x3C bytes in version 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +133,33 @@ class MemoryBar:
 
 
 @dataclasses.dataclass(frozen=True)
+class MsixLayout:
+    """Where an MSI-X function keeps its vector table and pending bit array (PCI Local Bus
+    6.8.2): `table_size` vectors; offsets are within BARs `table_bar` and `pba_bar`."""
+
+    table_size: int
+    table_bar: int
+    table_offset: int
+    pba_bar: int
+    pba_offset: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.table_size <= PCI_MSIX_FLAGS_QSIZE + 1:
+            raise ValueError(f"MSI-X has 1..2048 vectors, not {self.table_size}")
+        if self.table_offset % 8 or self.pba_offset % 8:
+            raise ValueError("MSI-X table and PBA offsets are QWORD aligned")
+
+
+@dataclasses.dataclass(frozen=True)
+class VendorCapability:
+    """A vendor-specific capability (ID 0x09): `body` is the whole structure, ID and next
+    pointer included (the builder fills them), `wmask` its driver-writable bits."""
+
+    body: bytes
+    wmask: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True)
 class PciIdentity:
     vendor_id: int
     device_id: int
@@ -131,11 +173,18 @@ class PciConfigSpace:
     """Config space of one PCIe endpoint function (4 KiB; extended capabilities: none)."""
 
     def __init__(self, identity: PciIdentity, bars: dict[int, MemoryBar],
-                 msi_vectors: int = 1) -> None:
+                 msi_vectors: int = 1, msix: MsixLayout | None = None,
+                 vendor_caps: tuple[VendorCapability, ...] = (), intx_pin: int = 0) -> None:
+        """`msi_vectors` 0: no MSI capability. `intx_pin` 1-4: INTA#-INTD#, 0: no INTx."""
+        if not 0 <= intx_pin <= 4:
+            raise ValueError(f"the interrupt pin is 0 (none) or 1-4 (INTA#-INTD#), not {intx_pin}")
+        self.intx_pin = intx_pin
         if not set(bars) <= set(range(PCI_STD_NUM_BARS)):
             raise ValueError(f"BAR numbers are 0-5, not {sorted(bars)}")
-        if msi_vectors not in (1, 2, 4, 8, 16, 32):
+        if msi_vectors not in (0, 1, 2, 4, 8, 16, 32):
             raise ValueError(f"MSI offers 1, 2, 4, ... 32 vectors, not {msi_vectors}")
+        if msix is not None and not {msix.table_bar, msix.pba_bar} <= set(bars):
+            raise ValueError("the MSI-X table and PBA must be in BARs the function has")
         self.identity = identity
         self.bars = dict(bars)
         self.size = PCIE_CONFIG_SPACE_SIZE
@@ -143,9 +192,11 @@ class PciConfigSpace:
         self.wmask = bytearray(self.size)
         self.w1cmask = bytearray(self.size)
         self.msi_offset = 0
+        self.msix_offset = 0
         self.exp_offset = 0
+        self.vendor_offsets: list[int] = []
         self._build_header()
-        self._build_capabilities(msi_vectors)
+        self._build_capabilities(msi_vectors, msix, vendor_caps)
         self._power_on = bytes(self.config)
 
     # --- layout ------------------------------------------------------------------------
@@ -167,14 +218,36 @@ class PciConfigSpace:
         self._set(PCI_SUBSYSTEM_ID, 2, ident.subsystem_id)
         # PCI_ROM_ADDRESS stays read-only zero: sizing it finds no expansion ROM.
         self._set(PCI_INTERRUPT_LINE, 1, 0, wmask=0xFF)
-        self._set(PCI_INTERRUPT_PIN, 1, 0)  # no INTx: the function signals with MSI only
+        self._set(PCI_INTERRUPT_PIN, 1, self.intx_pin)  # 0: no INTx (MSI or MSI-X only)
 
-    def _build_capabilities(self, msi_vectors: int) -> None:
+    def _build_capabilities(self, msi_vectors: int, msix: MsixLayout | None,
+                            vendor_caps: tuple[VendorCapability, ...]) -> None:
+        """PCI Express first, then the others one after another, dword aligned."""
+        builders = []
+        if msi_vectors:
+            builders.append((_MSI_SIZE, "msi_offset",
+                             lambda pos, nxt: self._build_msi(pos, msi_vectors, nxt)))
+        if msix is not None:
+            builders.append((PCI_CAP_MSIX_SIZEOF, "msix_offset",
+                             lambda pos, nxt: self._build_msix(pos, msix, nxt)))
+        for cap in vendor_caps:
+            builders.append((len(cap.body), None,
+                             lambda pos, nxt, cap=cap: self._build_vendor(pos, cap, nxt)))
+        positions, pos = [], _CAPS_OFFSET
+        for size, _, _ in builders:
+            positions.append(pos)
+            pos += (size + 3) & ~3
+        if pos > PCI_CONFIG_SPACE_SIZE:
+            raise ValueError(f"capabilities need {pos:#x} bytes of config space, past 0x100")
         self.exp_offset = _EXP_OFFSET
-        self.msi_offset = _MSI_OFFSET
         self._set(PCI_CAPABILITY_LIST, 1, self.exp_offset)
-        self._build_express(self.exp_offset, next_cap=self.msi_offset)
-        self._build_msi(self.msi_offset, msi_vectors, next_cap=0)
+        self._build_express(self.exp_offset, next_cap=positions[0] if positions else 0)
+        for i, (pos, (_, attr, build)) in enumerate(zip(positions, builders, strict=True)):
+            build(pos, positions[i + 1] if i + 1 < len(positions) else 0)
+            if attr:
+                setattr(self, attr, pos)
+            else:
+                self.vendor_offsets.append(pos)
 
     def _build_express(self, pos: int, next_cap: int) -> None:
         """PCI Express capability v2 of an endpoint: x1 link at 2.5 GT/s, 128-byte payload.
@@ -202,6 +275,22 @@ class PciConfigSpace:
         self._set(pos + PCI_MSI_ADDRESS_HI, 4, 0, wmask=0xFFFF_FFFF)
         self._set(pos + PCI_MSI_DATA_64, 2, 0, wmask=0xFFFF)
 
+    def _build_msix(self, pos: int, layout: MsixLayout, next_cap: int) -> None:
+        """MSI-X: Enable and Function Mask writable; table and PBA where `layout` says."""
+        self._set(pos + PCI_CAP_LIST_ID, 1, PCI_CAP_ID_MSIX)
+        self._set(pos + PCI_CAP_LIST_NEXT, 1, next_cap)
+        self._set(pos + PCI_MSIX_FLAGS, 2, layout.table_size - 1,
+                  wmask=PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL)
+        self._set(pos + PCI_MSIX_TABLE, 4, layout.table_offset | layout.table_bar)
+        self._set(pos + PCI_MSIX_PBA, 4, layout.pba_offset | layout.pba_bar)
+
+    def _build_vendor(self, pos: int, cap: VendorCapability, next_cap: int) -> None:
+        end = pos + len(cap.body)
+        self.config[pos:end] = cap.body
+        self.wmask[pos:pos + len(cap.wmask)] = cap.wmask
+        self._set(pos + PCI_CAP_LIST_ID, 1, PCI_CAP_ID_VNDR)
+        self._set(pos + PCI_CAP_LIST_NEXT, 1, next_cap)
+
     def _set(self, offset: int, size: int, value: int, wmask: int = 0, w1c: int = 0) -> None:
         for target, image in ((self.config, value), (self.wmask, wmask), (self.w1cmask, w1c)):
             target[offset:offset + size] = image.to_bytes(size, "little")
@@ -224,6 +313,8 @@ class PciConfigSpace:
 
     def _clamp_msi_enable(self) -> None:
         """Multiple Message Enable cannot exceed Multiple Message Capable."""
+        if not self.msi_offset:
+            return
         flags = self.u16(self.msi_offset + PCI_MSI_FLAGS)
         mmc = (flags & PCI_MSI_FLAGS_QMASK) >> 1
         mme = (flags & PCI_MSI_FLAGS_QSIZE) >> 4
@@ -259,6 +350,17 @@ class PciConfigSpace:
         return bool(self.command & PCI_COMMAND_MASTER)
 
     @property
+    def intx_disabled(self) -> bool:
+        """Interrupt Disable in the command register: the function must not assert INTx."""
+        return bool(self.command & PCI_COMMAND_INTX_DISABLE)
+
+    def set_interrupt_status(self, pending: bool) -> None:
+        """Interrupt Status (read-only): the function's INTx message is pending."""
+        status = self.u16(PCI_STATUS) & ~PCI_STATUS_INTERRUPT
+        status |= PCI_STATUS_INTERRUPT if pending else 0
+        self.config[PCI_STATUS:PCI_STATUS + 2] = status.to_bytes(2, "little")
+
+    @property
     def memory_enabled(self) -> bool:
         return bool(self.command & PCI_COMMAND_MEMORY)
 
@@ -268,7 +370,14 @@ class PciConfigSpace:
 
     @property
     def msi_enabled(self) -> bool:
-        return bool(self.u16(self.msi_offset + PCI_MSI_FLAGS) & PCI_MSI_FLAGS_ENABLE)
+        return bool(self.msi_offset) and bool(
+            self.u16(self.msi_offset + PCI_MSI_FLAGS) & PCI_MSI_FLAGS_ENABLE)
+
+    @property
+    def msix_enabled(self) -> bool:
+        """MSI-X Enable (the function signals through its table, not INTx or MSI)."""
+        return bool(self.msix_offset) and bool(
+            self.u16(self.msix_offset + PCI_MSIX_FLAGS) & PCI_MSIX_FLAGS_ENABLE)
 
     @property
     def msi_message(self) -> tuple[int, int]:

@@ -29,6 +29,11 @@ from viommu.uapi import ExtFaultFlag, FaultFlag, FaultReason
 _MAPPING_EVENTS = frozenset({
     EventId.F_TRANSLATION, EventId.F_PERMISSION, EventId.F_ACCESS, EventId.F_ADDR_SIZE,
 })
+# Flags only viommu's extended record carries (plain ints: this runs for every event).
+_EXTENDED_ONLY = int(ExtFaultFlag.PASID | ExtFaultFlag.PAGE_REQUEST | ExtFaultFlag.LAST
+                     | ExtFaultFlag.PRIV)
+_ADDRESS, _READ, _WRITE, _EXEC = (int(FaultFlag.ADDRESS), int(FaultFlag.READ),
+                                  int(FaultFlag.WRITE), int(FaultFlag.EXEC))
 HOST_ONLY_EVENTS = frozenset({
     EventId.C_BAD_STREAMID, EventId.F_STE_FETCH, EventId.F_VMS_FETCH,
     EventId.F_TLB_CONFLICT, EventId.F_CFG_CONFLICT,
@@ -55,8 +60,7 @@ class FaultRecord:
         """The 24-byte record every driver reads, or viommu's 32-byte extended one for
         drivers that negotiated VIOMMU_F_PAGE_REQUEST (PASID and group ID kept)."""
         if not extended:
-            flags = self.flags & ~int(ExtFaultFlag.PASID | ExtFaultFlag.PAGE_REQUEST
-                                      | ExtFaultFlag.LAST | ExtFaultFlag.PRIV)
+            flags = self.flags & ~_EXTENDED_ONLY
             return hw.encode_fault_record(self.reason, flags, self.endpoint, self.address)
         flags = self.flags | (ExtFaultFlag.PASID if self.pasid is not None else 0)
         return hw.encode_ext_fault_record(self.reason, flags, self.endpoint, self.pasid or 0,
@@ -103,10 +107,8 @@ def fault_from_event(event: EventRecord) -> FaultRecord:
     reason = FaultReason.MAPPING if event_id in _MAPPING_EVENTS else FaultReason.UNKNOWN
     if event_id not in ADDRESS_EVENTS:
         return FaultRecord(reason, 0, event.sid)
-    flags = FaultFlag.ADDRESS | (FaultFlag.READ if event.rnw else FaultFlag.WRITE)
-    if event.ind:
-        flags |= FaultFlag.EXEC
-    return FaultRecord(reason, int(flags), event.sid, event.address)
+    flags = _ADDRESS | (_READ if event.rnw else _WRITE) | (_EXEC if event.ind else 0)
+    return FaultRecord(reason, flags, event.sid, event.address)
 
 
 

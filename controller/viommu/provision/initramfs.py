@@ -3,7 +3,7 @@ data, viommu.guest_images), the kernel's modules the recipe lists with their dep
 and the static C guest tools.
 
 Reproducible: sorted entries, zero timestamps and owners, gzip without a timestamp. An image
-is rebuilt only when the recipe, the tools or the kernel change.
+is rebuilt only when the recipe, the tools, the kernel image or one of its modules change.
 """
 
 from __future__ import annotations
@@ -49,16 +49,36 @@ def recipe_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def image_dir(kernel: Kernel, arch: Arch) -> Path:
+    """Where the image of this kernel and recipe lives: one directory per recipe, so that
+    checkouts with different recipes sharing the cache never rebuild over each other's
+    image (nor over one a running QEMU is reading)."""
+    return cache_dir("images", arch.name, f"{kernel.key}-{recipe_hash()}")
+
+
 def find_image(kernel: Kernel, arch: Arch) -> GuestImage | None:
     """The image already built for this kernel and recipe, if any."""
-    manifest = cache_dir("images", arch.name, kernel.key) / "manifest.json"
+    manifest = image_dir(kernel, arch) / "manifest.json"
     if not manifest.exists():
         return None
     data = json.loads(manifest.read_text())
     initramfs = manifest.parent / data["initramfs"]
     if data.get("recipe") != recipe_hash() or not initramfs.exists():
         return None
+    if data.get("module_files") != module_identities(kernel, data["modules"]):
+        return None  # a module rebuilt without the image (a driver built =m, remade)
     return GuestImage(kernel, initramfs, tuple(data["modules"]))
+
+
+def module_identities(kernel: Kernel, names: list[str]) -> dict[str, str]:
+    """Which file each of the image's modules came from, as of now: its size and mtime."""
+    files = kernel.module_files()
+    identities = {}
+    for name in names:
+        path = files.get(name)
+        stat = path.stat() if path is not None and path.exists() else None
+        identities[name] = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else "missing"
+    return identities
 
 
 def ensure_image(kernel: Kernel, arch: Arch) -> GuestImage:
@@ -71,7 +91,7 @@ def ensure_image(kernel: Kernel, arch: Arch) -> GuestImage:
 
 
 def _build_image(kernel: Kernel, arch: Arch) -> GuestImage:
-    home = cache_dir("images", arch.name, kernel.key)
+    home = image_dir(kernel, arch)
     wanted, params = _recipe_modules()
     order = module_load_order(kernel, wanted)
     progress(f"building the initramfs (kernel {kernel.release}, {arch.name}, modules: "
@@ -93,13 +113,20 @@ def _build_image(kernel: Kernel, arch: Arch) -> GuestImage:
     for name in order:
         cpio.add(f"lib/modules/{kernel.release}/{name}.ko", 0o100644, module_bytes(files[name]))
     data = gzip.compress(cpio.finish(), compresslevel=6, mtime=0)
-    (home / "initramfs.cpio.gz").write_bytes(data)
-    (home / "manifest.json").write_text(json.dumps({
+    _write_atomically(home / "initramfs.cpio.gz", data)
+    _write_atomically(home / "manifest.json", json.dumps({
         "kernel": kernel.to_dict(), "initramfs": "initramfs.cpio.gz", "modules": order,
+        "module_files": module_identities(kernel, order),
         "recipe": recipe_hash(), "initramfs_sha256": hashlib.sha256(data).hexdigest(),
-    }, indent=1) + "\n")
+    }, indent=1).encode() + b"\n")
     progress(f"guest image ready ({len(data) // 1024} KiB initramfs)")
     return GuestImage(kernel, home / "initramfs.cpio.gz", tuple(order))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_bytes(data)
+    os.replace(partial, path)
 
 
 def _recipe_modules() -> tuple[list[str], dict[str, str]]:

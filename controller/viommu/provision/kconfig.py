@@ -63,6 +63,8 @@ REQUIREMENTS = (
     Requirement("VFIO_IOMMU_TYPE1", "VFIO's container maps through the vIOMMU", "vfio"),
     Requirement("VFIO_PCI", "DMA endpoints bind to vfio-pci", "vfio"),
     Requirement("VIRTIO_BLK", "the virtio-blk endpoint's guest driver", "virtio-blk"),
+    Requirement("VFAT_FS", "the filesystem test on the virtio-blk endpoint's disk",
+                "virtio-blk"),
     Requirement("VIRTIO_NET", "the NIC of profiles with a [network] table", "network"),
 )
 FEATURES = sorted({r.feature for r in REQUIREMENTS if r.feature})
@@ -137,7 +139,7 @@ def missing(kernel: Kernel, config: dict[str, str], features: list[str] | None =
 # Module file names for the options whose module is not simply the lowercase option name.
 _MODULE_OF = {"VIRTIO_IOMMU": "virtio_iommu", "VFIO_PCI": "vfio_pci", "VFIO": "vfio",
               "VFIO_IOMMU_TYPE1": "vfio_iommu_type1", "VIRTIO_BLK": "virtio_blk",
-              "VIRTIO_NET": "virtio_net", "VIRTIO_PCI": "virtio_pci"}
+              "VIRTIO_NET": "virtio_net", "VIRTIO_PCI": "virtio_pci", "VFAT_FS": "vfat"}
 
 
 def module_of(option: str) -> str:

@@ -11,6 +11,9 @@ Fixtures:
   printed after the test started, and returns it.
 - `dma_endpoint`: a DMA endpoint hot-plugged for one test and removed after; the marker
   `@pytest.mark.viommu_endpoint(port=N, pri=True, vfio=True)` chooses how.
+- `blk_disk`: a virtio-blk disk hot-plugged for one test and removed after (`.disk` is the
+  guest's block device); the marker `@pytest.mark.viommu_disk(size=..., read_only=True)`
+  chooses how. `plugged_disk(vm, ...)` is the same for module-scoped fixtures.
 
 When a test that used `guest` fails, its report gets the console output of that test, the
 events it injected, the backend's trace entries since the test started and the tail of QEMU's
@@ -109,6 +112,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "viommu_endpoint(port=None, pri=False, vfio=False, name=None): how the "
         "dma_endpoint fixture plugs its endpoint")
+    config.addinivalue_line(
+        "markers", "viommu_disk(port=None, name=None, image=None, size=None, read_only=False, "
+        "indirect=True): how the blk_disk fixture plugs its disk")
     config.stash[_OUTCOMES_KEY] = OutcomeLog()
     ktap, results = config.getoption("--viommu-ktap"), config.getoption("--viommu-results")
     if (ktap or results) and not hasattr(config, "workerinput"):  # xdist's controller
@@ -226,10 +232,20 @@ def expect_guest_line(guest: Machine, request: pytest.FixtureRequest) -> Callabl
 def dma_endpoint(guest: Machine, request: pytest.FixtureRequest) -> Iterator[HotpluggedEndpoint]:
     """A DMA endpoint plugged into the guest for this test (a free root port unless the
     viommu_endpoint marker names one), unplugged after."""
-    marker = request.node.get_closest_marker("viommu_endpoint")
-    options = dict(marker.kwargs) if marker else {}
-    with plugged_endpoint(guest, **options) as endpoint:
+    with plugged_endpoint(guest, **_marker_options(request, "viommu_endpoint")) as endpoint:
         yield endpoint
+
+
+@pytest.fixture
+def blk_disk(guest: Machine, request: pytest.FixtureRequest) -> Iterator[HotpluggedEndpoint]:
+    """A virtio-blk disk plugged into the guest for this test, unplugged after."""
+    with plugged_disk(guest, **_marker_options(request, "viommu_disk")) as disk:
+        yield disk
+
+
+def _marker_options(request: pytest.FixtureRequest, name: str) -> dict:
+    marker = request.node.get_closest_marker(name)
+    return dict(marker.kwargs) if marker else {}
 
 
 @contextlib.contextmanager
@@ -237,16 +253,37 @@ def plugged_endpoint(vm: Machine, port: int | None = None, *, name: str | None =
                      pri: bool = False, vfio: bool = False) -> Iterator[HotpluggedEndpoint]:
     """Hot-plug a DMA endpoint (bound to vfio-pci in the guest when `vfio`); unplug it after.
     For module-scoped fixtures as well as the `dma_endpoint` fixture."""
-    port = free_root_port(vm) if port is None else port
-    endpoint = vm.add_endpoint(port, name, pri=pri)
-    _PLUGGED.setdefault(vm, set()).add(port)
-    try:
+    with _plugged(vm, port, lambda p: vm.add_endpoint(p, name, pri=pri)) as endpoint:
         if vfio:
             vm.run(f"viommu-vfio bind {endpoint.sysfs_name}").check()
+        try:
+            yield endpoint
+        finally:
+            if vfio:
+                vm.run(f"echo {endpoint.sysfs_name} > /sys/bus/pci/drivers/vfio-pci/unbind")
+
+
+@contextlib.contextmanager
+def plugged_disk(vm: Machine, port: int | None = None, *, name: str | None = None,
+                 **spec: object) -> Iterator[HotpluggedEndpoint]:
+    """Hot-plug a virtio-blk disk served by the backend (`spec`: DiskSpec's fields, e.g.
+    size, image, read_only); unplug it after."""
+    from viommu.vm.disks import DiskSpec  # the VM side loads only when a fixture needs it
+
+    with _plugged(vm, port, lambda p: vm.add_disk(p, DiskSpec(**spec), name)) as disk:
+        yield disk
+
+
+@contextlib.contextmanager
+def _plugged(vm: Machine, port: int | None,
+             plug: Callable[[int], HotpluggedEndpoint]) -> Iterator[HotpluggedEndpoint]:
+    """plug(port) into `port` (a free one if None), and vm.remove_endpoint() after."""
+    port = free_root_port(vm) if port is None else port
+    endpoint = plug(port)
+    _PLUGGED.setdefault(vm, set()).add(port)
+    try:
         yield endpoint
     finally:
-        if vfio:
-            vm.run(f"echo {endpoint.sysfs_name} > /sys/bus/pci/drivers/vfio-pci/unbind")
         vm.remove_endpoint(endpoint)
         _PLUGGED[vm].discard(port)
 

@@ -92,6 +92,8 @@ class ControlServer:
         self.commands: dict[str, Command] = {}
         self._clients: set[_Client] = set()
         self._server: asyncio.AbstractServer | None = None
+        # CLOCK_MONOTONIC ns when the bytes of the command being served arrived
+        self.arrival_ns = 0
         self.register(Command("query-commands", self._query_commands,
                               help="List the commands this server accepts"))
 
@@ -108,6 +110,7 @@ class ControlServer:
         command = self.commands.get(name)
         if command is None:
             raise CommandError(f"The command {name} has not been found", "CommandNotFound")
+        self.arrival_ns = time.monotonic_ns()
         return command.handler(command.validate(arguments))
 
     async def listen_unix(self, path: str, fd: int | None = None) -> None:
@@ -153,6 +156,7 @@ class ControlServer:
                 chunk = await reader.read(65536)
                 if not chunk:
                     break
+                self.arrival_ns = time.monotonic_ns()
                 buffer += decoder.decode(chunk)
                 while True:
                     document, buffer = _next_document(buffer)

@@ -63,14 +63,19 @@ class BackendSupervisor(Protocol):
 
 def supervisor(*, in_process: bool, vhost_socket: str, control_socket: str,
                endpoint_ids: Sequence[int], log_path: Path, detached: bool,
-               msi_window: tuple[int, int]) -> BackendSupervisor:
+               msi_window: tuple[int, int], extra_args: Sequence[str] = ()
+               ) -> BackendSupervisor:
     """A backend to start: in a thread of this process, or in a process of its own (in a
     session of its own, to outlive this process, when `detached`). `msi_window`: the MSI
-    doorbell range of the platform, which PROBE reports as reserved."""
+    doorbell range of the platform, which PROBE reports as reserved. `extra_args`: more
+    `viommu backend` arguments (a process of its own only), e.g. ["--null-device"]."""
     if in_process:
+        if extra_args:
+            raise ValueError(f"backend arguments {list(extra_args)} need a backend process "
+                             "(not backend_in_process)")
         return ThreadBackend(vhost_socket, control_socket, endpoint_ids, log_path, msi_window)
     return ChildBackend(vhost_socket, control_socket, endpoint_ids, log_path, msi_window,
-                        new_session=detached)
+                        new_session=detached, extra_args=extra_args)
 
 
 class _ProcessBackend(Supervised):
@@ -121,8 +126,9 @@ class _ProcessBackend(Supervised):
 class ChildBackend(_ProcessBackend):
     def __init__(self, vhost_socket: str, control_socket: str, endpoint_ids: Sequence[int],
                  log_path: Path, msi_window: tuple[int, int], *,
-                 new_session: bool = False) -> None:
+                 new_session: bool = False, extra_args: Sequence[str] = ()) -> None:
         """`new_session`: a session of its own, so it outlives this process (`viommu up`)."""
+        self.extra_args = list(extra_args)
         self.vhost_socket = vhost_socket
         self.control_socket = control_socket
         self.endpoint_ids = list(endpoint_ids)
@@ -137,7 +143,7 @@ class ChildBackend(_ProcessBackend):
                "--msi-window", "{:#x}-{:#x}".format(*self.msi_window)]
         for endpoint in self.endpoint_ids:
             cmd += ["--endpoint", str(endpoint)]
-        return cmd
+        return cmd + self.extra_args
 
     def start(self) -> None:
         listeners = []

@@ -13,10 +13,11 @@ import logging
 import os
 from pathlib import Path
 
-from viommu.provision import DEFAULT_ARCH, guest_image, kconfig
+from viommu.provision import DEFAULT_ARCH, kconfig
 from viommu.provision.arch import Arch, get_arch
 from viommu.provision.cache import SetupMissing
-from viommu.provision.initramfs import GuestImage
+from viommu.provision.initramfs import GuestImage, ensure_image
+from viommu.provision.kernels import resolve_kernel
 from viommu.provision.qemu import ensure_qemu, find_qemu, launcher, qemu_version, version_text
 from viommu.vm.errors import MachineError
 from viommu.vm.guest_kernel import GuestKernel
@@ -64,16 +65,17 @@ def prepare(profile: Profile, arch: str, kernel: str | None, modules: str | Path
     configuration lacks an option viommu or one of `features` needs."""
     target = get_arch(arch)
     qemu = _qemu(target)
-    image = guest_image(target.name, kernel, modules)
-    config = kconfig.read_config(image.kernel)
+    found = resolve_kernel(kernel, target, modules)
+    config = kconfig.read_config(found)
     if config is None:
         log.warning("kernel %s: no configuration found (no .config or config-%s beside it, no "
-                    "IKCONFIG in the image): cannot check it before boot", image.kernel.release,
-                    image.kernel.release)
+                    "IKCONFIG in the image): cannot check it before boot", found.release,
+                    found.release)
     else:
-        gaps = kconfig.missing(image.kernel, config, features)
-        if gaps:
-            raise KernelRefused(kconfig.explain(image.kernel, gaps))
+        gaps = kconfig.missing(found, config, features)
+        if gaps:  # before the initramfs is built: a refused kernel costs nothing
+            raise KernelRefused(kconfig.explain(found, gaps))
+    image = ensure_image(found, target)
     board = platform(target.name)
     cmdline = kernel_cmdline(profile, board)
     return GuestBoot(board, qemu, image, GuestKernel.of(image.kernel, config, cmdline), cmdline)
@@ -90,11 +92,12 @@ def _qemu(target: Arch) -> str:
 def kernel_cmdline(profile: Profile, board: Platform) -> str:
     """The profile's command line with the platform's serial console (unless it names one),
     and on x86 the table area reserved from the kernel (memmap=); on aarch64 the device tree
-    reserves it (viommu.vm.devicetree)."""
+    reserves it (viommu.vm.devicetree). Then what the profile or the Machine appends."""
     words = [] if "console=" in profile.cmdline else [board.console_arg()]
     words.append(profile.cmdline)
     if profile.table_area_size and board.topology == "viot":
         words.append(f"memmap={profile.table_area_size:#x}${profile.table_area_base:#x}")
+    words.append(profile.cmdline_append)
     return " ".join(w for w in words if w)
 
 
@@ -102,7 +105,6 @@ def describe_choice(profile: Profile | str, kernel: str | None = None, arch: str
                     ) -> str:
     """Which architecture, kernel and QEMU a Machine with these choices boots, without
     fetching anything (a Debian series not fetched yet is named by its series)."""
-    from viommu.provision.kernels import resolve_kernel  # noqa: PLC0415 - only for reports
     from viommu.vm.profile import load_profile  # noqa: PLC0415
 
     loaded = load_profile(profile) if isinstance(profile, str) else profile

@@ -1,5 +1,6 @@
-"""DMA endpoints hot-plugged into a running VM: served by the backend over vfio-user, plugged
-into a root port with QMP device_add, and taken out again with device_del.
+"""Endpoints hot-plugged into a running VM (DMA engines and virtio-blk disks): served by the
+backend over vfio-user, plugged into a root port with QMP device_add, and taken out again
+with device_del.
 
 A step that fails leaves nothing half done: a device_add that fails undoes the backend's
 endpoint-create. Plugging is QMP and the backend only; seeing the guest enumerate the device
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from viommu.vm.disks import DiskSpec, block_device
 from viommu.vm.errors import MachineError
 from viommu.vm.viot import bdf
 
@@ -22,11 +24,13 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True)
 class HotpluggedEndpoint:
-    """A DMA endpoint plugged into a running VM (`Machine.add_endpoint`)."""
+    """An endpoint plugged into a running VM (`Machine.add_endpoint`, `Machine.add_disk`)."""
 
     name: str  # QEMU device id
     endpoint_id: int  # = requester ID
     port: int
+    disk: str | None = None  # a virtio-blk disk: the guest's block device (vda...; "" until seen)
+    image: str | None = None  # and its image on the host
 
     @property
     def sysfs_name(self) -> str:
@@ -34,41 +38,51 @@ class HotpluggedEndpoint:
         return f"0000:{rid >> 8:02x}:{rid >> 3 & 31:02x}.{rid & 7}"
 
 
-def plug(vm: Machine, port: int, name: str | None, pri: bool,
-         timeout: float) -> HotpluggedEndpoint:
-    endpoint = plug_device(vm, port, name, pri)
-    wait_enumerated(vm, endpoint, timeout)
-    return endpoint
+def plug(vm: Machine, port: int, name: str | None, pri: bool, timeout: float,
+         disk: DiskSpec | None = None) -> HotpluggedEndpoint:
+    return wait_enumerated(vm, plug_device(vm, port, name, pri, disk), timeout)
 
 
-def plug_device(vm: Machine, port: int, name: str | None, pri: bool) -> HotpluggedEndpoint:
-    """Serve the endpoint and plug it (QMP device_add); the guest enumerates it after."""
+def plug_device(vm: Machine, port: int, name: str | None, pri: bool,
+                disk: DiskSpec | None = None) -> HotpluggedEndpoint:
+    """Serve the endpoint (a DMA engine, or `disk`) and plug it (QMP device_add); the guest
+    enumerates it after (`wait_enumerated`)."""
     endpoint_id = bdf(vm.profile.port_bus(port), 0)
     if port in vm.unplugged_ports and not vm.platform.replug:
         raise MachineError(f"root port {port} of {vm.name} had a device unplugged since boot; "
                            f"on {vm.arch} a port takes one hot-plug per boot: use another port "
                            f"(free: {', '.join(map(str, vm.fresh_ports())) or 'none'}) or "
                            "reboot")
-    name = name or f"dma{port}"
-    sock = vm.backend("endpoint-create", endpoint=endpoint_id, pri=pri)["socket"]
+    name = name or f"{'disk' if disk else 'dma'}{port}"
+    args = disk.create_args(vm, name) if disk else {"pri": pri}
+    reply = vm.backend("endpoint-create", endpoint=endpoint_id, **args)
     try:
         vm.qmp("device_add", driver="vfio-user-pci", id=name, bus=f"rp{port}",
-               socket={"type": "unix", "path": sock})
+               socket={"type": "unix", "path": reply["socket"]})
     except BaseException:
         vm.backend("endpoint-delete", endpoint=endpoint_id)  # as it was: nothing served
         raise
-    return HotpluggedEndpoint(name, endpoint_id, port)
+    return HotpluggedEndpoint(name, endpoint_id, port, image=reply.get("image"),
+                              disk="" if disk else None)
 
 
-def wait_enumerated(vm: Machine, endpoint: HotpluggedEndpoint, timeout: float) -> None:
-    """Until the guest has the device (in an IOMMU group, where the kernel attaches
-    endpoints as the IOMMU registers; older ones do when a driver binds it:
-    viommu.vm.guest_kernel). Takes the console."""
+def wait_enumerated(vm: Machine, endpoint: HotpluggedEndpoint,
+                    timeout: float) -> HotpluggedEndpoint:
+    """Until the guest has the device: a disk, its block device (the endpoint returned names
+    it); else in an IOMMU group, where the kernel attaches endpoints as the IOMMU registers
+    (older ones do when a driver binds it: viommu.vm.guest_kernel). Takes the console."""
+    if endpoint.disk is not None:
+        # virtio_pci binds at once, then virtio_blk: the IOMMU group exists by then
+        found: list[str] = []
+        poll(f"the guest's virtio_blk to take {endpoint.sysfs_name}", timeout,
+             lambda: found.append(block_device(vm, endpoint.sysfs_name) or "") or found[-1])
+        return dataclasses.replace(endpoint, disk=found[-1])
     ready = "iommu_group" if vm.guest_kernel.attaches_at_registration else ""
     poll(f"the guest to enumerate {endpoint.sysfs_name}"
          f"{' into an IOMMU group' if ready else ''}", timeout,
          lambda: vm.run(f"test -e /sys/bus/pci/devices/{endpoint.sysfs_name}/{ready}"
                         ).status == 0)
+    return endpoint
 
 
 def unplug(vm: Machine, endpoint: HotpluggedEndpoint, timeout: float) -> None:

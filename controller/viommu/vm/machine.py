@@ -22,11 +22,12 @@ import os
 import shlex
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from viommu.backend.backend import Backend
-from viommu.vm import hotplug, runs
+from viommu.vm import disks, hotplug, runs
 from viommu.vm.accel import detect_accel
 from viommu.vm.backend_supervisor import BackendSupervisor, ThreadBackend, supervisor
 from viommu.vm.boot import GuestBoot, choose_arch, choose_kernel
@@ -34,6 +35,7 @@ from viommu.vm.boot import prepare as prepare_boot
 from viommu.vm.console import CommandResult, Console, ConsoleClosed, ConsoleError
 from viommu.vm.detached import DetachedMachine
 from viommu.vm.devicetree import write_dtb
+from viommu.vm.disks import DiskSpec
 from viommu.vm.errors import (
     QMP_ERRORS,
     BackendGone,
@@ -68,14 +70,14 @@ class Machine(DetachedMachine):
                  backend_in_process: bool = False, iommu: str | None = None,
                  network: PrivateNetwork | None = None,
                  run_dir: Path | str | None = None, kernel: str | None = None,
-                 modules: str | Path | None = None, arch: str | None = None) -> None:
+                 modules: str | Path | None = None, arch: str | None = None,
+                 kernel_args: str = "", backend_args: Sequence[str] = ()) -> None:
         """`iommu` overrides the profile's: "viommu" (ours), "qemu" (QEMU's in-process
         virtio-iommu-pci, to compare against) or "none". `network`: the segment the VM's NIC
         joins (the profile's [network], or its defaults); VMs given the same one can talk.
         A profile with [network] and no `network` gets a segment of its own.
         `backend_in_process`: the backend's loop runs in a thread of this process (handy
-        under a debugger) instead of its own process (where it cannot share our GIL or our
-        crashes).
+        under a debugger), not in its own (where it cannot share our GIL or our crashes).
 
         `run_dir` makes a detached VM (`viommu up`): QEMU and the backend run in sessions of
         their own and outlive this process; sockets, logs and state.json live in `run_dir`,
@@ -86,11 +88,16 @@ class Machine(DetachedMachine):
         architecture ("x86_64", "aarch64"); unset, VIOMMU_KERNEL and VIOMMU_ARCH, then the
         profile's, then the defaults decide. Whatever is missing is fetched or built at
         launch, and a kernel lacking an option viommu needs is refused before it boots
-        (viommu.vm.boot.KernelRefused)."""
+        (viommu.vm.boot.KernelRefused). `kernel_args` go after the profile's command line
+        (iommu.strict=1, ...); `backend_args` after the backend process's (["--null-device"],
+        ["--poll-us", "0"]: benchmarks compare modes with them)."""
         self.profile = load_profile(profile) if isinstance(profile, str) else profile
         self._profile_ref = profile if isinstance(profile, str) else self.profile.name
         if iommu is not None:
             self.profile = dataclasses.replace(self.profile, iommu=iommu)
+        if kernel_args:
+            self.profile = dataclasses.replace(self.profile, cmdline_append=" ".join(
+                filter(None, (self.profile.cmdline_append, kernel_args))))
         self.arch = choose_arch(arch, self.profile)
         self.kernel_spec = choose_kernel(kernel, self.profile)
         self.kernel_modules = modules or self.profile.kernel_modules
@@ -102,6 +109,7 @@ class Machine(DetachedMachine):
         self.name = name
         self.boot_timeout = boot_timeout
         self.backend_in_process = backend_in_process
+        self.backend_args = list(backend_args)
         self.workdir = Path(workdir or self.run_dir or tempfile.mkdtemp(prefix=f"viommu-{name}-"))
         # Unix socket paths are limited to ~107 bytes: keep them in a short private dir.
         self._sockdir = self.run_dir or Path(tempfile.mkdtemp(prefix="viommu-"))
@@ -199,7 +207,8 @@ class Machine(DetachedMachine):
 
     def _features(self) -> list[str]:
         """What this VM's profile uses beyond the basics (kconfig feature names)."""
-        return ["network"] if self.profile.network is not None else []
+        return (["network"] if self.profile.network is not None else []) + (
+            ["virtio-blk"] if disks.profile_disks(self.profile) else [])
 
     # --- launch -------------------------------------------------------------------------------
 
@@ -246,10 +255,13 @@ class Machine(DetachedMachine):
             in_process=self.backend_in_process, vhost_socket=self.vhost_socket,
             control_socket=self.control_socket, endpoint_ids=self.endpoint_ids,
             log_path=self.workdir / "backend.log", detached=self.run_dir is not None,
-            msi_window=self._prepared().platform.msi_window)
+            msi_window=self._prepared().platform.msi_window, extra_args=self.backend_args)
         self._backend.start()
 
     def _start_qemu(self) -> None:
+        if disks.profile_disks(self.profile) and self._backend is not None:
+            self._control.connect()  # the backend serves them before QEMU looks for them
+            disks.serve_profile_disks(self, self._sockdir)
         command = self.qemu_command()
         (self.workdir / "qemu-cmdline.txt").write_text(shlex.join(command) + "\n")
         try:
@@ -261,7 +273,7 @@ class Machine(DetachedMachine):
         """QEMU's console and QMP, then the backend's control socket."""
         try:
             self._qemu.connect()
-            if self._backend is not None:
+            if self._backend is not None and not self._control.connected:
                 self._control.connect()
         except (MachineError, *QMP_ERRORS) as exc:
             raise self._launch_failure(f"did not come up: {exc}") from exc
@@ -420,6 +432,12 @@ class Machine(DetachedMachine):
         kernel attaches endpoints when the IOMMU registers, put it in an IOMMU group (older
         kernels do when a driver binds it: `viommu-vfio bind`)."""
         return hotplug.plug(self, port, name, pri, timeout)
+
+    def add_disk(self, port: int, disk: DiskSpec | None = None, name: str | None = None,
+                 timeout: float = 60) -> HotpluggedEndpoint:
+        """Hot-plug a virtio-blk disk the backend serves (viommu.vm.disks) into root port
+        `port`; returns once the guest's virtio_blk has it (`.disk`: vda...)."""
+        return hotplug.plug(self, port, name, False, timeout, disk or DiskSpec())
 
     def remove_endpoint(self, endpoint: HotpluggedEndpoint, timeout: float = 30) -> None:
         """Hot-unplug: QEMU removes the device once the guest lets go of it."""

@@ -66,6 +66,7 @@ class Profile:
     kernel_modules: str | None = None  # with a kernel image: its lib/modules/<release>
     # The platform adds its serial console (console=ttyS0 or ttyAMA0) unless this names one.
     cmdline: str = "deferred_probe_timeout=-1 panic=-1 loglevel=4"
+    cmdline_append: str = ""  # [kernel] append: after cmdline (iommu.strict=1, ...)
     endpoints: tuple[EndpointSpec, ...] = ()
     extra_args: tuple[str, ...] = ()
     # Guest-physical range the guest kernel never uses (memmap=SIZE$BASE marks it reserved):
@@ -130,13 +131,14 @@ def load_profile(name_or_path: str | Path) -> Profile:
 
 
 # [kernel] keys and the Profile fields they set.
-_KERNEL_KEYS = {"cmdline": "cmdline", "source": "kernel", "modules": "kernel_modules"}
+_KERNEL_KEYS = {"cmdline": "cmdline", "append": "cmdline_append", "source": "kernel",
+                "modules": "kernel_modules"}
 
 
 def _kernel_fields(path: Path, table: dict) -> dict:
-    """[kernel]: `cmdline`, `source` (a kernel SPEC: a Debian series, a build tree or an
-    image) and `modules` (an image's lib/modules/<release>); paths are relative to the
-    profile's own directory."""
+    """[kernel]: `cmdline`, `append` (more arguments after it), `source` (a kernel SPEC: a
+    Debian series, a build tree or an image) and `modules` (an image's
+    lib/modules/<release>); paths are relative to the profile's own directory."""
     fields = {_KERNEL_KEYS[k]: v for k, v in table.items()}
     for key in ("kernel", "kernel_modules"):
         value = fields.get(key)

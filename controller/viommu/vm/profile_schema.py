@@ -84,6 +84,7 @@ MACHINE = {
 }
 KERNEL = {
     "cmdline": Key("a string (the kernel command line)", _string()),
+    "append": Key("a string (more kernel arguments, after cmdline)", _string()),
     "source": Key("a string: a Debian series (7, 6.12), a kernel build tree or an image",
                   _string()),
     "modules": Key("a string: an image's lib/modules/<release> directory", _string()),

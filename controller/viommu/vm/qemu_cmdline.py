@@ -12,6 +12,7 @@ from pathlib import Path
 
 from viommu import uapi
 from viommu.vm.boot import GuestBoot
+from viommu.vm.disks import DISK_DEVICE, qemu_device
 from viommu.vm.profile import NetworkSpec, Profile
 
 
@@ -109,6 +110,10 @@ class QemuCommandLine:
     def endpoint_args(self) -> list[str]:
         args = []
         for ep in self.profile.endpoints:
+            if ep.device == DISK_DEVICE:  # served by the backend (viommu.vm.disks)
+                args += qemu_device(ep, f"rp{ep.port}", Path(self.vhost_socket).parent,
+                                    self.profile.endpoint_id(ep))
+                continue
             opts = "".join(f",{k}={v}" for k, v in ep.options.items())
             args += ["-device", f"{ep.device},id={ep.name},bus=rp{ep.port}{opts}"]
         return args

@@ -77,7 +77,11 @@ class QemuProcess(Supervised):
 
     def open_console(self) -> Console:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(self.serial_socket)
+        try:
+            sock.connect(self.serial_socket)
+        except OSError:
+            sock.close()
+            raise
         # A detached QEMU writes console.log itself (logfile=): do not write it twice.
         self.console = Console(sock, Path(os.devnull) if self.detached else self.console_log)
         return self.console

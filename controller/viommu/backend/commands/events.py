@@ -56,8 +56,10 @@ class EventCommands:
         self.relay = relay
         self.page_requests = page_requests
         self.guest_absence = guest_absence or self.device.guest_absence
+        self.control: ControlServer | None = None
 
     def register(self, control: ControlServer) -> None:
+        self.control = control  # when the command being served arrived
         control.register(Command("inject-event", self.inject_event, (
             Arg("type", (str, int), True, "SMMUv3 event name (C_BAD_STE) or ID"),
             Arg("sid", (int,), True, "StreamID = virtio-iommu endpoint ID"),
@@ -97,15 +99,16 @@ class EventCommands:
                                "--force)")
         if is_config_event(event_id):
             self.device.note_config_fault(sid, event_id.name)
-        before = self.relay.counters()
-        first = self.relay.submit_burst(record, count)[0]
-        after = self.relay.counters()
+        relay = self.relay
+        lost, not_forwarded = relay.lost, relay.not_forwarded
+        arrived_ns = self.control.arrival_ns if self.control else 0
+        first = relay.submit_burst(record, count, arrived_ns)[0]
         if absent:
-            self.relay.to_absent_endpoints += count
+            relay.to_absent_endpoints += count
         # The FIFO is delivered in order, so this burst's records are the last ones pending.
-        pending = min(after["pending"], count)
-        lost = after["lost"] - before["lost"]
-        not_forwarded = after["not_forwarded"] - before["not_forwarded"]
+        pending = min(relay.pending, count)
+        lost = relay.lost - lost
+        not_forwarded = relay.not_forwarded - not_forwarded
         notes = [note for note in (first.note, absent and f"delivered as asked, but {absent}")
                  if note]
         return {"seq": first.seq, "count": count, "pending": pending, "lost": lost,
@@ -115,8 +118,11 @@ class EventCommands:
                 "note": "; ".join(notes) or None}
 
     def query_events(self, args: dict) -> dict:
+        counters = self.relay.counters()  # first: brings the trace states up to date
         trace = trace_slice(self.relay.trace, lambda e: e.seq, args)
-        return {**self.relay.counters(), "page_requests": self.page_requests.counters(),
+        return {**counters, "page_requests": self.page_requests.counters(),
+                # command arrival -> record in the used ring and the driver notified
+                "delivery_us": self.relay.delivery_latency(),
                 "trace": [e.to_dict() for e in trace]}
 
 

@@ -79,6 +79,8 @@ class StateCommands:
             "vhost_user_messages": conn.messages_seen if conn else 0,
             # None: the requestq is served on the loop (no thread, or not running)
             "request_thread": requestq.counters() if requestq else None,
+            # None: the eventq is served on the loop
+            "event_thread": self.vhost.eventq.counters(),
         }
 
     def add_endpoint(self, args: dict[str, Any]) -> dict:

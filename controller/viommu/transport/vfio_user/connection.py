@@ -60,6 +60,8 @@ class VfioUserDevice(Protocol):
     def region_write(self, index: int, offset: int, data: bytes) -> None: ...
     def reset(self, reason: str) -> None: ...
     def connected(self, client: VfioUserClient) -> None: ...
+    # (vector, masked) changes the client asked of an index the device reports MASKABLE
+    def irq_mask(self, index: int, changes: list[tuple[int, bool]]) -> None: ...
     def disconnected(self) -> None: ...
 
 
@@ -345,7 +347,9 @@ class VfioUserConnection:
     def _device_set_irqs(self, msg: Message) -> None:
         req = m.IrqSet.unpack(msg.payload)
         flags, count = self._irq(req.index)
-        self.irqs.set_irqs(req, flags, count, msg.fds)
+        changes = self.irqs.set_irqs(req, flags, count, msg.fds)
+        if changes:  # MASK/UNMASK of a maskable index: the device's business
+            self.device.irq_mask(req.index, changes)
 
     # --- region access ------------------------------------------------------------------
 

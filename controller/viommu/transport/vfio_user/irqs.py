@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
@@ -18,19 +19,21 @@ class IrqEventfds:
         self.name = name
         self.fds: dict[int, list[int | None]] = {}
 
-    def set_irqs(self, req: m.IrqSet, flags: int, count: int, fds: list[int]) -> None:
+    def set_irqs(self, req: m.IrqSet, flags: int, count: int,
+                 fds: list[int]) -> list[tuple[int, bool]]:
         """Apply one SET_IRQS for an index with `count` vectors; the fds it keeps are taken
-        out of `fds`."""
+        out of `fds`. MASK and UNMASK (of an index reporting VFIO_IRQ_INFO_MASKABLE, as an
+        INTx line does) return the vectors they change, (vector, masked), for the device."""
         if bin(req.data_type).count("1") != 1 or bin(req.action).count("1") != 1 or (
                 req.flags & ~(m.VFIO_IRQ_SET_DATA_TYPE_MASK | m.VFIO_IRQ_SET_ACTION_TYPE_MASK)):
             raise ProtocolError(f"SET_IRQS flags {req.flags:#x} need one DATA and one ACTION")
         if req.data_type != m.VFIO_IRQ_SET_DATA_EVENTFD and fds:
             raise ProtocolError(f"SET_IRQS without DATA_EVENTFD carries {len(fds)} fds")
         if req.action != m.VFIO_IRQ_SET_ACTION_TRIGGER:
-            raise ProtocolError(f"IRQ index {req.index} is not maskable (flags {flags:#x})")
+            return self._mask(req, flags, count)
         if req.data_type == m.VFIO_IRQ_SET_DATA_NONE and req.count == 0:
             self.disable(req.index)
-            return
+            return []
         if req.start + req.count > count:
             raise ProtocolError(f"SET_IRQS vectors {req.start}+{req.count} exceed the {count} "
                                 f"of IRQ index {req.index}")
@@ -38,6 +41,25 @@ class IrqEventfds:
             self._assign(req, fds, count)
         else:
             self._loopback(req)
+        return []
+
+    def _mask(self, req: m.IrqSet, flags: int, count: int) -> list[tuple[int, bool]]:
+        if not flags & m.VFIO_IRQ_INFO_MASKABLE:
+            raise ProtocolError(f"IRQ index {req.index} is not maskable (flags {flags:#x})")
+        if req.data_type == m.VFIO_IRQ_SET_DATA_EVENTFD:
+            # KVM's INTx resampler: QEMU then falls back to handling the EOI itself
+            # (hw/vfio/pci.c:vfio_intx_enable_kvm), with an UNMASK message per EOI.
+            raise ProtocolError(f"IRQ index {req.index}: an unmask eventfd is not supported",
+                                errno.ENOTSUP)
+        if req.start + req.count > count:
+            raise ProtocolError(f"SET_IRQS vectors {req.start}+{req.count} exceed the {count} "
+                                f"of IRQ index {req.index}")
+        if req.data_type == m.VFIO_IRQ_SET_DATA_BOOL and len(req.data) != req.count:
+            raise ProtocolError(f"SET_IRQS DATA_BOOL for {req.count} vectors carries "
+                                f"{len(req.data)} bytes")
+        masked = req.action == m.VFIO_IRQ_SET_ACTION_MASK
+        return [(req.start + i, masked) for i in range(req.count)
+                if req.data_type == m.VFIO_IRQ_SET_DATA_NONE or req.data[i]]
 
     def signal(self, index: int, vector: int = 0) -> bool:
         """Signal an IRQ's eventfd; False when the client has not set one."""

@@ -49,6 +49,9 @@ class VhostUserDevice(Protocol):
         called on each."""
         ...
     def queue_stopped(self, index: int) -> None: ...
+    def queue_call_changed(self, index: int) -> None:
+        """A running ring's call fd was replaced (`vring.call_fd`; the old one is closed)."""
+        ...
     def queue_kicked(self, index: int) -> None: ...
     def reset(self, reason: str) -> None: ...
 
@@ -344,6 +347,8 @@ class VhostUserConnection:
         if vring.call_fd is not None:
             os.close(vring.call_fd)
         vring.call_fd = fd
+        if vring.running:
+            self.device.queue_call_changed(vring.index)
 
     def _set_vring_err(self, msg: Message) -> None:
         vring, fd = self._ring_fd(msg)
