@@ -57,7 +57,12 @@ class DetachedMachine:
                                           Path(state.workdir))
             vm._control.lazy = True
             if vm._backend.alive():  # else backend() says it is dead, and how
-                vm._control.connect()
+                try:
+                    vm._control.connect()
+                except MachineError:
+                    if vm._backend.exit_status(timeout=1.0) is None:
+                        raise
+                    # it died as we connected: backend() says so, and how
         return vm
 
     def release(self: Machine) -> None:
