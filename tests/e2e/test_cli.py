@@ -175,9 +175,10 @@ def test_sighup_then_ctrl_c_during_up_stop_what_it_started_with_one_line(
     _, err = up.communicate(timeout=60)
     assert up.returncode == 130, err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (
-        "viommu up: interrupted (SIGHUP); the VM it was booting was stopped (its logs stay "
-        "in the run directory)"), err
+    # the Ctrl-C held during clean-up may be the last word
+    assert re.fullmatch(r"viommu up: interrupted \((SIGHUP|Ctrl-C)\); the VM it was booting was "
+                        r"stopped \(its logs stay in the run directory\)",
+                        err.strip().splitlines()[-1]), err
     assert not runs.process_alive(state.qemu_pid, state.sockets["qmp"])
     assert state.backend_pid is None or not runs.process_alive(state.backend_pid,
                                                                state.sockets["control"])

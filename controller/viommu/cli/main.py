@@ -304,15 +304,25 @@ def main(argv: list[str] | None = None) -> int:
         level = min(level, logging.INFO)  # the backend log is the trace users read
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
     if not args.verbose:  # its connection failures are ours to explain, in one line
-        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL + 1)
+        if args.command != "backend":
+            # A Ctrl-C that lands inside qemu.qmp's event loop leaves a task behind, which
+            # qemu.qmp and asyncio would report at exit as a library bug: the command has
+            # said what happened, and cleaned up.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {}
     if args.command != "backend" and threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        previous = {sig: signal.getsignal(sig) for sig in signals}
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _terminated)
     try:
         return _run(args)
-    finally:  # as they were (main() also runs inside other programs: tests, shells)
+    finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            # The program is done and only exits: one more Ctrl-C must not turn that into a
+            # traceback. Inside another program (tests, shells), as they were.
+            signal.signal(sig, signal.SIG_IGN if argv is None else handler)
 
 
 def _run(args: argparse.Namespace) -> int:
