@@ -161,7 +161,10 @@ def cmd_down(args: argparse.Namespace) -> int:
         runs.remove_run(directory)
     what = (f"was stale (its QEMU had exited); removed {directory}" if stale and not killed
             else "is down")
-    extra = f" ({problem}; killed what was left of it, by pid)" if problem else ""
+    left = (f"; ended what was left of it by pid ({', '.join(map(str, killed))})" if killed
+            else "")
+    extra = f" ({problem or 'its processes outlived the shutdown'}{left})" if problem or killed \
+        else ""
     kept = f"; logs kept in {directory}" if args.keep_logs else ""
     say(f"{args.name} {what}{extra}{kept}")
     return 0

@@ -137,8 +137,9 @@ def end_process(proc: Process, what: str, timeout: float) -> None:
 
 def end_all(procs: list[psutil.Process], timeout: float = TERM_TIMEOUT_S) -> list[int]:
     """A second to leave by themselves (a backend's watcher leaves with it), then SIGTERM,
-    then SIGKILL for those still there after `timeout`; the pids killed."""
+    then SIGKILL for those still there after `timeout`; the pids that had to be signalled."""
     _, procs = psutil.wait_procs(procs, timeout=1.0)
+    signalled = [proc.pid for proc in procs]
     for proc in procs:
         try:
             proc.terminate()
@@ -152,4 +153,4 @@ def end_all(procs: list[psutil.Process], timeout: float = TERM_TIMEOUT_S) -> lis
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=timeout)
-    return [proc.pid for proc in alive]
+    return signalled
