@@ -306,3 +306,46 @@ def test_events_injected_name_the_endpoint_used_when_the_test_gave_none(
     [injection] = record.injected
     assert injection.sid == 0x100 and str(injection) == "C_BAD_STE sid=0x100 {}"
     assert "sid=None" not in dict(record.failure_sections())["events injected"]
+
+
+# --- hot-plug ports: aarch64's virt takes one hot-plug per port per boot ---------------------
+
+class _PortsVm:
+    """What ready_port looks at: the profile's ports, those unplugged since boot, reboot."""
+
+    def __init__(self, replug: bool, ports: int = 3) -> None:
+        self.platform = SimpleNamespace(replug=replug)
+        self.root_ports, self.unplugged_ports, self.reboots = ports, set(), 0
+
+    def fresh_ports(self) -> list[int]:
+        return [p for p in range(self.root_ports)
+                if self.platform.replug or p not in self.unplugged_ports]
+
+    def reboot(self) -> float:
+        self.reboots += 1
+        self.unplugged_ports.clear()
+        return 0.0
+
+
+def test_a_spent_port_reboots_the_guest_only_when_nothing_plugged_remains() -> None:
+    from viommu.testing import pytest_plugin as plugin
+
+    virt = _PortsVm(replug=False)
+    virt.unplugged_ports = {0, 1, 2}
+    assert plugin.ready_port(virt, 2) == 2 and virt.reboots == 1  # had its turn: reboot
+    assert plugin.ready_port(virt, 2) == 2 and virt.reboots == 1  # fresh again
+    virt.unplugged_ports = {0, 1, 2}
+    assert plugin.ready_port(virt, None) == 2 and virt.reboots == 2  # none fresh: reboot
+
+    holding = _PortsVm(replug=False)
+    holding.unplugged_ports = {1}
+    plugin._PLUGGED[holding] = {0}  # a test's endpoint is still in the guest: no reboot
+    try:
+        assert plugin.ready_port(holding, 1) == 1 and holding.reboots == 0
+    finally:
+        del plugin._PLUGGED[holding]
+
+    q35 = _PortsVm(replug=True)
+    q35.unplugged_ports = {0, 1, 2}
+    assert plugin.ready_port(q35, 1) == 1 and plugin.ready_port(q35, None) == 2
+    assert q35.reboots == 0  # ports take any number of hot-plugs there
