@@ -99,7 +99,31 @@ def test_tool_results_are_read_exactly_while_the_kernel_prints_into_them(
         guest: Machine, endpoint: HotpluggedEndpoint) -> None:
     """The kernel's lines land inside the tool's (printk writes to the UART while the tty
     still sends the tool's line): faults injected, and kernel lines written through
-    /dev/kmsg, while the tool prints a result per transfer."""
+    /dev/kmsg, while the tool prints a result per transfer; the run is repeated until a
+    kernel line landed inside a tool line, every run read exactly.
+
+    On x86_64 (the 8250 UART) a landing comes in the first run or two, and the test fails
+    without one: it would have tested nothing. On aarch64 (the PL011 under TCG) a tool line
+    mostly leaves in one piece (none landed in 12 runs of 150 lines alone, some in a full
+    suite), so there the runs check that results are read exactly among kernel lines, and
+    the splitting itself is pinned by tests/unit/test_guest_tool.py."""
+    landed: list[str] = []
+    for _ in range(TOOL_RUNS):
+        landed += tool_run_among_kernel_lines(guest, endpoint)
+        if landed:
+            break
+    if guest.arch == "x86_64":
+        assert landed, (f"no kernel line landed inside a tool line in {TOOL_RUNS} runs: "
+                        "this test tested nothing")
+    guest.wait_fault_window()  # the next tests expect their fault lines printed
+
+
+TOOL_RUNS = 4
+
+
+def tool_run_among_kernel_lines(guest: Machine, endpoint: HotpluggedEndpoint) -> list[str]:
+    """One tool run of 150 results among kernel lines, its results checked; the kernel
+    lines that landed inside a tool line."""
     steps, done = 150, "/tmp/tool-done"
     mark = guest.mark()
     guest.console.send_line(
@@ -114,10 +138,7 @@ def test_tool_results_are_read_exactly_while_the_kernel_prints_into_them(
     assert [int(r["step"]) for r in results] == list(range(1, steps + 1))
     assert {(r["status"], r["verify"], r["bytes"]) for r in results} == {("done", "ok", "4096")}
     assert all(r["ns"].isdigit() for r in results)
-    raw = guest.console.transcript[mark:]
-    landed = re.findall(r"viommu-vfio: [^\n]*?\[\s*\d+\.\d+\] ", raw)
-    assert landed, "no kernel line landed inside a tool line: this run tested nothing"
-    guest.wait_fault_window()  # the next tests expect their fault lines printed
+    return re.findall(r"viommu-vfio: [^\n]*?\[\s*\d+\.\d+\] ", guest.console.transcript[mark:])
 
 
 # --- page-table mode: SMMUv3 tables in guest memory -----------------------------------------
