@@ -60,6 +60,16 @@ _FORMATS = {1: "<B", 2: "<H", 4: "<I"}
 _ADDRESS_HALVES = {"queue_desc_lo": ("desc", 0), "queue_desc_hi": ("desc", 32),
                    "queue_avail_lo": ("driver", 0), "queue_avail_hi": ("driver", 32),
                    "queue_used_lo": ("device", 0), "queue_used_hi": ("device", 32)}
+# Fields of the common configuration that read back one of our attributes as it is.
+_REGISTERS = {"device_feature_select": "device_feature_select",
+              "guest_feature_select": "driver_feature_select", "msix_config": "msix_config",
+              "num_queues": "num_queues", "device_status": "status",
+              "queue_select": "queue_select"}
+
+
+def _feature_word(features: int, select: int) -> int:
+    """The 32-bit window of the 64 feature bits that `select` picks (0 past the second)."""
+    return features >> (32 * select) & 0xFFFF_FFFF if select < 2 else 0
 
 
 @dataclasses.dataclass
@@ -123,23 +133,11 @@ class CommonConfig:
     def _get(self, name: str) -> int:
         q = self.selected
         if name == "device_feature":
-            select = self.device_feature_select
-            return self.device_features >> (32 * select) & 0xFFFF_FFFF if select < 2 else 0
+            return _feature_word(self.device_features, self.device_feature_select)
         if name == "guest_feature":
-            select = self.driver_feature_select
-            return self.driver_features >> (32 * select) & 0xFFFF_FFFF if select < 2 else 0
-        if name == "device_feature_select":
-            return self.device_feature_select
-        if name == "guest_feature_select":
-            return self.driver_feature_select
-        if name == "msix_config":
-            return self.msix_config
-        if name == "num_queues":
-            return self.num_queues
-        if name == "device_status":
-            return self.status
-        if name == "queue_select":
-            return self.queue_select
+            return _feature_word(self.driver_features, self.driver_feature_select)
+        if name in _REGISTERS:
+            return getattr(self, _REGISTERS[name])
         if q is None:
             return 0  # queue_size 0: "the queue is unavailable"
         if name in _ADDRESS_HALVES:
