@@ -293,19 +293,24 @@ def ready_port(vm: Machine, port: int | None) -> int:
     hot-plug per boot (aarch64's virt: viommu.vm.platforms) and the one wanted has had its
     turn, the guest is rebooted first, provided nothing this plugin plugged is in it: a
     freshly booted guest is the guest every test expects to find."""
-    def spent() -> bool:
-        if port is None:
-            return not [p for p in vm.fresh_ports() if p not in _PLUGGED.get(vm, set())]
-        return port in vm.unplugged_ports and not vm.platform.replug
-    if spent() and not _PLUGGED.get(vm):
+    if port is None:
+        spent = not _free_ports(vm)
+    else:
+        spent = port in vm.unplugged_ports and not vm.platform.replug
+    if spent and not _PLUGGED.get(vm):
         vm.reboot()
     return free_root_port(vm) if port is None else port
+
+
+def _free_ports(vm: Machine) -> list[int]:
+    """Root ports a hot-plug can use now (Machine.fresh_ports) that this plugin did not plug."""
+    return [p for p in vm.fresh_ports() if p not in _PLUGGED.get(vm, set())]
 
 
 def free_root_port(vm: Machine) -> int:
     """The highest root port a hot-plug can use now (Machine.fresh_ports) that this plugin
     did not plug."""
-    free = [p for p in vm.fresh_ports() if p not in _PLUGGED.get(vm, set())]
+    free = _free_ports(vm)
     if not free:
         raise pytest.UsageError(f"no free root port on {vm.name}: its "
                                 f"{vm.profile.root_ports} hold endpoints or, on "
