@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -380,6 +381,28 @@ def test_ls_shows_a_killed_backend_as_dead_within_a_second_and_how_it_died(
     assert cli.main(["ls", "--json"]) == 0
     [entry] = json.loads(capsys.readouterr().out)
     assert entry["backend_alive"] is False and entry["backend_exit"]["how"] == "killed by SIGKILL"
+
+
+def test_ls_waits_for_the_watchers_record_of_a_backend_that_has_just_died(
+        live_vm: Path, capsys: pytest.CaptureFixture) -> None:
+    """The moment between a backend's death and its watcher's record: ls reports how it died,
+    not 'how unrecorded' (a SIGKILLed process leaves /proc before its parent reaps it)."""
+    from viommu.vm import backend_watch
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    state = runs.RunState.load(live_vm)
+    state.backend_pid = gone.pid
+    state.save(live_vm)
+    late = threading.Timer(0.2, lambda: backend_watch._write_record(
+        str(live_vm / backend_watch.EXIT_RECORD), gone.pid, -signal.SIGKILL))
+    late.start()
+    try:
+        assert cli.main(["ls"]) == 0
+    finally:
+        late.join()
+    assert re.search(r"^alive\s.*\sbackend dead \(killed by SIGKILL at \d\d:\d\d:\d\d\)$",
+                     capsys.readouterr().out, re.M)
 
 
 @pytest.mark.parametrize("command", [["state"], ["inject", "C_BAD_STE"], ["trace"],

@@ -115,12 +115,7 @@ class _ProcessBackend(Supervised):
         """The watcher's record; it writes it just after the backend is gone."""
         if self.exit_record is None:
             return None
-        deadline = time.monotonic() + wait
-        while True:
-            record = backend_watch.read_record(str(self.exit_record))
-            if record is not None or time.monotonic() >= deadline:
-                return record
-            time.sleep(0.02)
+        return backend_watch.read_record(str(self.exit_record), wait)
 
 
 class ChildBackend(_ProcessBackend):

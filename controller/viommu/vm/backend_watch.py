@@ -38,8 +38,21 @@ def describe(status: int) -> str:
     return f"exited with status {status}"
 
 
-def read_record(path: str) -> dict | None:
-    """What the watcher wrote: {"pid", "status", "how", "time"}; None before it has."""
+def read_record(path: str, wait: float = 0.0) -> dict | None:
+    """What the watcher wrote: {"pid", "status", "how", "time"}; None before it has.
+
+    `wait`: seconds to give the watcher. A killed backend is gone from /proc (a zombie has
+    no command line) a moment before its watcher has reaped it and written the record, so a
+    reader that has just seen it die waits for the record rather than report it unknown."""
+    deadline = time.monotonic() + wait
+    while True:
+        record = _read(path)
+        if record is not None or time.monotonic() >= deadline:
+            return record
+        time.sleep(0.02)
+
+
+def _read(path: str) -> dict | None:
     try:
         with open(path) as record:
             data = json.load(record)

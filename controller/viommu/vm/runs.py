@@ -115,8 +115,11 @@ class RunState:
                 and process_alive(self.up_pid, "viommu"))
 
     def backend_exit(self) -> dict | None:
-        """How the backend ended, as its watcher recorded it (viommu.vm.backend_watch)."""
-        return backend_watch.read_record(os.path.join(self.workdir, backend_watch.EXIT_RECORD))
+        """How the backend ended, as its watcher recorded it (viommu.vm.backend_watch); a
+        backend that has just died gets half a second for its watcher to write that."""
+        wait = 0.5 if self.backend_pid is not None and not self.backend_alive else 0.0
+        return backend_watch.read_record(os.path.join(self.workdir, backend_watch.EXIT_RECORD),
+                                         wait)
 
     def health(self) -> str:
         """One phrase for `viommu ls`: starting, running, backend dead (how), or stale."""
