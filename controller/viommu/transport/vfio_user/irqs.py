@@ -34,9 +34,7 @@ class IrqEventfds:
         if req.data_type == m.VFIO_IRQ_SET_DATA_NONE and req.count == 0:
             self.disable(req.index)
             return []
-        if req.start + req.count > count:
-            raise ProtocolError(f"SET_IRQS vectors {req.start}+{req.count} exceed the {count} "
-                                f"of IRQ index {req.index}")
+        _check_range(req, count)
         if req.data_type == m.VFIO_IRQ_SET_DATA_EVENTFD:
             self._assign(req, fds, count)
         else:
@@ -51,15 +49,9 @@ class IrqEventfds:
             # (hw/vfio/pci.c:vfio_intx_enable_kvm), with an UNMASK message per EOI.
             raise ProtocolError(f"IRQ index {req.index}: an unmask eventfd is not supported",
                                 errno.ENOTSUP)
-        if req.start + req.count > count:
-            raise ProtocolError(f"SET_IRQS vectors {req.start}+{req.count} exceed the {count} "
-                                f"of IRQ index {req.index}")
-        if req.data_type == m.VFIO_IRQ_SET_DATA_BOOL and len(req.data) != req.count:
-            raise ProtocolError(f"SET_IRQS DATA_BOOL for {req.count} vectors carries "
-                                f"{len(req.data)} bytes")
+        _check_range(req, count)
         masked = req.action == m.VFIO_IRQ_SET_ACTION_MASK
-        return [(req.start + i, masked) for i in range(req.count)
-                if req.data_type == m.VFIO_IRQ_SET_DATA_NONE or req.data[i]]
+        return [(vector, masked) for vector in _chosen_vectors(req)]
 
     def signal(self, index: int, vector: int = 0) -> bool:
         """Signal an IRQ's eventfd; False when the client has not set one."""
@@ -96,10 +88,22 @@ class IrqEventfds:
 
     def _loopback(self, req: m.IrqSet) -> None:
         """DATA_NONE/DATA_BOOL with TRIGGER: the client fires the interrupt itself."""
-        if req.data_type == m.VFIO_IRQ_SET_DATA_BOOL and len(req.data) != req.count:
-            raise ProtocolError(f"SET_IRQS DATA_BOOL for {req.count} vectors carries "
-                                f"{len(req.data)} bytes")
-        for i in range(req.count):
-            if req.data_type == m.VFIO_IRQ_SET_DATA_NONE or req.data[i]:
-                self.signal(req.index, req.start + i)
+        for vector in _chosen_vectors(req):
+            self.signal(req.index, vector)
+
+
+def _check_range(req: m.IrqSet, count: int) -> None:
+    if req.start + req.count > count:
+        raise ProtocolError(f"SET_IRQS vectors {req.start}+{req.count} exceed the {count} "
+                            f"of IRQ index {req.index}")
+
+
+def _chosen_vectors(req: m.IrqSet) -> list[int]:
+    """The vectors a DATA_NONE (all of start..start+count-1) or DATA_BOOL (those whose byte
+    is set) request acts on."""
+    if req.data_type == m.VFIO_IRQ_SET_DATA_BOOL and len(req.data) != req.count:
+        raise ProtocolError(f"SET_IRQS DATA_BOOL for {req.count} vectors carries "
+                            f"{len(req.data)} bytes")
+    return [req.start + i for i in range(req.count)
+            if req.data_type == m.VFIO_IRQ_SET_DATA_NONE or req.data[i]]
 
