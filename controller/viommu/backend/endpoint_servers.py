@@ -44,7 +44,6 @@ class EndpointServers:
         self.emit = emit
         self.servers: dict[int, EndpointServer] = {}
         self.pri: dict[int, PriState] = {}
-        self.disks: dict[int, VirtioPciFunction] = {}
 
     def create(self, sid: int, socket_path: str | None = None, pri: bool = False,
                blk: BlkOptions | None = None) -> tuple[str, PriState]:
@@ -65,19 +64,23 @@ class EndpointServers:
         try:
             server.listen(self.readers)
         except (OSError, ValueError) as exc:  # UnicodeError is a ValueError
-            _close_device(device)
+            device.close()
             raise EndpointError(f"cannot listen on {path!r}: {exc}") from None
         try:
             self.device.add_endpoint(sid, SERVED)
         except ResourceLimit as exc:
             server.close()
-            _close_device(device)
+            device.close()
             raise EndpointError(f"cannot add endpoint {sid:#x}: {exc}") from None
         self.servers[sid] = server
         self.pri[sid] = state
-        if blk is not None:
-            self.disks[sid] = device
         return path, state
+
+    @property
+    def disks(self) -> dict[int, VirtioPciFunction]:
+        """The virtio-blk disks among the endpoints served, by requester ID."""
+        return {sid: server.device for sid, server in self.servers.items()
+                if isinstance(server.device, VirtioPciFunction)}
 
     def guest_absence(self, sid: int) -> str | None:
         """Why the guest does not have endpoint `sid`, or None (VirtioIommuDevice's rule,
@@ -101,19 +104,10 @@ class EndpointServers:
         if server is None:
             raise EndpointError(f"endpoint {sid:#x} is not served here")
         server.close()
+        server.device.close()
         self.pri.pop(sid, None)
-        disk = self.disks.pop(sid, None)
-        if disk is not None:
-            disk.close()
 
     def close(self) -> None:
         for server in self.servers.values():
             server.close()
-        for disk in self.disks.values():
-            disk.close()
-
-
-def _close_device(device: object) -> None:
-    close = getattr(device, "close", None)
-    if close is not None:
-        close()
+            server.device.close()

@@ -364,6 +364,9 @@ class DmaEndpoint:
     def irq_mask(self, index: int, changes: list[tuple[int, bool]]) -> None:
         pass  # no index is maskable
 
+    def close(self) -> None:
+        pass  # it holds nothing beyond its client's connection
+
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         if index == PciRegion.CONFIG:
             return self.config.read(offset, count)

@@ -110,7 +110,7 @@ _EXP_DEVCTL_WMASK = 0x79FF  # error reporting, relaxed ordering, MPS, ext tag, n
 _EXP_DEVSTA_W1C = 0x000F  # correctable/non-fatal/fatal/unsupported-request detected
 _EXP_LNKCTL_WMASK = 0x00CB  # ASPM control, RCB, common clock, extended synch
 _MSI_FLAGS_WMASK = PCI_MSI_FLAGS_ENABLE | PCI_MSI_FLAGS_QSIZE
-_MSI_SIZE = 0x18  # 64-bit address, no per-vector masking
+_MSI_SIZE = 0x18  # room for 64-bit MSI with per-vector masking (ours has none: 0x0E used)
 _EXP_OFFSET = 0x40  # first capability, right after the type 0 header
 _CAPS_OFFSET = 0x80  # the others, after the PCI Express capability (0x3C bytes in version 2)
 

@@ -40,6 +40,7 @@ from typing import Protocol
 
 from viommu import _dataplane as hw
 from viommu.endpoints.pci_config import (
+    PCI_MSIX_ENTRY_SIZE,
     MemoryBar,
     MsixLayout,
     PciConfigSpace,
@@ -92,6 +93,7 @@ class VirtioDevice(Protocol):
     def driver_ok(self) -> None: ...
     def notify(self, index: int) -> None: ...
     def reset(self) -> None: ...
+    def close(self) -> None: ...  # the function is gone: let go of what it holds
 
 
 class VirtioPciFunction:
@@ -122,7 +124,7 @@ class VirtioPciFunction:
         self.pci_cfg_cap = self.config.vendor_offsets[-1]
         self.common = CommonConfig(device.device_features(), device.num_queues,
                                    device.max_queue_size, self.msix_vectors)
-        self.msix_table = bytearray(self.msix_vectors * 16)
+        self.msix_table = bytearray(self.msix_vectors * PCI_MSIX_ENTRY_SIZE)
         self.isr = 0
         self.intx_masked = False  # the client's mask (automasked when signalled)
         self._unmasked = False  # UNMASK came: look at the ISR after the next access
@@ -213,9 +215,7 @@ class VirtioPciFunction:
 
     def close(self) -> None:
         """The endpoint is gone: the device lets go of what it holds (its image)."""
-        close = getattr(self.device, "close", None)
-        if close is not None:
-            close()
+        self.device.close()
 
     def disconnected(self) -> None:
         self.client = None

@@ -63,6 +63,7 @@ class VfioUserDevice(Protocol):
     # (vector, masked) changes the client asked of an index the device reports MASKABLE
     def irq_mask(self, index: int, changes: list[tuple[int, bool]]) -> None: ...
     def disconnected(self) -> None: ...
+    def close(self) -> None: ...  # the endpoint is gone: let go of what the device holds
 
 
 class VfioUserConnection:
