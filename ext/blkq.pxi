@@ -106,9 +106,10 @@ cdef class BlkQueue:
 
     def set_features(self, bint indirect, bint discard, bint write_zeroes) -> None:
         """What the driver accepted: VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_BLK_F_DISCARD,
-        VIRTIO_BLK_F_WRITE_ZEROES. (No default values: with `bint` defaults here, Cython
-        3.3.1 converted the inferred `fd` of RequestServer's `for fd in (kick_fd, stop_fd)`
-        as a bint, and the request thread's epoll waited on fd 1.)"""
+        VIRTIO_BLK_F_WRITE_ZEROES. (With `bint` defaults here, Cython 3.3.1 once converted
+        the inferred `fd` of RequestServer's `for fd in (kick_fd, stop_fd)` as a bint, and
+        the request thread's epoll waited on fd 1: the fd loops of the queue threads now
+        declare `cdef int fd`, and this method keeps no defaults.)"""
         self.indirect = indirect
         self.dev.discard = discard
         self.dev.write_zeroes = write_zeroes

@@ -75,6 +75,7 @@ cdef class EventServer:
         """`look_max_ms`: the longest wait between two looks at a ring without buffers
         while records wait."""
         cdef epoll_event ev
+        cdef int fd  # typed: see VirtioBlkQueue.set_features
         self.lock = lock
         self.look_max_ms = max(look_max_ms, <int>EVENT_LOOK_FIRST_MS)
         self.capacity = max(capacity, <size_t>1)
@@ -108,6 +109,7 @@ cdef class EventServer:
         self._close_fds()
 
     cdef void _close_fds(self) noexcept:
+        cdef int fd
         for fd in (self.kick_fd, self.call_fd, self.due_fd, self.stop_fd, self.wake_fd,
                    self.epoll_fd):
             if fd >= 0:

@@ -75,6 +75,7 @@ cdef class RequestServer:
                   double poll_us=200.0, size_t trace_capacity=DEFAULT_TRACE_CAPACITY,
                   bint adaptive=True, bint null_device=False):
         cdef epoll_event ev
+        cdef int fd  # typed: see VirtioBlkQueue.set_features
         self.lock = lock
         self.vq = vq
         poll_init(&self.poll, <int64_t>(poll_us * 1000), adaptive)
@@ -103,6 +104,7 @@ cdef class RequestServer:
         free(self.domains)
 
     cdef void _close_fds(self) noexcept:
+        cdef int fd
         for fd in (self.kick_fd, self.stop_fd, self.wake_fd, self.epoll_fd):
             if fd >= 0:
                 close(fd)
@@ -206,6 +208,7 @@ cdef class RequestServer:
 
     cdef void _run(self) noexcept nogil:
         cdef int64_t last_work = monotonic_ns(), now, poll_cpu = 0, poll_switches = 0
+        cdef int64_t cpu, switches
         cdef bint polling = False
         cdef bint pending
         cdef int served
@@ -228,12 +231,15 @@ cdef class RequestServer:
                 # What polling earned: a request found while polling, or one that came
                 # while the thread slept or was giving up.
                 if polling:
-                    poll_hit(&self.poll, now - last_work, thread_cpu_ns() - poll_cpu,
-                             thread_preemptions() - poll_switches)
+                    cpu, switches = thread_cpu_ns(), thread_preemptions()
+                    poll_hit(&self.poll, now - last_work, cpu - poll_cpu,
+                             switches - poll_switches)
+                    # The next polling run starts here, kicks still suppressed: no second
+                    # read of the clocks, no second barrier.
+                    poll_cpu, poll_switches = cpu, switches
                 else:
                     poll_unpolled(&self.poll, now - last_work)
                 last_work = now
-                polling = False
             if self.poll.window_ns > 0 and now - last_work < self.poll.window_ns:
                 if not polling:
                     self.vq._suppress_kicks(True)
@@ -244,8 +250,9 @@ cdef class RequestServer:
                 viommu_cpu_relax()
                 continue
             if polling:
-                poll_miss(&self.poll, now - last_work, thread_cpu_ns() - poll_cpu,
-                          thread_preemptions() - poll_switches)
+                if not served:  # a run that ended in a hit was counted above
+                    poll_miss(&self.poll, now - last_work, thread_cpu_ns() - poll_cpu,
+                              thread_preemptions() - poll_switches)
                 polling = False
             # Going to sleep: kicks back on, then look once more, or a request made
             # available just before the flag cleared would wait for the next kick.
