@@ -108,12 +108,17 @@ def _up_usage(state: runs.RunState, directory: Path) -> str:
         *(f"  {c.ljust(width)}   {what}" for c, what in commands)])
 
 
+def _ls_entry(directory: Path, state: runs.RunState) -> dict:
+    health = state.health()  # first: a backend just seen dead gets the time for its record
+    return {**dataclasses.asdict(state), "alive": state.alive, "run_dir": str(directory),
+            "backend_alive": state.backend_alive, "backend_exit": state.backend_exit(),
+            "health": health}
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     found = runs.list_runs()
     if args.json:
-        say(json.dumps([{**dataclasses.asdict(s), "alive": s.alive, "run_dir": str(d),
-                         "backend_alive": s.backend_alive, "backend_exit": s.backend_exit(),
-                         "health": s.health()} for d, s in found], indent=1))
+        say(json.dumps([_ls_entry(d, s) for d, s in found], indent=1))
         return 0
     rows, hints = [], []
     for directory, state in found:

@@ -99,7 +99,7 @@ class _ProcessBackend(Supervised):
     def why_gone(self) -> str:
         """How it ended, for a message: what its watcher recorded (or the exit status, if
         it was our child); unless a signal ended it, the last line of backend.log too."""
-        record = self._record(wait=0.5)
+        record = self._record(wait=backend_watch.RECORD_WAIT)
         if record is not None:
             status = record["status"]
             how = f"{record['how']} at {time.strftime('%H:%M:%S', time.localtime(record['time']))}"

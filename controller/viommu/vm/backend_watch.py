@@ -24,6 +24,7 @@ import sys
 import time
 
 EXIT_RECORD = "backend-exit.json"
+RECORD_WAIT = 0.5  # seconds a reader that has just seen the backend die gives the watcher
 
 
 def describe(status: int) -> str:

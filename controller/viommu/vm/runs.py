@@ -114,10 +114,10 @@ class RunState:
         return (self.status == "starting" and self.up_pid is not None
                 and process_alive(self.up_pid, "viommu"))
 
-    def backend_exit(self) -> dict | None:
-        """How the backend ended, as its watcher recorded it (viommu.vm.backend_watch); a
-        backend that has just died gets half a second for its watcher to write that."""
-        wait = 0.5 if self.backend_pid is not None and not self.backend_alive else 0.0
+    def backend_exit(self, wait: float = 0.0) -> dict | None:
+        """How the backend ended, as its watcher recorded it (viommu.vm.backend_watch).
+        `wait`: for a backend just seen dead, the time its watcher gets to write that (it
+        reaps and writes a moment after /proc has dropped the pid)."""
         return backend_watch.read_record(os.path.join(self.workdir, backend_watch.EXIT_RECORD),
                                          wait)
 
@@ -131,7 +131,7 @@ class RunState:
         if self.status == "starting":
             return "orphaned: its `viommu up` died before the guest was up"
         if self.backend_pid is not None and not self.backend_alive:
-            record = self.backend_exit()
+            record = self.backend_exit(wait=backend_watch.RECORD_WAIT)
             how = (f"{record['how']} at "
                    f"{time.strftime('%H:%M:%S', time.localtime(record['time']))}"
                    if record else "gone, how unrecorded")
