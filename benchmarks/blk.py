@@ -22,6 +22,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from maplat import spread
+
 from viommu.vm.disks import DiskSpec
 from viommu.vm.machine import Machine
 from viommu.vm.profile import load_profile
@@ -75,11 +77,6 @@ def measure_kind(kind: str, workdir: Path, seconds: float) -> dict:
             out["maps_per_io"] = (after.get("MAP", 0) - before.get("MAP", 0)) / ios
             out["request_thread"] = vm.backend("query-status")["request_thread"]
         return out
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": values}
 
 
 def measure(rounds: int, seconds: float) -> dict:

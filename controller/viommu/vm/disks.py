@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from viommu.provision.qemu import qemu_version
-from viommu.vm.viot import bdf
 
 if TYPE_CHECKING:
     from viommu.vm.machine import Machine
@@ -103,7 +102,7 @@ def serve_profile_disks(vm: Machine, socket_dir: Path | str) -> None:
     """Before QEMU starts: the backend serves each disk of the profile, so QEMU's
     vfio-user-pci finds its socket when it realizes the device."""
     for spec in profile_disks(vm.profile):
-        endpoint_id = bdf(vm.profile.port_bus(spec.port), 0)
+        endpoint_id = vm.profile.endpoint_id(spec)
         vm.backend("endpoint-create", endpoint=endpoint_id,
                    socket=endpoint_socket(socket_dir, endpoint_id),
                    **DiskSpec.from_options(spec.options).create_args(vm, spec.name))
