@@ -27,7 +27,6 @@ cdef extern from "<fcntl.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int fdatasync(int fd)
-    ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
 
 cdef extern from "<errno.h>" nogil:
     int errno
@@ -246,7 +245,9 @@ cdef uint8_t blk_discard(Engine e, uint32_t sid, BlkDevice *dev, BlkChain *ch,
     cdef virtio_blk_discard_write_zeroes segs[BLK_MAX_DISCARD_SEG]
     cdef uint64_t n = ch.readable - sizeof(virtio_blk_outhdr)
     cdef unsigned int k, count
-    cdef uint64_t start, length, done
+    cdef uint64_t start, length, done, chunk
+    cdef iovec zeroes_iov
+    cdef int err
     if dev.read_only or n == 0 or n % sizeof(virtio_blk_discard_write_zeroes) or (
             n > sizeof(segs)):
         return VIRTIO_BLK_S_IOERR
@@ -274,14 +275,15 @@ cdef uint8_t blk_discard(Engine e, uint32_t sid, BlkDevice *dev, BlkChain *ch,
             continue
         done = 0  # the file system cannot: write them
         while done < length:
-            if pwrite(dev.fd, BLK_ZEROES, min(length - done, BLK_ZERO_CHUNK),
-                      start + done) < 0:
-                if errno == EINTR:
-                    continue
-                dev.last_errno = errno
+            chunk = min(length - done, BLK_ZERO_CHUNK)
+            zeroes_iov.iov_base = BLK_ZEROES
+            zeroes_iov.iov_len = chunk
+            err = blk_file_io(dev.fd, &zeroes_iov, 1, <off_t>(start + done), True)
+            if err:  # (it writes on after a short write, and retries EINTR)
+                dev.last_errno = err
                 dev.c.host_errors += 1
                 return VIRTIO_BLK_S_IOERR
-            done += min(length - done, BLK_ZERO_CHUNK)
+            done += chunk
     if zeroes:
         dev.c.write_zeroes += 1
     else:

@@ -5,7 +5,10 @@ with an SMMUv3 event, ring faults and forbidden chains as a stopped queue."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import struct
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -170,6 +173,39 @@ def test_discard_and_write_zeroes(d) -> None:
     assert [d.status(r) for r in (zeroes, discard, unmap)] == [BLK_OK, BLK_OK, BLK_UNSUPP]
     assert disk(d, 4, 2048) == bytes(2048)  # zeroed
     assert disk(d, 0, 2048) == pattern(0, 2048)  # untouched before them
+
+
+def zero_range_refused(path: Path) -> bool:
+    """Whether the file system under `path` refuses fallocate(FALLOC_FL_ZERO_RANGE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return libc.fallocate(fd, 0x10, 0, 4096) != 0  # FALLOC_FL_ZERO_RANGE
+    finally:
+        os.close(fd)
+
+
+def test_write_zeroes_where_the_file_system_cannot_zero_a_range_writes_every_zero() -> None:
+    """tmpfs refuses FALLOC_FL_ZERO_RANGE (mm/shmem.c shmem_fallocate): the zeroes are
+    written, in more than one chunk and a remainder, and nothing past them is touched."""
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+        d = FakeBlkDriver(Path(tmp))
+        try:
+            assert zero_range_refused(d.image)
+            ones = b"\xff" * (1 << 20)
+            os.pwrite(d.fd, ones, 0)
+            sectors = 2 * 128 + 9  # two 64 KiB chunks and a remainder
+            zeroes = d.request(int(BlkRequestType.T_WRITE_ZEROES),
+                               data=struct.pack("<QII", 8, sectors, 0))
+            d.kick()
+            assert d.status(zeroes) == BLK_OK
+            image = d.image.read_bytes()
+            assert image[:8 * 512] == ones[:8 * 512]
+            assert image[8 * 512:(8 + sectors) * 512] == bytes(sectors * 512)
+            assert image[(8 + sectors) * 512:] == ones[(8 + sectors) * 512:]
+        finally:
+            d.close()
 
 
 # --- data faults: BLK_IOERR and an event ------------------------------------------------------
