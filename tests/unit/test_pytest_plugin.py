@@ -19,6 +19,7 @@ from viommu.cli import main as cli
 from viommu.testing.guest_record import GuestRecord, artifact_name
 from viommu.testing.outcomes import Outcome
 from viommu.testing.reproduce import VmChoice
+from viommu.vm import hotplug
 
 pytest_plugins = ["pytester"]
 
@@ -318,8 +319,7 @@ class _PortsVm:
         self.root_ports, self.unplugged_ports, self.reboots = ports, set(), 0
 
     def fresh_ports(self) -> list[int]:
-        return [p for p in range(self.root_ports)
-                if self.platform.replug or p not in self.unplugged_ports]
+        return [p for p in range(self.root_ports) if not hotplug.port_spent(self, p)]
 
     def reboot(self) -> float:
         self.reboots += 1

@@ -293,10 +293,9 @@ def ready_port(vm: Machine, port: int | None) -> int:
     hot-plug per boot (aarch64's virt: viommu.vm.platforms) and the one wanted has had its
     turn, the guest is rebooted first, provided nothing this plugin plugged is in it: a
     freshly booted guest is the guest every test expects to find."""
-    if port is None:
-        spent = not _free_ports(vm)
-    else:
-        spent = port in vm.unplugged_ports and not vm.platform.replug
+    from viommu.vm.hotplug import port_spent  # the VM side loads only when needed
+
+    spent = not _free_ports(vm) if port is None else port_spent(vm, port)
     if spent and not _PLUGGED.get(vm):
         vm.reboot()
     return free_root_port(vm) if port is None else port

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from viommu.vm.disks import DiskSpec, block_device
 from viommu.vm.errors import MachineError
@@ -21,6 +21,7 @@ from viommu.vm.viot import bdf
 if TYPE_CHECKING:
     from viommu.vm.machine import Machine
 
+T = TypeVar("T")
 
 @dataclasses.dataclass(frozen=True)
 class HotpluggedEndpoint:
@@ -48,7 +49,7 @@ def plug_device(vm: Machine, port: int, name: str | None, pri: bool,
     """Serve the endpoint (a DMA engine, or `disk`) and plug it (QMP device_add); the guest
     enumerates it after (`wait_enumerated`)."""
     endpoint_id = bdf(vm.profile.port_bus(port), 0)
-    if port in vm.unplugged_ports and not vm.platform.replug:
+    if port_spent(vm, port):
         raise MachineError(f"root port {port} of {vm.name} had a device unplugged since boot; "
                            f"on {vm.arch} a port takes one hot-plug per boot: use another port "
                            f"(free: {', '.join(map(str, vm.fresh_ports())) or 'none'}) or "
@@ -73,10 +74,9 @@ def wait_enumerated(vm: Machine, endpoint: HotpluggedEndpoint,
     (older ones do when a driver binds it: viommu.vm.guest_kernel). Takes the console."""
     if endpoint.disk is not None:
         # virtio_pci binds at once, then virtio_blk: the IOMMU group exists by then
-        found: list[str] = []
-        poll(f"the guest's virtio_blk to take {endpoint.sysfs_name}", timeout,
-             lambda: found.append(block_device(vm, endpoint.sysfs_name) or "") or found[-1])
-        return dataclasses.replace(endpoint, disk=found[-1])
+        disk = poll(f"the guest's virtio_blk to take {endpoint.sysfs_name}", timeout,
+                    lambda: block_device(vm, endpoint.sysfs_name))
+        return dataclasses.replace(endpoint, disk=disk)
     ready = "iommu_group" if vm.guest_kernel.attaches_at_registration else ""
     poll(f"the guest to enumerate {endpoint.sysfs_name}"
          f"{' into an IOMMU group' if ready else ''}", timeout,
@@ -109,9 +109,17 @@ def _devices_behind_root_ports(vm: Machine) -> set[str | None]:
             for d in p.get("pci_bridge", {}).get("devices", [])}
 
 
-def poll(what: str, timeout: float, probe: Callable[[], object]) -> None:
+def port_spent(vm: Machine, port: int) -> bool:
+    """Whether root port `port` has had its one hot-plug of this boot, on a platform whose
+    ports take one (viommu.vm.platforms: `replug`)."""
+    return port in vm.unplugged_ports and not vm.platform.replug
+
+
+def poll(what: str, timeout: float, probe: Callable[[], T | None]) -> T:
+    """What `probe` returns once it is true."""
     deadline = time.monotonic() + timeout
-    while not probe():
+    while not (found := probe()):
         if time.monotonic() > deadline:
             raise MachineError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.2)
+    return found

@@ -182,9 +182,8 @@ class Machine(DetachedMachine):
     def fresh_ports(self) -> list[int]:
         """Root ports without a profile endpoint that a hot-plug can use now."""
         taken = {ep.port for ep in self.profile.endpoints}
-        replug = self.platform.replug
         return [p for p in range(self.profile.root_ports)
-                if p not in taken and (replug or p not in self.unplugged_ports)]
+                if p not in taken and not hotplug.port_spent(self, p)]
 
     @property
     def table_area(self) -> tuple[int, int]:
