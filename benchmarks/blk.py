@@ -36,11 +36,12 @@ PORT = 1
 KINDS = ("viommu", "qemu_virtio_iommu", "no_iommu")
 
 
-def _machine(kind: str, workdir: Path) -> tuple[Machine, str | None]:
-    """The VM, and the QEMU-served image (None: ours, plugged after boot)."""
+def _machine(kind: str, workdir: Path) -> Machine:
+    """The VM; for QEMU's disks with its image on the command line (ours is plugged after
+    boot)."""
     profile = load_profile("default")
     if kind == "viommu":
-        return Machine(profile, workdir=workdir, name=f"blk-{kind}"), None
+        return Machine(profile, workdir=workdir, name=f"blk-{kind}")
     image = workdir / "qemu-disk.img"
     workdir.mkdir(parents=True, exist_ok=True)
     with open(image, "wb") as f:
@@ -50,7 +51,7 @@ def _machine(kind: str, workdir: Path) -> tuple[Machine, str | None]:
         "-drive", f"file={image},if=none,id=bench0,format=raw",
         "-device", f"virtio-blk-pci,drive=bench0,bus=rp{PORT}{platform}"))
     iommu = "qemu" if kind == "qemu_virtio_iommu" else "none"
-    return Machine(profile, workdir=workdir, name=f"blk-{kind}", iommu=iommu), str(image)
+    return Machine(profile, workdir=workdir, name=f"blk-{kind}", iommu=iommu)
 
 
 def _figure(out: str, key: str) -> float:
@@ -60,7 +61,7 @@ def _figure(out: str, key: str) -> float:
 
 
 def measure_kind(kind: str, workdir: Path, seconds: float) -> dict:
-    vm, _ = _machine(kind, workdir)
+    vm = _machine(kind, workdir)
     with vm:
         if kind == "viommu":
             disk = vm.add_disk(PORT, DiskSpec(size=IMAGE, msix=True)).disk  # never unplugged
