@@ -46,7 +46,6 @@ cdef uint8_t BLK_ZEROES[BLK_ZERO_CHUNK]  # what WRITE_ZEROES writes where falloc
 cdef struct BlkSeg:                 # one descriptor's buffer
     uint64_t addr                   # IOVA
     uint32_t len
-    bint write                      # device-writable
 
 
 cdef struct BlkCounters:

@@ -357,7 +357,6 @@ cdef class BlkQueue:
             if d.len:
                 ch.segs[ch.nseg].addr = d.addr
                 ch.segs[ch.nseg].len = d.len
-                ch.segs[ch.nseg].write = seen_writable
                 ch.nseg += 1
                 if seen_writable:
                     ch.writable += d.len
